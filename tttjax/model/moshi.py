@@ -1,0 +1,171 @@
+"""The Moshi LM (temporal transformer + depformer) with optional TTT layers, as `moshi.models.lm.LMModel`.
+
+`MoshiLM(codes)` mirrors `LMModel.forward`: codes [B, 17, T] (ids, -1 = no token) in, logits
+aligned with the codes out (no extra shift), NaN on the delayed tail, masks false there and
+where the target is -1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tttjax.model.config import ModelConfig
+from tttjax.model.lora import Linear
+from tttjax.model.transformer import RMSNorm, TransformerLayer, create_stacked, layer_at, scan_layers
+
+ZERO_TOKEN = -1
+
+
+class LMOutput(NamedTuple):
+    text_logits: jax.Array  # [B, 1, T, text_card]
+    logits: jax.Array  # [B, dep_q, T, card]
+    text_mask: jax.Array  # [B, 1, T]
+    mask: jax.Array  # [B, dep_q, T]
+
+
+def embed(table, ids, dtype):
+    """moshi ScaledEmbedding: id -1 gives an exact zero vector."""
+    out = jnp.take(table, jnp.maximum(ids, 0), axis=0).astype(dtype)
+    return jnp.where((ids == ZERO_TOKEN)[..., None], jnp.zeros((), dtype), out)
+
+
+def delay_codes(codes, delays, initial):
+    """Delay stream k by delays[k] (the first steps get its initial token), then prepend the initial column."""
+    B, K, T = codes.shape
+    t = jnp.arange(T)
+    rows = []
+    for k, d in enumerate(delays):
+        shifted = jnp.roll(codes[:, k], d, axis=-1)
+        rows.append(jnp.where(t < d, initial[k], shifted))
+    delayed = jnp.stack(rows, axis=1)
+    return jnp.concatenate([jnp.broadcast_to(jnp.asarray(initial)[None, :, None], (B, K, 1)), delayed], axis=2)
+
+
+def undelay_logits(logits, delays):
+    """Shift stream k back by delays[k]; the last delays[k] steps become NaN with mask False."""
+    B, K, T = logits.shape[:3]
+    t = jnp.arange(T)
+    out, masks = [], []
+    for k, d in enumerate(delays):
+        valid = t < T - d
+        out.append(jnp.where(valid[:, None], jnp.roll(logits[:, k], -d, axis=1), jnp.nan))
+        masks.append(jnp.broadcast_to(valid, (B, T)))
+    return jnp.stack(out, axis=1), jnp.stack(masks, axis=1)
+
+
+def temporal_segments(num_layers: int, ttt_layers: tuple[int, ...]):
+    """Split the temporal stack into runs of plain layers and single TTT layers.
+
+    Returns [(start, stop, ttt_index or None)]; plain runs are scanned, TTT layers run alone.
+    """
+    segments, start = [], 0
+    for j, layer in enumerate(ttt_layers):
+        if layer > start:
+            segments.append((start, layer, None))
+        segments.append((layer, layer + 1, j))
+        start = layer + 1
+    if start < num_layers:
+        segments.append((start, num_layers, None))
+    return segments
+
+
+class MoshiLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt, dt = cfg.jnp_param_dtype, cfg.jnp_dtype
+        lora = dict(lora_rank=cfg.lora_rank, lora_scaling=cfg.lora_scaling)
+        emb_init = nnx.initializers.normal(1.0)  # torch nn.Embedding default
+        self.emb = nnx.Param(emb_init(rngs.params(), (cfg.n_q, cfg.card + 1, cfg.dim), pdt),
+                             out_sharding=(None, "vocab", "embed"))
+        self.text_emb = nnx.Param(emb_init(rngs.params(), (cfg.text_card + 1, cfg.dim), pdt),
+                                  out_sharding=("vocab", "embed"))
+        self.transformer = create_stacked(cfg.num_layers, lambda r: TransformerLayer(
+            cfg.dim, cfg.num_heads, cfg.hidden, context=cfg.context, rope_max_period=cfg.max_period,
+            steps=None, param_dtype=pdt, dtype=dt, rngs=r, **lora), rngs)
+        if cfg.ttt_layers:
+            from tttjax.model.ttt import TTTGatedBlock
+
+            self.ttt = create_stacked(len(cfg.ttt_layers), lambda r: TTTGatedBlock(
+                cfg.dim, cfg.ttt_heads, initial_gating_alpha=cfg.ttt_initial_gating_alpha,
+                mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr, causal=cfg.ttt_causal,
+                scan_remat_group=cfg.ttt_scan_remat_group, param_dtype=pdt, dtype=dt, rngs=r), rngs)
+        else:
+            self.ttt = None
+        self.out_norm = RMSNorm(cfg.dim, param_dtype=pdt)
+        self.text_linear = Linear(cfg.dim, cfg.text_card, axes=("embed", "vocab"),
+                                  param_dtype=pdt, dtype=dt, rngs=rngs, **lora)
+        S, dd = cfg.dep_q, cfg.depformer_dim
+        self.depformer_in = Linear(cfg.dim, dd, axes=("embed", "dep_embed"), steps=S, broadcast_input=True,
+                                   param_dtype=pdt, dtype=dt, rngs=rngs, **lora)
+        self.depformer_text_emb = nnx.Param(emb_init(rngs.params(), (cfg.text_card + 1, dd), pdt),
+                                            out_sharding=("vocab", "embed"))
+        self.depformer_emb = nnx.Param(emb_init(rngs.params(), (S - 1, cfg.card + 1, dd), pdt),
+                                       out_sharding=(None, "vocab", "embed"))
+        self.depformer = create_stacked(cfg.depformer_num_layers, lambda r: TransformerLayer(
+            dd, cfg.depformer_num_heads, cfg.depformer_hidden, context=cfg.depformer_context,
+            rope_max_period=None, steps=S, param_dtype=pdt, dtype=dt, rngs=r, **lora), rngs)
+        self.linears = Linear(dd, cfg.card, axes=("embed", "vocab"), steps=S,
+                              param_dtype=pdt, dtype=dt, rngs=rngs, **lora)
+
+    def initial_tokens(self):
+        return [self.cfg.text_card] + [self.cfg.card] * self.cfg.n_q
+
+    def embed_inputs(self, inputs):
+        """Temporal input: text_emb(row 0) + sum_k emb[k](row 1+k), rows of `inputs` [B, 17, T]."""
+        dtype = self.cfg.jnp_dtype
+        x = embed(self.text_emb[...], inputs[:, 0], dtype)
+        for k in range(self.cfg.n_q):
+            x = x + embed(self.emb[k], inputs[:, 1 + k], dtype)
+        return x
+
+    def temporal(self, x):
+        """The temporal transformer with TTT branches at cfg.ttt_layers, then out_norm."""
+        for start, stop, ttt_index in temporal_segments(self.cfg.num_layers, self.cfg.ttt_layers):
+            if ttt_index is None:
+                x = scan_layers(self.transformer, x, start, stop, self.cfg.remat)
+            else:
+                x = layer_at(self.transformer, start)(x, mid=layer_at(self.ttt, ttt_index))
+        return self.out_norm(x)
+
+    def depformer_logits(self, h, targets):
+        """Teacher-forced depformer: slot k sees depformer_in[k](h) + embedding of stream k-1."""
+        B, T, _ = h.shape
+        dtype = self.cfg.jnp_dtype
+        tokens = [embed(self.depformer_text_emb[...], targets[:, 0], dtype)]
+        tokens += [embed(self.depformer_emb[k - 1], targets[:, k], dtype) for k in range(1, self.cfg.dep_q)]
+        x = self.depformer_in(h) + jnp.stack(tokens, axis=2)  # [B, T, S, dd]
+        x = x.reshape(B * T, self.cfg.dep_q, -1)
+        x = scan_layers(self.depformer, x, 0, self.cfg.depformer_num_layers, self.cfg.remat)
+        logits = self.linears(x).reshape(B, T, self.cfg.dep_q, -1)
+        return jnp.transpose(logits, (0, 2, 1, 3))
+
+    def __call__(self, codes) -> LMOutput:
+        cfg = self.cfg
+        B, K, T = codes.shape
+        if K != cfg.num_codebooks:
+            raise ValueError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
+        delayed = delay_codes(codes, cfg.delays, self.initial_tokens())
+        h = self.temporal(self.embed_inputs(delayed[:, :, :-1]))
+        text_logits = self.text_linear(h)[:, None].astype(jnp.float32)
+        logits = self.depformer_logits(h, delayed[:, :, 1:]).astype(jnp.float32)
+        logits, mask = undelay_logits(logits, cfg.delays[1:1 + cfg.dep_q])
+        text_logits, text_mask = undelay_logits(text_logits, cfg.delays[:1])
+        mask &= codes[:, 1:1 + cfg.dep_q] != ZERO_TOKEN
+        text_mask &= codes[:, :1] != ZERO_TOKEN
+        return LMOutput(text_logits, logits, text_mask, mask)
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> MoshiLM:
+    """Build a randomly initialised model (sharding names kept as metadata, not applied eagerly)."""
+    with nnx.use_eager_sharding(False):
+        return MoshiLM(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> MoshiLM:
+    """Shapes and dtypes only (nothing allocated): for parameter counts and restore targets."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: MoshiLM(cfg, rngs=nnx.Rngs(0)))

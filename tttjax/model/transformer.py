@@ -1,0 +1,155 @@
+"""Moshi transformer blocks: RMSNorm, interleaved RoPE, attention with a context window, SiLU-GLU.
+
+One layer class serves both stacks: the temporal transformer (RoPE, one weight set) and the
+depformer (no positional embedding, one weight set per codebook step, causal over the steps).
+Layers are created stacked (leading `layers` axis) and run with `jax.lax.scan`, so a 32-layer
+model traces one layer body.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tttjax.model.lora import Linear
+
+
+class RMSNorm(nnx.Module):
+    """moshi `rms_norm_f32`: fp32, eps 1e-8, `y = x * alpha / sqrt(eps + mean(x^2))`."""
+
+    def __init__(self, dim: int, *, param_dtype=jnp.float32, eps: float = 1e-8):
+        self.eps = eps
+        self.alpha = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x):
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(self.eps + jnp.mean(x * x, axis=-1, keepdims=True))
+        return (y * self.alpha[...].astype(jnp.float32)).astype(dtype)
+
+
+def apply_rope(x, positions, max_period: float):
+    """Interleaved RoPE on [..., T, H, d] in fp32: pairs (x[2i], x[2i+1]), freq_i = max_period^(-2i/d)."""
+    d = x.shape[-1]
+    freqs = jnp.exp(jnp.arange(d // 2, dtype=jnp.float32) * (-math.log(max_period) * 2 / d))
+    angles = positions.astype(jnp.float32)[:, None, None] * freqs  # [T, 1, d/2]
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], d // 2, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def attention_mask(num_q: int, num_k: int, context: int | None):
+    """Causal mask with moshi's window: key k visible from query q iff 0 <= q - k < context."""
+    delta = jnp.arange(num_q)[:, None] - jnp.arange(num_k)[None, :]
+    mask = delta >= 0
+    if context is not None:
+        mask &= delta < context
+    return mask
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention; in_proj columns are laid out (q|k|v, head, head_dim) as moshi's rows."""
+
+    def __init__(self, dim: int, num_heads: int, *, context: int | None, rope_max_period: float | None,
+                 steps: int | None, lora_rank: int, lora_scaling: float, param_dtype, dtype, rngs: nnx.Rngs):
+        self.num_heads = num_heads
+        self.context = context
+        self.rope_max_period = rope_max_period
+        common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
+                      param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.in_proj = Linear(dim, 3 * dim, axes=("embed", "heads"), **common)
+        self.out_proj = Linear(dim, dim, axes=("heads", "embed"), **common)
+
+    def __call__(self, x):
+        *lead, T, D = x.shape
+        H = self.num_heads
+        qkv = self.in_proj(x).reshape(*lead, T, 3, H, D // H)
+        q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        if self.rope_max_period is not None:
+            positions = jnp.arange(T)
+            q = apply_rope(q, positions, self.rope_max_period)
+            k = apply_rope(k, positions, self.rope_max_period)
+        scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(D // H)
+        scores = jnp.where(attention_mask(T, T, self.context), scores, -jnp.inf)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*lead, T, D)
+        return self.out_proj(out)
+
+
+class GatedMLP(nnx.Module):
+    """moshi ActivationGating: `linear_out(silu(gate) * up)`, linear_in's output split [gate | up]."""
+
+    def __init__(self, dim: int, hidden: int, *, steps: int | None, lora_rank: int, lora_scaling: float,
+                 param_dtype, dtype, rngs: nnx.Rngs):
+        common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
+                      param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.linear_in = Linear(dim, 2 * hidden, axes=("embed", "mlp"), **common)
+        self.linear_out = Linear(hidden, dim, axes=("mlp", "embed"), **common)
+
+    def __call__(self, x):
+        h = self.linear_in(x)
+        gate, up = jnp.split(h, 2, axis=-1)
+        return self.linear_out(jax.nn.silu(gate) * up)
+
+
+class TransformerLayer(nnx.Module):
+    """Pre-norm layer: x + attn(norm1 x) [+ mid(...)] then + ffn(norm2 x); norms shared across steps."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, *, context: int | None,
+                 rope_max_period: float | None, steps: int | None, lora_rank: int, lora_scaling: float,
+                 param_dtype, dtype, rngs: nnx.Rngs):
+        common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
+                      param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.norm1 = RMSNorm(dim, param_dtype=param_dtype)
+        self.self_attn = Attention(dim, num_heads, context=context, rope_max_period=rope_max_period, **common)
+        self.norm2 = RMSNorm(dim, param_dtype=param_dtype)
+        self.gating = GatedMLP(dim, hidden, **common)
+
+    def __call__(self, x, mid: Callable | None = None):
+        x = x + self.self_attn(self.norm1(x))
+        if mid is not None:  # the gated TTT branch sits between the two sub-blocks (DESIGN.md section 4)
+            x = mid(x)
+        return x + self.gating(self.norm2(x))
+
+
+def create_stacked(num: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """`num` copies of a module with params stacked on a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=num, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return make(rngs)
+
+    return create(rngs)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "none"):
+    """Run layers [start, stop) of a stacked module over x with lax.scan."""
+    graphdef, state = nnx.split(stacked)
+    state = jax.tree.map(lambda p: p[start:stop], state)
+
+    def body(h, layer_state):
+        return nnx.merge(graphdef, layer_state)(h), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat])
+    return jax.lax.scan(body, x, state)[0]
+
+
+def layer_at(stacked: nnx.Module, index: int) -> nnx.Module:
+    """One layer of a stacked module (a view for running it alone, e.g. with a TTT branch)."""
+    graphdef, state = nnx.split(stacked)
+    return nnx.merge(graphdef, jax.tree.map(lambda p: p[index], state))
