@@ -172,3 +172,26 @@ def test_7b_parameter_count_without_allocating():
     expected = sum(p.numel() for p in lm.parameters())
     assert expected == 7_687_729_152
     assert sum(int(np.prod(x.shape)) for x in leaves) == expected
+
+
+def test_forward_cli_writes_moshi_logits(tmp_path, capsys):
+    from tttjax.forward import main as forward_main
+
+    kwargs = CONFIGS["context_lt_T"]
+    lm = ref.build_lm(kwargs, seed=7)
+    weights = ref.save_safetensors(tmp_path / "w.safetensors", ref.to_release_layout(ref.state_dict_numpy(lm)))
+    config = ref.save_config(tmp_path / "config.json", kwargs)
+    assert from_pytorch_main(["--weights", str(weights), "--config", str(config), "--out", str(tmp_path / "c")]) == 0
+    codes = ref.random_codes(kwargs, batch=2, frames=11, seed=2)
+    np.save(tmp_path / "codes.npy", codes)
+    args = ["--checkpoint_dir", str(tmp_path / "c"), "--codes", str(tmp_path / "codes.npy")]
+    assert forward_main(args + ["--out", str(tmp_path / "out.npz")]) == 0
+    got = dict(np.load(tmp_path / "out.npz"))
+    assert_parity(got, ref.torch_forward(lm, codes))
+    np.save(tmp_path / "bad.npy", codes[:, :5])
+    assert forward_main(["--checkpoint_dir", str(tmp_path / "c"), "--codes", str(tmp_path / "bad.npy"),
+                         "--out", str(tmp_path / "x.npz")]) == 1
+    assert "expected [B, 17, T]" in capsys.readouterr().err
+    assert forward_main(["--checkpoint_dir", str(tmp_path / "nope"), "--codes", str(tmp_path / "codes.npy"),
+                         "--out", str(tmp_path / "x.npz")]) == 1
+    assert "not found" in capsys.readouterr().err

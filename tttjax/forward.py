@@ -1,0 +1,61 @@
+"""Teacher-forced logits of a checkpoint: the logits checker to run after a conversion.
+
+    python -m tttjax.forward --checkpoint_dir DIR --codes codes.npy --out out.npz [--dtype float32]
+
+codes.npy holds int codes [B, 17, T] (-1 = no token). out.npz gets `text_logits`, `logits`,
+`text_mask`, `mask`, exactly as moshi's `LMModel.forward` returns them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def load_codes(path: str | Path, num_codebooks: int, text_card: int, card: int) -> np.ndarray:
+    """Codes [B, K, T] from .npy, checked against the model's streams and vocabularies."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    codes = np.load(path, allow_pickle=False)
+    if codes.ndim != 3 or codes.shape[1] != num_codebooks:
+        raise ValueError(f"{path}: codes have shape {codes.shape}, expected [B, {num_codebooks}, T]")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{path}: codes have dtype {codes.dtype}, expected integers")
+    if (codes < -1).any() or (codes[:, 0] >= text_card).any() or (codes[:, 1:] >= card).any():
+        raise ValueError(f"{path}: ids out of range (text < {text_card}, audio < {card}, -1 = no token)")
+    return codes.astype(np.int32)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
+    parser.add_argument("--codes", required=True, help=".npy int array [B, 17, T]")
+    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="compute dtype (default: float32)")
+    args = parser.parse_args(argv)
+
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tttjax.checkpoint.model_dir import load_model
+
+    try:
+        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
+        cfg = model.cfg
+        codes = load_codes(args.codes, cfg.num_codebooks, cfg.text_card, cfg.card)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = nnx.jit(lambda m, c: m(c))(model, jnp.asarray(codes))
+    np.savez(args.out, **{k: np.asarray(v) for k, v in out._asdict().items()})
+    print(f"wrote {args.out}: text_logits {out.text_logits.shape}, logits {out.logits.shape}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Run logging: logs/train.log (text), logs/metrics.jsonl, TensorBoard events, optional wandb.
+
+Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import jax
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, wandb_config=None, run_config: dict | None = None):
+        self.enabled = jax.process_index() == 0
+        self.log = logging.getLogger("tttjax")
+        self._tb = self._wandb = self._jsonl = None
+        if not self.enabled:
+            return
+        logs = run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self.log.setLevel(logging.INFO)
+        handler = logging.FileHandler(logs / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self.log.addHandler(handler)
+        self._jsonl = open(logs / "metrics.jsonl", "a")
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(logs))
+        if wandb_config is not None and wandb_config.project:
+            import os
+
+            import wandb
+
+            if wandb_config.offline:
+                os.environ["WANDB_MODE"] = "offline"
+            self._wandb = wandb.init(project=wandb_config.project, dir=str(logs),
+                                     name=wandb_config.run_name or run_dir.name, config=run_config)
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            self.log.info(message)
+
+    def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+        self._jsonl.flush()
+        for k, v in values.items():
+            self._tb.add_scalar(f"{split}/{k}", v, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{split}/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+            for handler in list(self.log.handlers):
+                self.log.removeHandler(handler)
+                handler.close()

@@ -1,0 +1,122 @@
+"""Train state: which parameters train, fp32 master copies, sharded init, base weights, fingerprints.
+
+The model's parameters are split by path into `trainable` (LoRA + TTT + gates, or everything
+for full fine-tuning) and `frozen`. Trainable parameters live in fp32 (master copies, and so the
+optimizer state is fp32) and are cast to `param_dtype` for the forward pass; frozen ones stay in
+`param_dtype` and are never checkpointed by the train state (they are re-derived from
+`moshi_paths` / the seed, and their fingerprint is checked on resume).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tttjax.model.config import ModelConfig
+from tttjax.model.moshi import MoshiLM
+from tttjax.sharding import state_shardings
+
+Path_ = tuple[str, ...]
+
+
+def is_lora(path: Path_) -> bool:
+    return bool(path) and path[-1] in ("lora_a", "lora_b")
+
+
+def is_ttt(path: Path_) -> bool:
+    """TTT weights and their gates: everything under the model's `ttt` stack."""
+    return bool(path) and path[0] == "ttt"
+
+
+def trainable_filter(full_finetuning: bool):
+    """nnx filter over (path, value): what the optimizer updates."""
+    def keep(path, value) -> bool:
+        path = tuple(str(p) for p in path)
+        return full_finetuning or is_lora(path) or is_ttt(path)
+
+    return keep
+
+
+def init_model(cfg: ModelConfig, mesh, seed: int) -> MoshiLM:
+    """A randomly initialised model whose params are created directly in their shardings."""
+    from tttjax.model.moshi import abstract_model
+
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    shardings = state_shardings(abstract, mesh)
+
+    def create():
+        with nnx.use_eager_sharding(False):
+            return nnx.state(MoshiLM(cfg, rngs=nnx.Rngs(seed)))
+
+    create = jax.jit(create, out_shardings=shardings)
+    return nnx.merge(graphdef, create())
+
+
+def flat_params(model: nnx.Module) -> dict[Path_, jax.Array]:
+    return {tuple(str(k) for k in path): v.get_value()
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def copy_params(source: dict[Path_, jax.Array], model: MoshiLM, *, source_name: str,
+                allow_missing=lambda path: False) -> None:
+    """Overwrite `model`'s params with `source` (by path), keeping each target's dtype and sharding.
+
+    Params of the model absent from the source must satisfy `allow_missing` (fresh LoRA / TTT);
+    params of the source absent from the model, and shape mismatches, are errors naming the path.
+    """
+    state = nnx.state(model, nnx.Param)
+    flat = dict((tuple(str(k) for k in p), v) for p, v in nnx.to_flat_state(state))
+    extra = sorted(".".join(p) for p in source if p not in flat)
+    missing = sorted(".".join(p) for p in flat if p not in source and not allow_missing(p))
+    shapes = [f"{'.'.join(p)} {tuple(source[p].shape)} vs model {tuple(v.shape)}"
+              for p, v in flat.items() if p in source and tuple(source[p].shape) != tuple(v.shape)]
+    problems = ([f"not in the model: {extra}"] if extra else []) + \
+               ([f"missing: {missing}"] if missing else []) + ([f"shape mismatch: {shapes}"] if shapes else [])
+    if problems:
+        raise ValueError(f"{source_name} does not fit the configured model: " + "; ".join(problems))
+    for path, variable in flat.items():
+        if path in source:
+            value = variable.get_value()
+            variable.set_value(jax.device_put(jnp.asarray(source[path], value.dtype), value.sharding))
+    nnx.update(model, state)
+
+
+def load_weights(path: str | Path, config_path: str | None) -> dict[Path_, jax.Array]:
+    """Flat params from a tttjax model dir, a training step dir, or a PyTorch safetensors file."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        from conversion.from_pytorch import load_pytorch
+
+        if not config_path:
+            raise ValueError(f"{path}: a PyTorch weights file needs moshi_paths.config_path (its config.json)")
+        return flat_params(load_pytorch(path, config_path))
+    from tttjax.checkpoint.model_dir import load_model
+
+    return flat_params(load_model(path))
+
+
+def fingerprint(frozen) -> dict:
+    """A cheap description of the frozen params (paths, shapes, dtypes, sums) to detect a changed base.
+
+    Sums are compared with a tolerance (`same_fingerprint`), since a different mesh reduces in a
+    different order.
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(frozen)[0]
+    sums = jax.jit(lambda xs: [jnp.stack([jnp.sum(x.astype(jnp.float32)),
+                                          jnp.sum(jnp.abs(x.astype(jnp.float32)))]) for x in xs])(
+        [x for _, x in leaves])
+    digest = hashlib.sha256()
+    for path, x in leaves:
+        digest.update(f"{jax.tree_util.keystr(path)}{x.shape}{x.dtype}".encode())
+    totals = np.sum([np.asarray(s, np.float64) for s in sums], axis=0) if sums else np.zeros(2)
+    return {"layout": digest.hexdigest()[:16], "sum": float(totals[0]), "abs_sum": float(totals[1])}
+
+
+def same_fingerprint(saved: dict, current: dict, rtol: float = 1e-5) -> bool:
+    return saved["layout"] == current["layout"] and all(
+        abs(saved[k] - current[k]) <= rtol * max(abs(current[k]), 1e-12) for k in ("sum", "abs_sum"))

@@ -1,0 +1,60 @@
+"""The jitted train step: microbatched forward/backward, clipping, AdamW, fp32 masters."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from tttjax.train.loss import loss_terms, objective
+
+
+def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_weight_multiplier: float):
+    """loss(trainable fp32, frozen, codes) -> (total, aux); trainable is cast to param_dtype first."""
+    param_dtype = cfg.jnp_param_dtype
+    pad_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
+
+    def loss_fn(trainable, frozen, codes):
+        model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(param_dtype), trainable), frozen)
+        out = model(codes)
+        terms = loss_terms(out, codes, dep_q=cfg.dep_q, text_padding_ids=pad_ids,
+                           text_padding_weight=text_padding_weight,
+                           first_codebook_weight_multiplier=first_codebook_weight_multiplier)
+        total, text, audio = objective(terms)
+        return total, {"text_loss": text, "audio_loss": audio}
+
+    return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, num_microbatches: int):
+    """step(state, frozen, codes) -> (state, metrics); state = {"step", "params", "opt_state"}.
+
+    With num_microbatches n the batch is split in n and gradients are averaged, as
+    moshi-finetune does (each microbatch's loss is a mean over its own tokens).
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: dict[str, Any], frozen, codes):
+        params = state["params"]
+        if num_microbatches == 1:
+            (loss, aux), grads = grad_fn(params, frozen, codes)
+        else:
+            micro = codes.reshape(num_microbatches, codes.shape[0] // num_microbatches, *codes.shape[1:])
+
+            def accumulate(carry, batch):
+                (loss, aux), grads = grad_fn(params, frozen, batch)
+                return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+            zeros = (jnp.zeros(()), {"text_loss": jnp.zeros(()), "audio_loss": jnp.zeros(())},
+                     jax.tree.map(jnp.zeros_like, params))
+            (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
+            loss, aux, grads = jax.tree.map(lambda x: x / num_microbatches, (loss, aux, grads))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state}
+        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return step
