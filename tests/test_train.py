@@ -1,0 +1,206 @@
+"""The training loop and its checkpoints: exact resume, resume_step, init_state_dir, refusals, NaN stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from tttjax import data as data_lib
+from tttjax.checkpoint import CheckpointManager
+from tttjax.train.loop import Trainer, TrainingError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def micro_config(run_dir, **changes):
+    """configs/tiny.py shrunk so a Trainer compiles and steps in seconds."""
+    c = tiny.get_config()
+    c.run_dir = str(run_dir)
+    c.max_steps = 6
+    c.batch_size = 4
+    c.duration_sec = 1.28  # 16 frames
+    c.log_freq = 1
+    c.ckpt_freq = 2
+    c.num_ckpt_keep = None
+    c.model.update(dim=32, num_layers=3, num_heads=2, card=16, text_card=24, depformer_dim=16,
+                   depformer_num_layers=1, depformer_num_heads=2, depformer_dim_feedforward=64)
+    c.lora.rank = 2
+    c.ttt.layers = "1"
+    c.ttt.mini_batch_size = 4
+    c.data.train_data = "synthetic:64"
+    c.data.eval_data = "synthetic:8"
+    c.eval_freq = 0
+    c.checkpoint.async_save = True
+    for key, value in changes.items():
+        target = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
+def leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_equal(a, b):
+    la, lb = leaves(a), leaves(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_array_equal(x, y)
+
+
+def adam_moments(opt_state):
+    found = [np.asarray(x) for path, x in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+             if ".mu" in jax.tree_util.keystr(path)]
+    assert found
+    return found
+
+
+def interrupt_after(monkeypatch, num_batches):
+    """Make the data iterator raise after `num_batches` batches: a crash in the middle of a run."""
+    real = data_lib.make_batch_iterator
+
+    def crashing(*args, **kwargs):
+        it = real(*args, **kwargs)
+        for _ in range(num_batches):
+            yield next(it)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(data_lib, "make_batch_iterator", crashing)
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_resume_is_bitwise_identical(tmp_path, monkeypatch, full):
+    straight = Trainer(micro_config(tmp_path / "a", full_finetuning=full))
+    assert straight.run() == 0
+
+    config = micro_config(tmp_path / "b", full_finetuning=full)
+    interrupt_after(monkeypatch, 5)  # steps 1..5 run; checkpoints 2 and 4 are committed
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config).run()
+    monkeypatch.undo()
+    assert CheckpointManager(config.run_dir, max_to_keep=None, save_interval_steps=2).all_steps() == [2, 4]
+    resumed = Trainer(config)
+    assert resumed._resume_or_init() == 4
+    resumed = Trainer(config)
+    assert resumed.run() == 0
+
+    assert int(resumed.state["step"]) == int(straight.state["step"]) == 6
+    assert_trees_equal(resumed.state, straight.state)
+    a_steps = CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=2)
+    b_steps = CheckpointManager(tmp_path / "b", max_to_keep=None, save_interval_steps=2)
+    assert a_steps.all_steps() == b_steps.all_steps() == [2, 4, 6]
+    exported = tmp_path / "a" / "checkpoints" / "checkpoint_000006" / "consolidated"
+    name = "consolidated.safetensors" if full else "lora.safetensors"
+    assert (exported / name).is_file() and (exported / "config.json").is_file()
+    from safetensors.numpy import load_file
+
+    a = load_file(str(exported / name))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "checkpoint_000006" / "consolidated" / name))
+    assert list(a) == sorted(a) and a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    if not full:  # adapters only: LoRA and TTT tensors, nothing of the frozen base
+        assert all(".lora_" in k or "seq_modeling_block" in k for k in a)
+        assert any("seq_modeling_block" in k for k in a)
+
+
+def test_resume_step_and_init_state_dir(tmp_path):
+    first = Trainer(micro_config(tmp_path / "a"))
+    first.run()
+    # resume_step picks an older checkpoint; the run continues from there to the same end.
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    again = Trainer(micro_config(tmp_path / "b", **{"checkpoint.resume_step": 2}))
+    assert again._resume_or_init() == 2
+    again = Trainer(micro_config(tmp_path / "b", **{"checkpoint.resume_step": 2}))
+    again.run()
+    assert_trees_equal(again.state["params"], first.state["params"])
+
+    # init_state_dir: weights from step 4 of run a, fresh optimizer, step 0.
+    step_dir = tmp_path / "a" / "checkpoints" / "checkpoint_000004"
+    fresh = Trainer(micro_config(tmp_path / "c", **{"checkpoint.init_state_dir": str(step_dir)}))
+    assert fresh._resume_or_init() == 0
+    manager = CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=2)
+    saved, _ = manager.restore(4, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first.state))
+    assert_trees_equal(fresh.state["params"], saved["params"])
+    assert int(fresh.state["step"]) == 0
+    assert all(not np.any(x) for x in adam_moments(fresh.state["opt_state"]))
+    assert any(np.any(x) for x in adam_moments(saved["opt_state"]))
+
+
+def test_refuses_other_architecture_and_existing_run(tmp_path):
+    Trainer(micro_config(tmp_path / "a", max_steps=2)).run()
+    with pytest.raises(ValueError, match=r"architecture.lora_rank: saved 2 vs config 4.*"
+                                         r"architecture.ttt_layers: saved \[1\] vs config \[2\]"):
+        Trainer(micro_config(tmp_path / "a", **{"lora.rank": 4, "ttt.layers": "2"}))._resume_or_init()
+    with pytest.raises(TrainingError, match="already has checkpoints"):
+        Trainer(micro_config(tmp_path / "a", **{"checkpoint.resume": "never"}))._resume_or_init()
+    with pytest.raises(TrainingError, match="frozen base weights differ"):
+        Trainer(micro_config(tmp_path / "a", seed=1))._resume_or_init()
+
+
+def test_nan_loss_stops_without_saving(tmp_path):
+    trainer = Trainer(micro_config(tmp_path / "a", ckpt_freq=1))
+    trainer.frozen["text_emb"] = trainer.frozen["text_emb"] * np.nan  # a corrupted base weight
+    with pytest.raises(TrainingError, match="non-finite loss .* at step 1; stopping without saving"):
+        trainer.run()
+    assert CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=1).all_steps() == []
+
+
+def test_microbatches_average_gradients(tmp_path):
+    """num_microbatches=2 == the mean of the two half-batch gradients (moshi-finetune's accumulation)."""
+    import jax.numpy as jnp
+
+    trainer = Trainer(micro_config(tmp_path / "a", num_microbatches=2))
+    codes = jnp.asarray(next(data_lib.make_batch_iterator(trainer._dataset("synthetic:64"), global_batch_size=4,
+                                                          start_step=0, seed=0)))
+    from tttjax.train.step import make_loss_fn
+
+    loss_fn = make_loss_fn(trainer.graphdef, trainer.cfg, text_padding_weight=0.5,
+                           first_codebook_weight_multiplier=1.0)
+    grad = jax.jit(jax.grad(lambda p, c: loss_fn(p, trainer.frozen, c)[0]))
+    params = trainer.state["params"]
+    want = jax.tree.map(lambda a, b: (a + b) / 2, grad(params, codes[:2]), grad(params, codes[2:]))
+    _, metrics = trainer.step_fn(jax.tree.map(jnp.copy, trainer.state), trainer.frozen, codes)
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(jnp.sqrt(sum(jnp.sum(g * g)
+                                                                  for g in jax.tree.leaves(want)))), rtol=1e-5)
+
+
+def test_sigterm_saves_at_sync_step_and_relaunch_resumes(tmp_path):
+    """The real launcher: SIGTERM -> checkpoint at the agreed step, exit 0; the same command resumes."""
+    run_dir = tmp_path / "run"
+    def cmd(max_steps):
+        return [sys.executable, "-m", "tttjax.main", "--config=configs/tiny.py", f"--config.run_dir={run_dir}",
+                f"--config.max_steps={max_steps}", "--config.ckpt_freq=0", "--config.log_freq=1", "--config.eval_freq=0",
+                "--config.model.dim=32", "--config.model.num_layers=2", "--config.model.num_heads=2",
+                "--config.model.depformer_dim=16", "--config.model.depformer_num_layers=1",
+                "--config.model.depformer_dim_feedforward=64", "--config.duration_sec=1.28",
+                "--config.batch_size=2", "--config.ttt.layers=1"]
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd(3000), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = run_dir / "logs" / "train.log"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.exists() and "step 3 " in log.read_text()):
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
+    steps = CheckpointManager(run_dir, max_to_keep=None, save_interval_steps=0).all_steps()
+    assert len(steps) == 1 and 3 <= steps[0] < 3000
+    assert "preempted: saved step" in log.read_text()
+    # Relaunch: resumes from the saved step (a shorter max_steps keeps the test fast).
+    done = subprocess.run(cmd(steps[0] + 2), cwd=REPO, env=env, capture_output=True, timeout=240)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert f"start at step {steps[0]}/" in log.read_text()

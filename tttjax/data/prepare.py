@@ -1,0 +1,334 @@
+"""python -m tttjax.data.prepare: moshi-finetune data (stereo wav + word alignments) -> DATA_DIR.
+
+Each input file is cut into --duration_sec segments (from 0, as moshi-finetune chunks it); each
+segment's two channels are Mimi-encoded (batched, GPU when there is one) and its text stream is
+built from the words starting in it. An example is [17, F] codes with F = the segment's audio
+frames (the loader pads with -1). `--codes` takes pre-tokenized [17, T] / [N, 17, T] .npy arrays.
+
+Resumable: inputs are cut into shards of --files_per_shard files; a shard and its manifest are
+written atomically, so a rerun skips finished shards (after checking their sha256) and redoes the
+rest. Bad inputs are reported with the file name, counted and skipped (--strict: stop).
+"""
+
+import argparse
+import json
+import logging
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import tqdm
+
+from tttjax.data import shards
+from tttjax.data.inputs import BadInput, parse_jsonl_line, read_alignments, read_stereo
+from tttjax.data.interleave import segment_words, text_stream, tokenize_alignments
+from tttjax.data.streams import (
+    FRAME_RATE,
+    MIMI_CARD,
+    NO_TOKEN,
+    NUM_STREAMS,
+    SAMPLE_RATE,
+    STREAM_NAMES,
+    num_frames,
+)
+
+log = logging.getLogger("tttjax.data.prepare")
+DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m tttjax.data.prepare", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--jsonl", type=Path, help="moshi-finetune jsonl; a.json beside each a.wav")
+    src.add_argument("--codes", type=Path, nargs="+", help="pre-tokenized int .npy arrays [17, T] or [N, 17, T]")
+    p.add_argument("--out", type=Path, required=True, help="the DATA_DIR to write (or resume)")
+    p.add_argument("--mimi_weight", default=DEFAULT_REPO, help="safetensors file, hf://org/repo/file or repo id")
+    p.add_argument("--tokenizer", default=DEFAULT_REPO, help="sentencepiece .model file, hf:// path or repo id")
+    p.add_argument("--duration_sec", type=float, default=100.0, help="segment (example) length")
+    p.add_argument("--text_card", type=int, default=32000, help="--codes only: text ids must be below this")
+    p.add_argument("--main_speaker", default="SPEAKER_MAIN", help="alignment speaker label of Moshi's words")
+    p.add_argument("--duration_tolerance", type=float, default=0.1, help="allowed |jsonl duration - audio| (s)")
+    p.add_argument("--files_per_shard", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=8, help="segments per Mimi call")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    args = p.parse_args(argv)
+    if args.duration_sec <= 0 or args.files_per_shard <= 0 or args.batch_size <= 0:
+        p.error("--duration_sec, --files_per_shard and --batch_size must be positive")
+    return args
+
+
+class _Prepare:
+    """One prepare run: the inputs, the models, and the per-shard work."""
+
+    def __init__(self, args):
+        self.args = args
+        self.seg_frames = num_frames(args.duration_sec)
+        self.seg_samples = round(args.duration_sec * SAMPLE_RATE)
+        if args.jsonl is not None:
+            self.items = _jsonl_lines(args.jsonl)
+            from tttjax.data import codec  # torch and moshi: only here
+
+            try:
+                tokenizer_file = codec.resolve_tokenizer(args.tokenizer)
+                self.mimi_file = codec.resolve_mimi(args.mimi_weight)
+            except ValueError as e:
+                raise SystemExit(f"prepare: {e}") from None
+            self.tokenizer = codec.load_tokenizer(tokenizer_file)
+            self.text_card = self.tokenizer.vocab_size()
+            self.inputs = {
+                "jsonl": str(args.jsonl),
+                "jsonl_sha256": shards.sha256_file(args.jsonl),
+                "tokenizer_sha256": shards.sha256_file(tokenizer_file),
+                "mimi_weight": str(self.mimi_file),
+                "mimi_weight_sha256": shards.sha256_file(self.mimi_file),
+            }
+        else:
+            self.items = [str(p) for p in args.codes]
+            self.text_card = args.text_card
+            self.inputs = {"codes_sha256": {str(p): _sha_or_none(p) for p in args.codes}}
+        self.inputs.update(
+            duration_sec=args.duration_sec,
+            main_speaker=args.main_speaker,
+            duration_tolerance=args.duration_tolerance,
+            files_per_shard=args.files_per_shard,
+            text_card=self.text_card,
+        )
+        self.dtype = np.int16 if max(self.text_card, MIMI_CARD) <= 2**15 else np.int32
+        self._encoder = None
+
+    @property
+    def encoder(self):
+        """Mimi, loaded on first use (a resumed run with nothing left to do never loads it)."""
+        if self._encoder is None:
+            from tttjax.data import codec
+
+            self._encoder = codec.MimiEncoder(self.mimi_file, self.args.device)
+        return self._encoder
+
+    def bad(self, err: BadInput, sources: list, name: str) -> None:
+        if self.args.strict:
+            raise SystemExit(f"prepare: {err} (stopping: --strict)")
+        log.warning("skipped: %s", err)
+        sources.append({"name": name, "status": "skipped", "reason": str(err)})
+
+    def wav_shard(self, lines, bar) -> tuple[list, list]:
+        """Examples and source records of one shard of jsonl lines."""
+        sources, plans, pending, codes = [], [], [], {}
+        for lineno, line in lines:
+            name = f"{self.args.jsonl}:{lineno}"
+            try:
+                entry = parse_jsonl_line(self.args.jsonl, lineno, line)
+                name = entry.name
+                wav, notes = read_stereo(entry, self.args.duration_tolerance)
+                alignments = read_alignments(entry.wav)
+            except BadInput as e:
+                self.bad(e, sources, name)
+                continue
+            for note in notes:
+                log.info("%s: %s", entry.wav, note)
+            words = tokenize_alignments(self.tokenizer, alignments, self.args.main_speaker)
+            starts = range(0, wav.shape[1], self.seg_samples)
+            pending += [((len(plans), k), wav[:, s : s + self.seg_samples]) for k, s in enumerate(starts)]
+            sources.append({
+                "name": entry.name,
+                "status": "ok",
+                "notes": notes,
+                "audio_sec": wav.shape[1] / SAMPLE_RATE,
+                "num_examples": len(starts),
+                "sha256": shards.sha256_file(entry.wav),
+                "alignments_sha256": shards.sha256_file(entry.wav.with_suffix(".json")),
+            })
+            plans.append((words, len(starts)))
+            if len(pending) >= self.args.batch_size:
+                self._encode(pending, codes, bar)
+        self._encode(pending, codes, bar)
+        examples = []
+        for slot, (words, count) in enumerate(plans):
+            for k in range(count):
+                audio = codes[slot, k]
+                start = k * self.seg_samples / SAMPLE_RATE
+                text = text_stream(segment_words(words, start, self.args.duration_sec), audio.shape[-1])
+                examples.append(np.concatenate([text[None], audio]).astype(self.dtype))
+        return examples, sources
+
+    def _encode(self, pending: list, codes: dict, bar) -> None:
+        """Mimi-encodes the pending segments in batches of equal length (so no padding enters Mimi)."""
+        by_length = defaultdict(list)
+        for key, wav in pending:
+            by_length[wav.shape[1]].append((key, wav))
+        for group in by_length.values():
+            for i in range(0, len(group), self.args.batch_size):
+                chunk = group[i : i + self.args.batch_size]
+                for (key, wav), c in zip(chunk, self.encoder.encode([w for _, w in chunk])):
+                    codes[key] = c
+                    bar.update(wav.shape[1] / SAMPLE_RATE)
+        pending.clear()
+
+    def codes_shard(self, paths, bar) -> tuple[list, list]:
+        """Examples and source records of one shard of .npy files."""
+        sources, examples = [], []
+        for path in paths:
+            try:
+                arrays = _read_codes(Path(path), self.text_card)
+            except BadInput as e:
+                self.bad(e, sources, path)
+                continue
+            before = len(examples)
+            for codes in arrays:
+                for s in range(0, codes.shape[1], self.seg_frames):
+                    examples.append(codes[:, s : s + self.seg_frames].astype(self.dtype))
+            frames = sum(c.shape[1] for c in arrays)
+            sources.append({
+                "name": path,
+                "status": "ok",
+                "notes": [],
+                "audio_sec": frames / FRAME_RATE,
+                "num_examples": len(examples) - before,
+                "sha256": shards.sha256_file(Path(path)),
+            })
+            bar.update(frames / FRAME_RATE)
+        return examples, sources
+
+
+def _jsonl_lines(jsonl: Path) -> list[tuple[int, str]]:
+    if not jsonl.is_file():
+        raise SystemExit(f"prepare: {jsonl}: no such jsonl file")
+    lines = jsonl.read_text().splitlines()
+    return [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+
+
+def _sha_or_none(path: Path) -> str | None:
+    return shards.sha256_file(path) if path.is_file() else None
+
+
+def _read_codes(path: Path, text_card: int) -> list[np.ndarray]:
+    """The [17, T] arrays of a .npy file, trailing all -1 frames removed, ids checked."""
+    if not path.is_file():
+        raise BadInput(f"{path}: missing codes file")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise BadInput(f"{path}: unreadable codes ({e})") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1] != NUM_STREAMS or not np.issubdtype(arr.dtype, np.integer):
+        raise BadInput(f"{path}: expected integer codes [17, T] or [N, 17, T], got {arr.dtype} {arr.shape}")
+    text, audio = arr[:, 0], arr[:, 1:]
+    if text.size and (text.min() < NO_TOKEN or text.max() >= text_card):
+        raise BadInput(f"{path}: text ids outside [-1, {text_card})")
+    if audio.size and (audio.min() < NO_TOKEN or audio.max() >= MIMI_CARD):
+        raise BadInput(f"{path}: audio ids outside [-1, {MIMI_CARD})")
+    out = []
+    for codes in arr:
+        used = np.flatnonzero((codes != NO_TOKEN).any(axis=0))
+        if used.size:
+            out.append(codes[:, : used[-1] + 1])
+    return out
+
+
+def _check_inputs(out: Path, inputs: dict) -> None:
+    """Refuses to resume a DATA_DIR that was started with other inputs or settings."""
+    path = out / "prepare_inputs.json"
+    if path.is_file():
+        before = json.loads(path.read_text())
+        if before != json.loads(json.dumps(inputs)):
+            changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+            changed = ", ".join(changed)
+            raise SystemExit(f"prepare: {out} was started with other inputs ({changed}); use a new --out")
+    else:
+        shards.write_json(path, inputs)
+
+
+def _finished(out: Path, manifest: Path) -> dict | None:
+    """The manifest of a shard that is completely and correctly written, else None."""
+    if not manifest.is_file():
+        return None
+    done = json.loads(manifest.read_text())
+    file = out / done["shard"]["file"]
+    if not file.is_file() or shards.sha256_file(file) != done["shard"]["sha256"]:
+        log.warning("%s: checksum mismatch or missing, redoing it", file)
+        return None
+    return done
+
+
+def _metadata(job: _Prepare, manifests: list[dict]) -> dict:
+    sources = [s for m in manifests for s in m["sources"]]
+    shard_list = [m["shard"] for m in manifests]
+    ok = [s for s in sources if s["status"] == "ok"]
+    return {
+        "format": shards.FORMAT,
+        "created_by": "tttjax.data.prepare",
+        "frame_rate": FRAME_RATE,
+        "sample_rate": SAMPLE_RATE,
+        "num_streams": NUM_STREAMS,
+        "streams": STREAM_NAMES,
+        "special_ids": {"text_pad": 3, "end_of_pad": 0, "no_token": NO_TOKEN},
+        "dtype": np.dtype(job.dtype).name,
+        "duration_sec": job.args.duration_sec,
+        "max_frames_per_example": job.seg_frames,
+        "num_examples": sum(s["num_examples"] for s in shard_list),
+        "num_frames": sum(m["num_frames"] for m in manifests),
+        "audio_sec": sum(s["audio_sec"] for s in ok),
+        "card": MIMI_CARD,
+        "text_card": job.text_card,
+        "max_text_id": max((m["max_text_id"] for m in manifests), default=NO_TOKEN),
+        "max_audio_id": max((m["max_audio_id"] for m in manifests), default=NO_TOKEN),
+        "num_sources": len(sources),
+        "num_skipped": len(sources) - len(ok),
+        "inputs": job.inputs,
+        "shards": shard_list,
+        "sources": sources,
+    }
+
+
+def run(args) -> dict:
+    """Prepares (or resumes) args.out; returns the metadata written."""
+    job = _Prepare(args)
+    out = args.out
+    (out / "manifests").mkdir(parents=True, exist_ok=True)
+    _check_inputs(out, job.inputs)
+    per = args.files_per_shard
+    groups = [job.items[i : i + per] for i in range(0, len(job.items), per)]
+    manifests = []
+    with tqdm.tqdm(unit="s", desc="prepare (audio s)", file=sys.stderr, dynamic_ncols=True) as bar:
+        for index, group in enumerate(groups):
+            name = shards.shard_name(index, len(groups))
+            manifest_path = out / "manifests" / (name + ".json")
+            done = _finished(out, manifest_path)
+            if done is None:
+                process = job.wav_shard if args.jsonl is not None else job.codes_shard
+                examples, sources = process(group, bar)
+                done = {
+                    "shard": shards.write_shard(out / name, examples),
+                    "sources": sources,
+                    "num_frames": sum(e.shape[1] for e in examples),
+                    "max_text_id": int(max((e[0].max() for e in examples), default=NO_TOKEN)),
+                    "max_audio_id": int(max((e[1:].max() for e in examples), default=NO_TOKEN)),
+                }
+                shards.write_json(manifest_path, done)
+            else:
+                log.info("%s: already prepared, skipping", name)
+            manifests.append(done)
+    meta = _metadata(job, manifests)
+    shards.write_json(out / shards.METADATA, meta)
+    log.info(
+        "%s: %d examples from %d of %d files (%d skipped), %.1f s of audio, %d shards",
+        out, meta["num_examples"], meta["num_sources"] - meta["num_skipped"], meta["num_sources"],
+        meta["num_skipped"], meta["audio_sec"], len(groups),
+    )
+    for s in meta["sources"]:
+        if s["status"] != "ok":
+            log.info("  skipped %s: %s", s["name"], s["reason"])
+    return meta
+
+
+def main(argv=None) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
