@@ -8,7 +8,10 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -50,3 +53,46 @@ def export_tensors(model, *, layout_name: str = "moshi", dtype: str = "bfloat16"
         config, filename = to_config_json(cfg, lora=False), FULL_FILE
     tensors = {r.name: np.ascontiguousarray(r.to_torch(values[r.path])).astype(np_dtype) for r in table}
     return dict(sorted(tensors.items())), config, filename
+
+
+def write_export(out_dir, tensors: dict[str, np.ndarray], config: dict, filename: str) -> Path:
+    """Write `filename` (keys sorted, torch format tag) and config.json into out_dir; never overwrite."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    out_dir = Path(out_dir)
+    target = out_dir / filename
+    if target.exists() or (out_dir / "config.json").exists():
+        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(dict(sorted(tensors.items())), str(target), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True))
+    return target
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Export a tttjax checkpoint to PyTorch (moshi) safetensors.")
+    parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--adapters_only", action="store_true", help="lora.safetensors: LoRA A/B + TTT tensors")
+    parser.add_argument("--layout", default="moshi", choices=list(layout.LAYOUTS),
+                        help="moshi: in-memory names (moshi-finetune); release: fused names")
+    args = parser.parse_args(argv)
+    from tttjax.checkpoint.model_dir import load_model
+
+    try:
+        model = load_model(args.checkpoint_dir)
+        tensors, config, filename = export_tensors(model, layout_name=args.layout, dtype=args.dtype,
+                                                   adapters_only=args.adapters_only)
+        target = write_export(args.out, tensors, config, filename)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {target} ({len(tensors)} tensors, {args.dtype}, layout {args.layout})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

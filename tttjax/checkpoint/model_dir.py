@@ -45,9 +45,40 @@ def read_config(directory: str | Path, **overrides) -> ModelConfig:
 
 
 def load_model(directory: str | Path, **overrides) -> MoshiLM:
-    """Build the model described by DIR/config.json (dtype overrides allowed) and restore its params."""
+    """A model from an imported dir (config.json + params/) or a training step dir (state/).
+
+    `overrides` change ModelConfig fields that do not alter the parameters (dtype, remat).
+    """
+    directory = Path(directory)
+    if (directory / "state").is_dir():
+        return _load_step(directory, **overrides)
     cfg = read_config(directory, **overrides)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
     nnx.replace_by_pure_dict(abstract_state, restore_params(directory, target))
     return nnx.merge(graphdef, abstract_state)
+
+
+def _load_step(step_dir: Path, **overrides) -> MoshiLM:
+    """Rebuild a run's model exactly: its config (args.yaml), base weights, then the saved trainables."""
+    import dataclasses
+
+    import jax.numpy as jnp
+    import ml_collections
+    import yaml
+
+    from tttjax.model.config import validate
+    from tttjax.sharding import make_mesh
+    from tttjax.train import state as state_lib
+
+    args = step_dir.absolute().parent.parent / "args.yaml"
+    if not args.is_file():
+        raise FileNotFoundError(f"{args} not found: {step_dir} is not a step dir of a tttjax run")
+    config = ml_collections.ConfigDict(yaml.safe_load(args.read_text()))
+    cfg = validate(dataclasses.replace(state_lib.model_config(config), **overrides))
+    model = state_lib.build_model(config, cfg, make_mesh({"data": -1}))
+    graphdef, trainable, frozen = nnx.split(model, state_lib.trainable_filter(config.full_finetuning), ...)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+                          nnx.to_pure_dict(trainable))
+    params = restore_params(step_dir, target)
+    return nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(cfg.jnp_param_dtype), params), frozen)

@@ -6,7 +6,6 @@ replays exactly the batches an uninterrupted run would have seen from step N.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from flax import nnx
 
 from tttjax import data as data_lib
 from tttjax.checkpoint import CheckpointManager, check_compatible, restore_params
-from tttjax.model.config import ModelConfig, from_lm_kwargs, parse_ttt_layers
 from tttjax.sharding import batch_sharding, initialize_distributed, make_mesh, replicated
 from tttjax.train import optimizer as optim_lib
 from tttjax.train import state as state_lib
@@ -29,28 +27,6 @@ from tttjax.train.step import make_loss_fn, make_train_step
 
 class TrainingError(RuntimeError):
     """A run that must stop without saving (non-finite loss, inconsistent run dir)."""
-
-
-def model_config(config) -> ModelConfig:
-    """The model described by the training config (`model` or moshi_paths.config_path, + lora/ttt)."""
-    if config.moshi_paths.config_path:
-        path = Path(config.moshi_paths.config_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"moshi_paths.config_path: {path} not found")
-        lm_kwargs = {k: v for k, v in json.loads(path.read_text()).items()
-                     if k not in ("lora", "lora_rank", "lora_scaling", "ttt")}
-        source = str(path)
-    else:
-        lm_kwargs, source = config.model.to_dict(), "config.model"
-    ttt = config.ttt
-    ttt_layers = parse_ttt_layers(ttt.layers, int(lm_kwargs["num_layers"])) if ttt.enable else ()
-    return from_lm_kwargs(
-        lm_kwargs, source=source,
-        lora_rank=config.lora.rank if config.lora.enable else 0, lora_scaling=config.lora.scaling,
-        ttt_layers=ttt_layers, ttt_num_heads=ttt.num_heads, ttt_base_lr=ttt.base_lr,
-        ttt_mini_batch_size=ttt.mini_batch_size, ttt_initial_gating_alpha=ttt.initial_gating_alpha,
-        ttt_causal=ttt.causal, ttt_scan_remat_group=ttt.scan_remat_group,
-        param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
 
 
 def _check_config(config) -> None:
@@ -65,11 +41,6 @@ def _check_config(config) -> None:
         raise ValueError(f"checkpoint.resume={config.checkpoint.resume!r}: expected 'auto' or 'never'")
 
 
-def _frozen_ok(path) -> bool:
-    """Params a base checkpoint may lack: they start fresh (LoRA B = 0, TTT at init)."""
-    return state_lib.is_lora(path) or state_lib.is_ttt(path)
-
-
 def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
@@ -79,12 +50,12 @@ class Trainer:
         _check_config(config)
         initialize_distributed()
         self.config = config
-        self.cfg = model_config(config)
+        self.cfg = state_lib.model_config(config)
         self.mesh = make_mesh(config.mesh.to_dict())
         self.run_dir = Path(config.run_dir)
         self.full = bool(config.full_finetuning)
 
-        model = self._initial_model()
+        model = state_lib.build_model(config, self.cfg, self.mesh)
         self.graphdef, trainable, frozen = nnx.split(model, state_lib.trainable_filter(self.full), ...)
         self.frozen = nnx.to_pure_dict(frozen)
         masters = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(trainable))
@@ -115,16 +86,6 @@ class Trainer:
                 metadata={**self.metadata, "frozen_fingerprint": self.fingerprint})
 
     # -- construction --------------------------------------------------------------------------
-    def _initial_model(self):
-        config = self.config
-        model = state_lib.init_model(self.cfg, self.mesh, config.seed)
-        if config.moshi_paths.moshi_path:
-            source = config.moshi_paths.moshi_path
-            weights = state_lib.load_weights(source, config.moshi_paths.config_path or None)
-            state_lib.copy_params(weights, model, source_name=f"moshi_paths.moshi_path={source}",
-                                  allow_missing=_frozen_ok)
-        return model
-
     def _load_init_state(self, directory: str) -> None:
         """checkpoint.init_state_dir: weights only, from a step dir (trainables) or a model dir."""
         path = Path(directory)
@@ -137,7 +98,7 @@ class Trainer:
         trainable = state_lib.trainable_filter(self.full)
         state_lib.copy_params(state_lib.load_weights(path, None), model,
                               source_name=f"checkpoint.init_state_dir={directory}",
-                              allow_missing=lambda p: _frozen_ok(p) or not trainable(p, None))
+                              allow_missing=lambda p: state_lib.is_lora(p) or state_lib.is_ttt(p) or not trainable(p, None))
         _, trainable_state, frozen = nnx.split(model, trainable, ...)
         self.frozen = nnx.to_pure_dict(frozen)
         params = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(trainable_state))

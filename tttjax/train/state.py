@@ -10,6 +10,7 @@ optimizer state is fp32) and are cast to `param_dtype` for the forward pass; fro
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import jax
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax.model.config import ModelConfig
+from tttjax.model.config import ModelConfig, from_lm_kwargs, parse_ttt_layers
 from tttjax.model.moshi import MoshiLM
 from tttjax.sharding import state_shardings
 
@@ -40,6 +41,28 @@ def trainable_filter(full_finetuning: bool):
         return full_finetuning or is_lora(path) or is_ttt(path)
 
     return keep
+
+
+def model_config(config) -> ModelConfig:
+    """The model described by the training config (`model` or moshi_paths.config_path, + lora/ttt)."""
+    if config.moshi_paths.config_path:
+        path = Path(config.moshi_paths.config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"moshi_paths.config_path: {path} not found")
+        lm_kwargs = {k: v for k, v in json.loads(path.read_text()).items()
+                     if k not in ("lora", "lora_rank", "lora_scaling", "ttt")}
+        source = str(path)
+    else:
+        lm_kwargs, source = config.model.to_dict(), "config.model"
+    ttt = config.ttt
+    ttt_layers = parse_ttt_layers(ttt.layers, int(lm_kwargs["num_layers"])) if ttt.enable else ()
+    return from_lm_kwargs(
+        lm_kwargs, source=source,
+        lora_rank=config.lora.rank if config.lora.enable else 0, lora_scaling=config.lora.scaling,
+        ttt_layers=ttt_layers, ttt_num_heads=ttt.num_heads, ttt_base_lr=ttt.base_lr,
+        ttt_mini_batch_size=ttt.mini_batch_size, ttt_initial_gating_alpha=ttt.initial_gating_alpha,
+        ttt_causal=ttt.causal, ttt_scan_remat_group=ttt.scan_remat_group,
+        param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
 
 
 def init_model(cfg: ModelConfig, mesh, seed: int) -> MoshiLM:
@@ -98,6 +121,17 @@ def load_weights(path: str | Path, config_path: str | None) -> dict[Path_, jax.A
     from tttjax.checkpoint.model_dir import load_model
 
     return flat_params(load_model(path))
+
+
+def build_model(config, cfg: ModelConfig, mesh) -> MoshiLM:
+    """The run's starting model: random init (seed), then the base weights of moshi_paths if set."""
+    model = init_model(cfg, mesh, config.seed)
+    source = config.moshi_paths.moshi_path
+    if source:
+        weights = load_weights(source, config.moshi_paths.config_path or None)
+        copy_params(weights, model, source_name=f"moshi_paths.moshi_path={source}",
+                    allow_missing=lambda p: is_lora(p) or is_ttt(p))
+    return model
 
 
 def fingerprint(frozen) -> dict:
