@@ -114,8 +114,9 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch, full):
         assert any("seq_modeling_block" in k for k in a)
 
 
-def test_resume_step_and_init_state_dir(tmp_path):
-    first = Trainer(micro_config(tmp_path / "a"))
+def test_resume_step_and_init_state_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative run_dir, as users type it
+    first = Trainer(micro_config("a"))
     first.run()
     # resume_step picks an older checkpoint; the run continues from there to the same end.
     import shutil

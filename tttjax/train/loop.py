@@ -18,7 +18,8 @@ from flax import nnx
 
 from tttjax import data as data_lib
 from tttjax.checkpoint import CheckpointManager, check_compatible, restore_params
-from tttjax.sharding import batch_sharding, initialize_distributed, make_mesh, replicated
+from tttjax import sharding as sharding_lib
+from tttjax.sharding import initialize_distributed, make_mesh, replicated
 from tttjax.train import optimizer as optim_lib
 from tttjax.train import state as state_lib
 from tttjax.train.logger import RunLogger
@@ -52,8 +53,10 @@ class Trainer:
         self.config = config
         self.cfg = state_lib.model_config(config)
         self.mesh = make_mesh(config.mesh.to_dict())
-        self.run_dir = Path(config.run_dir)
+        self.run_dir = Path(config.run_dir).absolute()
         self.full = bool(config.full_finetuning)
+        sharding_lib.check_batch(self.mesh, config.batch_size, config.num_microbatches)
+        self._check_memory()
 
         model = state_lib.build_model(config, self.cfg, self.mesh)
         self.graphdef, trainable, frozen = nnx.split(model, state_lib.trainable_filter(self.full), ...)
@@ -64,10 +67,15 @@ class Trainer:
         labels = jax.tree_util.tree_map_with_path(
             lambda p, _: optim_lib.param_group(tuple(str(getattr(k, "key", k)) for k in p)), masters)
         self.optimizer = optim_lib.make_optimizer(config.optim, config.max_steps, labels)
+        # Params are born sharded (state_lib.init_model); the optimizer state is created directly in
+        # the same shardings (Adam moments like their parameter), and the jitted step keeps them all.
         rep = replicated(self.mesh)
+        param_shardings = jax.tree.map(lambda x: x.sharding, masters)
+        self.state_shardings = {"step": rep, "params": param_shardings, "opt_state": sharding_lib.opt_state_shardings(
+            jax.eval_shape(self.optimizer.init, masters), masters, self.mesh)}
+        self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt_state"])
         self.state = jax.jit(lambda m: {"step": jnp.zeros((), jnp.int32), "params": m,
-                                        "opt_state": self.optimizer.init(m)})(masters)
-        self.state["step"] = jax.device_put(self.state["step"], rep)
+                                        "opt_state": self.optimizer.init(m)}, out_shardings=self.state_shardings)(masters)
         self.metadata = {"architecture": self.cfg.architecture(),
                          "trainable": "full" if self.full else "adapters"}
         self.fingerprint = state_lib.fingerprint(self.frozen)
@@ -75,7 +83,10 @@ class Trainer:
         loss_fn = make_loss_fn(self.graphdef, self.cfg, text_padding_weight=config.text_padding_weight,
                                first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
         step_fn = make_train_step(loss_fn, self.optimizer, config.num_microbatches)
-        self.step_fn = jax.jit(step_fn, donate_argnums=(0,))
+        frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
+        self.step_fn = sharding_lib.under_mesh(self.mesh, jax.jit(
+            step_fn, in_shardings=(self.state_shardings, frozen_shardings, sharding_lib.batch_sharding(self.mesh)),
+            out_shardings=(self.state_shardings, rep), donate_argnums=(0,)))
         self.lr_at = optim_lib.one_cycle_lr(config.optim.lr, config.max_steps, config.optim.pct_start)
         self.num_frames = data_lib.num_frames(config.duration_sec)
         self.manager = None
@@ -92,7 +103,7 @@ class Trainer:
         if (path / "state").is_dir():
             params = restore_params(path, _abstract(self.state["params"]))
             self.state["params"] = params
-            self.state["opt_state"] = jax.jit(self.optimizer.init)(params)
+            self.state["opt_state"] = self._init_opt(params)
             return
         model = nnx.merge(self.graphdef, self._cast(self.state["params"]), self.frozen)
         trainable = state_lib.trainable_filter(self.full)
@@ -102,8 +113,22 @@ class Trainer:
         _, trainable_state, frozen = nnx.split(model, trainable, ...)
         self.frozen = nnx.to_pure_dict(frozen)
         params = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(trainable_state))
-        self.state = {"step": self.state["step"], "params": params, "opt_state": jax.jit(self.optimizer.init)(params)}
+        self.state = {"step": self.state["step"], "params": params, "opt_state": self._init_opt(params)}
         self.fingerprint = state_lib.fingerprint(self.frozen)
+
+    def _check_memory(self) -> None:
+        """Start-up check: the per-device memory estimate against the device's memory."""
+        config = self.config
+        capacity = sharding_lib.device_memory_bytes()
+        if config.memory_check == "off" or capacity is None:
+            sharding_lib.check_memory(None, None, mode=config.memory_check, what="")  # validates the mode
+            return
+        estimate = sharding_lib.estimate_memory(
+            self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
+            num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
+            mesh_axes=dict(self.mesh.shape))
+        sharding_lib.check_memory(estimate, capacity, mode=config.memory_check,
+                                  what=f"mesh {dict(self.mesh.shape)}, remat={self.cfg.remat}")
 
     def _cast(self, params):
         return jax.tree.map(lambda x: x.astype(self.cfg.jnp_param_dtype), params)
@@ -133,7 +158,10 @@ class Trainer:
     def _consolidated(self):
         from conversion.to_pytorch import export_tensors
 
-        model = nnx.merge(self.graphdef, self._cast(self.state["params"]), self.frozen)
+        params, frozen = self._cast(self.state["params"]), self.frozen
+        if jax.process_count() > 1:  # arrays span hosts: gather them (a collective, every process runs it)
+            params, frozen = sharding_lib.to_host((params, frozen))
+        model = nnx.merge(self.graphdef, params, frozen)
         return export_tensors(model, dtype=self.config.export_dtype,
                               adapters_only=self.config.save_adapters and not self.full)
 
@@ -150,14 +178,15 @@ class Trainer:
         if not hasattr(self, "_eval_terms"):
             terms = make_terms_fn(self.cfg, text_padding_weight=config.text_padding_weight,
                                   first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
-            self._eval_terms = jax.jit(lambda p, f, c: terms(nnx.merge(self.graphdef, p, f), c))
+            self._eval_terms = sharding_lib.under_mesh(
+                self.mesh, jax.jit(lambda p, f, c: terms(nnx.merge(self.graphdef, p, f), c)))
             self._eval_data = self._dataset(config.data.eval_data)
         params = self._cast(self.state["params"])
 
         def batches():
+            index, count = sharding_lib.process_batch_slice(self.mesh, config.batch_size)
             it = data_lib.make_eval_iterator(self._eval_data, batch_size=config.batch_size,
-                                             process_index=jax.process_index(),
-                                             process_count=jax.process_count())
+                                             process_index=index, process_count=count)
             for i, local in enumerate(it):
                 if config.eval_batches and i >= config.eval_batches:
                     break
@@ -172,7 +201,8 @@ class Trainer:
                                      n_q=cfg.n_q, seed=self.config.seed)
 
     def _global_batch(self, local: np.ndarray):
-        return jax.make_array_from_process_local_data(batch_sharding(self.mesh), np.asarray(local, np.int32))
+        """The global [batch_size, 17, T] codes from this process's rows (see process_batch_slice)."""
+        return sharding_lib.global_batch(self.mesh, local, self.config.batch_size)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
@@ -189,10 +219,11 @@ class Trainer:
             logger.close()
             return 0
         train_data = self._dataset(config.data.train_data)
+        index, count = sharding_lib.process_batch_slice(self.mesh, config.batch_size)
         batches = data_lib.make_batch_iterator(
             train_data, global_batch_size=config.batch_size, start_step=start, seed=config.seed,
-            shuffle=config.data.shuffle, process_index=jax.process_index(),
-            process_count=jax.process_count(), num_workers=config.data.num_workers)
+            shuffle=config.data.shuffle, process_index=index, process_count=count,
+            num_workers=config.data.num_workers)
         progress = _progress(start, config.max_steps)
         frames_per_step = config.batch_size * self.num_frames
         tic = time.perf_counter()
