@@ -1,0 +1,286 @@
+"""TTT parameter verification of a checkpoint.
+
+    python -m tttjax.verify --checkpoint_dir DIR [--safetensors FILE]
+
+DIR is a training step dir (`runs/x/checkpoints/checkpoint_000100`) or an imported checkpoint
+(`config.json` + `params/`). The check:
+
+1. the TTT layers of the checkpoint's config and their parameter counts (per layer and in total);
+2. every expected TTT tensor (the `conversion/layout.py` rows of group "ttt") is stored in the
+   checkpoint with its expected shape (read from the Orbax metadata, before loading anything);
+3. the checkpoint loads (`load_model`) and every TTT tensor is finite;
+4. the PyTorch export next to it (the step's `consolidated/lora.safetensors` or
+   `consolidated.safetensors`, or `--safetensors FILE`) holds every TTT tensor, bit-for-bit equal
+   to the loaded value cast to the file's dtype (its stored precision), and its config.json
+   `ttt` block agrees.
+
+Exit status 0 when everything holds; otherwise 1, with the list of what is missing or different.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+EXPORT_FILES = ("lora.safetensors", "consolidated.safetensors")
+
+
+@dataclasses.dataclass
+class Report:
+    directory: str
+    kind: str = ""  # "step" | "imported"
+    ttt_layers: tuple[int, ...] = ()
+    params_per_layer: dict[int, int] = dataclasses.field(default_factory=dict)
+    tensors_per_layer: dict[int, int] = dataclasses.field(default_factory=dict)
+    export: str | None = None
+    missing: list[str] = dataclasses.field(default_factory=list)
+    different: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    checked_tensors: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.ttt_layers) and not (self.missing or self.different or self.unexpected or self.errors)
+
+    def problems(self) -> list[str]:
+        return ([f"missing: {m}" for m in self.missing] + [f"different: {d}" for d in self.different]
+                + [f"unexpected: {u}" for u in self.unexpected] + [f"error: {e}" for e in self.errors])
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["ttt_layers"] = list(self.ttt_layers)
+        out["total_ttt_params"] = sum(self.params_per_layer.values())
+        out["ok"] = self.ok
+        return out
+
+    def format(self) -> str:
+        lines = [f"TTT verification of {self.directory} ({self.kind or 'unknown'} checkpoint)"]
+        if self.params_per_layer:
+            lines.append(f"{'temporal layer':>14s} {'TTT tensors':>12s} {'TTT params':>12s}")
+            for layer in sorted(self.params_per_layer):
+                lines.append(f"{layer:>14d} {self.tensors_per_layer[layer]:>12d} {self.params_per_layer[layer]:>12,d}")
+            lines.append(f"{'total':>14s} {sum(self.tensors_per_layer.values()):>12d} "
+                         f"{sum(self.params_per_layer.values()):>12,d}")
+        if self.export:
+            lines.append(f"compared with {self.export}: {self.checked_tensors} TTT tensors")
+        lines += [f"note: {n}" for n in self.notes]
+        problems = self.problems()
+        if problems:
+            lines.append(f"FAILED: {len(problems)} problem(s)")
+            lines += [f"  {p}" for p in problems]
+        elif self.ok:
+            lines.append("OK: every TTT tensor is present, loads, and matches")
+        return "\n".join(lines)
+
+
+def _layer_of(name: str) -> int:
+    return int(re.match(r"transformer\.layers\.(\d+)\.", name).group(1))
+
+
+def _path_key(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def checkpoint_config(directory: Path):
+    """(ModelConfig, kind) from args.yaml (step dir) or config.json (imported dir), without loading params."""
+    from tttjax.checkpoint.model_dir import CONFIG_FILE, read_config
+
+    if (directory / "state").is_dir():
+        import ml_collections
+        import yaml
+
+        from tttjax.train import state as state_lib
+
+        args = directory.absolute().parent.parent / "args.yaml"
+        if not args.is_file():
+            raise FileNotFoundError(f"{args} not found: {directory} is not a step dir of a tttjax run")
+        config = ml_collections.ConfigDict(yaml.safe_load(args.read_text()))
+        return state_lib.model_config(config), "step"
+    if (directory / CONFIG_FILE).is_file():
+        return read_config(directory), "imported"
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
+    raise FileNotFoundError(f"{directory}: neither a training step dir (state/) nor an imported checkpoint "
+                            f"(config.json + params/)")
+
+
+def stored_shapes(directory: Path, kind: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{param path: shape} of what the checkpoint stores, from Orbax metadata only."""
+    import logging
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns about the step-level metadata file of an item dir
+    try:
+        path = directory / ("state" if kind == "step" else "params")
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(path)
+    finally:
+        absl_logger.setLevel(level)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    if kind == "step":
+        tree = tree["params"]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {_path_key(p): tuple(v.shape) for p, v in leaves if hasattr(v, "shape")}
+
+
+def find_export(directory: Path) -> Path | None:
+    consolidated = directory / "consolidated"
+    found = [consolidated / n for n in EXPORT_FILES if (consolidated / n).is_file()]
+    return found[0] if len(found) == 1 else None
+
+
+def read_tensors(path: Path) -> dict[str, np.ndarray]:
+    from conversion.from_pytorch import read_safetensors
+
+    return read_safetensors(path)
+
+
+def _compare(name: str, expected: np.ndarray, stored: np.ndarray, report: Report) -> None:
+    if tuple(stored.shape) != tuple(expected.shape):
+        report.different.append(f"{name}: shape {tuple(stored.shape)} in the export vs {tuple(expected.shape)}")
+        return
+    want = expected.astype(stored.dtype)
+    a = np.ascontiguousarray(want).view(f"u{want.dtype.itemsize}")
+    b = np.ascontiguousarray(stored).view(f"u{stored.dtype.itemsize}")
+    if not np.array_equal(a, b):
+        diff = np.abs(want.astype(np.float64) - stored.astype(np.float64))
+        count = int(np.count_nonzero(a != b))
+        report.different.append(f"{name}: {count} of {a.size} values differ at the file's precision "
+                                f"({stored.dtype}), max abs diff {float(np.nanmax(diff)):.3g}")
+
+
+def verify(directory: str | Path, *, model=None, safetensors: str | Path | None = None) -> Report:
+    """Runs the checks above; `model` skips loading (the eval CLI passes the model it loaded)."""
+    from conversion import layout
+    from tttjax.model.moshi import abstract_model
+    from tttjax.train.state import flat_params, is_ttt
+
+    directory = Path(directory)
+    report = Report(str(directory))
+    try:
+        cfg, report.kind = checkpoint_config(directory)
+    except (FileNotFoundError, ValueError) as e:
+        report.errors.append(str(e))
+        return report
+    report.ttt_layers = tuple(cfg.ttt_layers)
+    if not cfg.ttt_layers:
+        report.errors.append("the checkpoint's config has no TTT layers (ttt.enable false / no 'ttt' block in "
+                             "config.json): nothing to verify")
+        return report
+
+    # 1. the expected tensors, their counts.
+    from flax import nnx
+
+    abstract = {_path_key(p): tuple(v.get_value().shape)
+                for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))}
+    rows = [r for r in layout.rows(cfg) if r.group == "ttt"]
+    for r in rows:
+        layer = _layer_of(r.name)
+        report.tensors_per_layer[layer] = report.tensors_per_layer.get(layer, 0) + 1
+        report.params_per_layer[layer] = (report.params_per_layer.get(layer, 0)
+                                          + math.prod(r.torch_shape(abstract[r.path])))
+
+    # 2. stored in the checkpoint (metadata).
+    try:
+        stored = stored_shapes(directory, report.kind)
+    except Exception as e:  # Orbax raises many types for a damaged directory
+        report.errors.append(f"cannot read the checkpoint's metadata ({type(e).__name__}: {e})")
+        return report
+    ttt_paths = sorted({r.path for r in rows})
+    for path in ttt_paths:
+        names = [r.name for r in rows if r.path == path]
+        if path not in stored:
+            report.missing += [f"{n} (checkpoint param {'.'.join(path)})" for n in names]
+        elif stored[path] != abstract[path]:
+            report.different.append(f"checkpoint param {'.'.join(path)}: shape {stored[path]} vs expected "
+                                    f"{abstract[path]} (ttt layers {list(cfg.ttt_layers)})")
+    extra = sorted(".".join(p) for p in stored if is_ttt(p) and p not in set(ttt_paths))
+    report.unexpected += [f"checkpoint param {p}" for p in extra]
+    if report.missing or report.different:
+        return report
+
+    # 3. load, finite.
+    if model is None:
+        from tttjax.checkpoint.model_dir import load_model
+
+        try:
+            model = load_model(directory)
+        except Exception as e:  # a corrupt checkpoint can fail anywhere in Orbax / tensorstore
+            report.errors.append(f"loading failed ({type(e).__name__}: {e})")
+            return report
+    flat = flat_params(model)
+    values = {}
+    for r in rows:
+        value = r.to_torch(np.asarray(flat[r.path], np.float32))
+        values[r.name] = value
+        if not np.all(np.isfinite(value)):
+            report.different.append(f"{r.name}: {int(np.sum(~np.isfinite(value)))} non-finite values")
+
+    # 4. the export.
+    export = Path(safetensors) if safetensors else find_export(directory)
+    if export is None:
+        if report.kind == "step":
+            report.missing.append(f"{directory / 'consolidated'}: no {' or '.join(EXPORT_FILES)}")
+        else:
+            report.notes.append("imported checkpoint without an export to compare; pass --safetensors FILE "
+                                "(e.g. the lora.safetensors it was imported from) to compare values")
+        return report
+    report.export = str(export)
+    try:
+        tensors = read_tensors(export)
+    except (FileNotFoundError, ValueError) as e:
+        report.errors.append(str(e))
+        return report
+    for r in rows:
+        if r.name not in tensors:
+            report.missing.append(f"{r.name} (not in {export.name})")
+            continue
+        _compare(r.name, values[r.name], tensors[r.name], report)
+        report.checked_tensors += 1
+    expected_names = {r.name for r in rows}
+    report.unexpected += [f"{k} (in {export.name}, not a TTT tensor of this config)" for k in sorted(tensors)
+                          if "seq_modeling_block" in k and k not in expected_names]
+    config_json = export.parent / "config.json"
+    if config_json.is_file() and not safetensors:
+        saved = (json.loads(config_json.read_text()).get("ttt") or {})
+        want = cfg.ttt_dict()
+        for key in sorted(set(saved) | set(want)):
+            if key in ("scan_remat_group",):
+                continue
+            if saved.get(key) != want.get(key):
+                report.different.append(f"{config_json} ttt.{key}: {saved.get(key)!r} vs checkpoint "
+                                        f"{want.get(key)!r}")
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tttjax.verify", description=__doc__.split("\n")[0],
+                                     epilog="Exit status 1 lists every missing or different TTT tensor.")
+    parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")
+    parser.add_argument("--safetensors", default=None,
+                        help="compare with this PyTorch file instead of the step's consolidated/ export")
+    parser.add_argument("--output_json", default=None, help="write the report as JSON")
+    args = parser.parse_args(argv)
+    report = verify(args.checkpoint_dir, safetensors=args.safetensors)
+    print(report.format())
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
