@@ -195,3 +195,13 @@ def test_forward_cli_writes_moshi_logits(tmp_path, capsys):
     assert forward_main(["--checkpoint_dir", str(tmp_path / "nope"), "--codes", str(tmp_path / "codes.npy"),
                          "--out", str(tmp_path / "x.npz")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_imported_bf16_checkpoint_stays_bf16(tmp_path):
+    kwargs = CONFIGS["small"]
+    weights = ref.save_safetensors(tmp_path / "w.safetensors", ref.state_dict_numpy(ref.build_lm(kwargs)),
+                                   dtype=ref.torch.bfloat16)
+    config = ref.save_config(tmp_path / "config.json", kwargs)
+    assert from_pytorch_main(["--weights", str(weights), "--config", str(config), "--out", str(tmp_path / "c")]) == 0
+    model = load_model(tmp_path / "c")
+    assert model.cfg.param_dtype == "bfloat16" and model.text_emb[...].dtype == jnp.bfloat16

@@ -52,11 +52,21 @@ def load_model(directory: str | Path, **overrides) -> MoshiLM:
     directory = Path(directory)
     if (directory / "state").is_dir():
         return _load_step(directory, **overrides)
+    overrides.setdefault("param_dtype", _stored_param_dtype(directory / PARAMS_DIR))
     cfg = read_config(directory, **overrides)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_state))
     nnx.replace_by_pure_dict(abstract_state, restore_params(directory, target))
     return nnx.merge(graphdef, abstract_state)
+
+
+def _stored_param_dtype(path: Path) -> str:
+    """The dtype the params were saved in (config.json, moshi's format, does not record it)."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found: not a tttjax checkpoint directory")
+    with ocp.StandardCheckpointer() as ckptr:
+        leaves = jax.tree.leaves(ckptr.metadata(path).item_metadata)
+    return str(leaves[0].dtype) if leaves else "float32"
 
 
 def _load_step(step_dir: Path, **overrides) -> MoshiLM:
