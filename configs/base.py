@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(MOSHI_7B_LM_KWARGS))  # moshi LM config (lm_kwargs)
     c.param_dtype = "bfloat16"  # stored parameter dtype (trainable params keep fp32 masters)
     c.dtype = "bfloat16"  # compute dtype; norms, RoPE, softmax and the TTT inner loop stay fp32
-    c.remat = "full"  # per-layer rematerialisation: none | full | dots
+    c.remat = "full"  # remat of temporal, TTT and depformer layers: none | full (keep inputs) | dots (matmul outputs)
 
     c.moshi_paths = ml_collections.ConfigDict()
     c.moshi_paths.moshi_path = ""  # base weights: PyTorch .safetensors or a tttjax checkpoint dir; "" = random
@@ -82,9 +82,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 40  # batches per evaluation (0 = the whole eval set)
 
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # data-parallel axis; -1 = the remaining devices
-    c.mesh.fsdp = 1  # fully-sharded axis
-    c.mesh.tensor = 1  # tensor-parallel axis
+    c.mesh.data = -1  # data-parallel axis; -1 = the remaining devices (per slice when a dcn_* is not 1)
+    c.mesh.fsdp = 1  # fully-sharded axis: params, optimizer state and batch split over it
+    c.mesh.tensor = 1  # tensor-parallel axis: heads, MLP hidden, vocab
+    c.mesh.dcn_data = 1  # data axis across TPU slices (GPU/CPU: processes) over DCN; -1 = the remaining slices
+    c.mesh.dcn_fsdp = 1  # fsdp axis across slices/processes (mesh axis size = fsdp * dcn_fsdp)
+    c.mesh.dcn_tensor = 1  # tensor axis across slices/processes (rarely useful)
+    c.memory_check = "error"  # start-up per-device memory estimate vs device memory: error | warn | off
 
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""  # "" = wandb off

@@ -15,7 +15,9 @@ from flax import nnx
 
 from tttjax.model.config import ModelConfig
 from tttjax.model.lora import Linear
-from tttjax.model.transformer import RMSNorm, TransformerLayer, create_stacked, layer_at, scan_layers
+from tttjax.model.transformer import (RMSNorm, TransformerLayer, apply_layer, create_stacked, layer_at,
+                                      scan_layers)
+from tttjax.sharding import constrain
 
 ZERO_TOKEN = -1
 
@@ -29,6 +31,7 @@ class LMOutput(NamedTuple):
 
 def embed(table, ids, dtype):
     """moshi ScaledEmbedding: id -1 gives an exact zero vector."""
+    table = constrain(table, (None,) * table.ndim)  # FSDP: gather the table, then look up batch-sharded ids
     out = jnp.take(table, jnp.maximum(ids, 0), axis=0).astype(dtype)
     return jnp.where((ids == ZERO_TOKEN)[..., None], jnp.zeros((), dtype), out)
 
@@ -128,7 +131,9 @@ class MoshiLM(nnx.Module):
             if ttt_index is None:
                 x = scan_layers(self.transformer, x, start, stop, self.cfg.remat)
             else:
-                x = layer_at(self.transformer, start)(x, mid=layer_at(self.ttt, ttt_index))
+                x = apply_layer(layer_at(self.transformer, start), x, mid=layer_at(self.ttt, ttt_index),
+                                remat=self.cfg.remat)
+                x = constrain(x, ("batch", None, None))
         return self.out_norm(x)
 
     def depformer_logits(self, h, targets):
@@ -138,7 +143,7 @@ class MoshiLM(nnx.Module):
         tokens = [embed(self.depformer_text_emb[...], targets[:, 0], dtype)]
         tokens += [embed(self.depformer_emb[k - 1], targets[:, k], dtype) for k in range(1, self.cfg.dep_q)]
         x = self.depformer_in(h) + jnp.stack(tokens, axis=2)  # [B, T, S, dd]
-        x = x.reshape(B * T, self.cfg.dep_q, -1)
+        x = constrain(x.reshape(B * T, self.cfg.dep_q, -1), ("batch", None, None))
         x = scan_layers(self.depformer, x, 0, self.cfg.depformer_num_layers, self.cfg.remat)
         logits = self.linears(x).reshape(B, T, self.cfg.dep_q, -1)
         return jnp.transpose(logits, (0, 2, 1, 3))
@@ -149,7 +154,7 @@ class MoshiLM(nnx.Module):
         if K != cfg.num_codebooks:
             raise ValueError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
         delayed = delay_codes(codes, cfg.delays, self.initial_tokens())
-        h = self.temporal(self.embed_inputs(delayed[:, :, :-1]))
+        h = self.temporal(constrain(self.embed_inputs(delayed[:, :, :-1]), ("batch", None, None)))
         text_logits = self.text_linear(h)[:, None].astype(jnp.float32)
         logits = self.depformer_logits(h, delayed[:, :, 1:]).astype(jnp.float32)
         logits, mask = undelay_logits(logits, cfg.delays[1:1 + cfg.dep_q])

@@ -8,6 +8,7 @@ model traces one layer body.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tttjax.model.lora import Linear
+from tttjax.sharding import constrain
 
 
 class RMSNorm(nnx.Module):
@@ -142,11 +144,26 @@ def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "non
     state = jax.tree.map(lambda p: p[start:stop], state)
 
     def body(h, layer_state):
-        return nnx.merge(graphdef, layer_state)(h), None
+        out = nnx.merge(graphdef, layer_state)(h)
+        return constrain(out, ("batch",) + (None,) * (out.ndim - 1)), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat])
     return jax.lax.scan(body, x, state)[0]
+
+
+def apply_layer(layer: nnx.Module, x, mid: nnx.Module | None = None, remat: str = "none"):
+    """`layer(x, mid=mid)` for a layer run outside a scan (a TTT layer), rematerialised like the scan."""
+    if remat == "none":
+        return layer(x, mid=mid)
+    graphdef, state = nnx.split((layer, mid))
+
+    @functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[remat])
+    def run(state, x):
+        layer, mid = nnx.merge(graphdef, state)
+        return layer(x, mid=mid)
+
+    return run(state, x)
 
 
 def layer_at(stacked: nnx.Module, index: int) -> nnx.Module:

@@ -75,7 +75,8 @@ class Trainer:
             jax.eval_shape(self.optimizer.init, masters), masters, self.mesh)}
         self._init_opt = jax.jit(self.optimizer.init, out_shardings=self.state_shardings["opt_state"])
         self.state = jax.jit(lambda m: {"step": jnp.zeros((), jnp.int32), "params": m,
-                                        "opt_state": self.optimizer.init(m)}, out_shardings=self.state_shardings)(masters)
+                                        "opt_state": self.optimizer.init(m)},
+                             out_shardings=self.state_shardings)(masters)
         self.metadata = {"architecture": self.cfg.architecture(),
                          "trainable": "full" if self.full else "adapters"}
         self.fingerprint = state_lib.fingerprint(self.frozen)
@@ -178,8 +179,8 @@ class Trainer:
         if not hasattr(self, "_eval_terms"):
             terms = make_terms_fn(self.cfg, text_padding_weight=config.text_padding_weight,
                                   first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
-            self._eval_terms = sharding_lib.under_mesh(
-                self.mesh, jax.jit(lambda p, f, c: terms(nnx.merge(self.graphdef, p, f), c)))
+            self._eval_terms = sharding_lib.under_mesh(self.mesh, jax.jit(
+                lambda p, f, c: terms(nnx.merge(self.graphdef, p, f), c), out_shardings=replicated(self.mesh)))
             self._eval_data = self._dataset(config.data.eval_data)
         params = self._cast(self.state["params"])
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tttjax.sharding import constrain
 from tttjax.train.loss import loss_terms, objective
 
 
@@ -43,6 +44,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             (loss, aux), grads = grad_fn(params, frozen, codes)
         else:
             micro = codes.reshape(num_microbatches, codes.shape[0] // num_microbatches, *codes.shape[1:])
+            micro = constrain(micro, (None, "batch", None, None))  # each microbatch on every device
 
             def accumulate(carry, batch):
                 (loss, aux), grads = grad_fn(params, frozen, batch)
