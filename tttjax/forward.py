@@ -4,6 +4,10 @@
 
 codes.npy holds int codes [B, 17, T] (-1 = no token). out.npz gets `text_logits`, `logits`,
 `text_mask`, `mask`, exactly as moshi's `LMModel.forward` returns them.
+
+With --streaming the same logits are computed through the streaming path (tttjax.model.streaming):
+--chunk_size frames at a time (default 1: frame by frame) with the KV cache and the TTT state
+carried between calls; a model with ttt.causal=false is refused there.
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="compute dtype (default: float32)")
+    parser.add_argument("--streaming", action="store_true",
+                        help="compute the logits step by step with carried KV cache and TTT state")
+    parser.add_argument("--chunk_size", type=int, default=1, help="frames per streaming call (with --streaming)")
     args = parser.parse_args(argv)
 
     import jax.numpy as jnp
@@ -48,10 +55,19 @@ def main(argv=None) -> int:
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
         codes = load_codes(args.codes, cfg.num_codebooks, cfg.text_card, cfg.card)
+        if args.streaming:
+            from tttjax.model.streaming import StreamingLM, chunked_forward
+
+            if args.chunk_size < 1:
+                raise ValueError(f"--chunk_size={args.chunk_size} must be >= 1")
+            streamer = StreamingLM(model)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    out = nnx.jit(lambda m, c: m(c))(model, jnp.asarray(codes))
+    if args.streaming:
+        out = chunked_forward(streamer, codes, args.chunk_size)
+    else:
+        out = nnx.jit(lambda m, c: m(c))(model, jnp.asarray(codes))
     np.savez(args.out, **{k: np.asarray(v) for k, v in out._asdict().items()})
     print(f"wrote {args.out}: text_logits {out.text_logits.shape}, logits {out.logits.shape}")
     return 0

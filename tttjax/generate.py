@@ -1,0 +1,85 @@
+"""Streaming generation: Moshi's side of a dialogue, frame by frame, as moshi's `LMGen` produces it.
+
+    python -m tttjax.generate --checkpoint_dir DIR --user_codes user.npy --out out.npy \\
+        [--greedy | --temp 0.8 --temp_text 0.7 --top_k 250 --top_k_text 25] [--seed S] [--dtype float32]
+
+user.npy holds the user's audio codes [B, n_q - dep_q, T] (8 Mimi codebooks for Moshi 7B, one
+frame per 80 ms). out.npy gets Moshi's stream [B, 1 + dep_q, T] (row 0 text, rows 1.. audio): frame
+t is what `LMGen.step` returns for input frame t, and -2 (moshi's "ungenerated") for the first
+max(delays) frames, where LMGen returns None. One jit-compiled step per frame: the temporal
+transformer with a ring KV cache, the TTT layers carrying their inner state (primal form), then
+the depformer sampling the audio codebooks. Sampling defaults to LMGen's (temp 0.8 / text 0.7,
+top-k 250 / text 25); --greedy is LMGen(use_sampling=False).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def load_user_codes(path: str | Path, n_user: int, card: int) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    codes = np.load(path, allow_pickle=False)
+    if codes.ndim != 3 or codes.shape[1] != n_user:
+        raise ValueError(f"{path}: user codes have shape {codes.shape}, expected [B, {n_user}, T]")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{path}: user codes have dtype {codes.dtype}, expected integers")
+    if (codes < -1).any() or (codes >= card).any():
+        raise ValueError(f"{path}: ids out of range (audio < {card}, -1 = no token)")
+    return codes.astype(np.int32)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
+    parser.add_argument("--user_codes", required=True, help=".npy int array [B, n_q - dep_q, T]")
+    parser.add_argument("--out", required=True, help="output .npy [B, 1 + dep_q, T]")
+    parser.add_argument("--greedy", action="store_true", help="argmax everywhere (LMGen use_sampling=False)")
+    parser.add_argument("--temp", type=float, default=0.8, help="audio temperature (<= 0: greedy)")
+    parser.add_argument("--temp_text", type=float, default=0.7, help="text temperature (<= 0: greedy)")
+    parser.add_argument("--top_k", type=int, default=250, help="audio top-k (0: no cut)")
+    parser.add_argument("--top_k_text", type=int, default=25, help="text top-k (0: no cut)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32)")
+    args = parser.parse_args(argv)
+
+    from tttjax.checkpoint.model_dir import load_model
+    from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
+
+    sampling = GREEDY if args.greedy else Sampling(True, args.temp, args.temp_text, args.top_k, args.top_k_text)
+    try:
+        if args.top_k < 0 or args.top_k_text < 0:
+            raise ValueError("--top_k and --top_k_text must be >= 0 (0: no cut)")
+        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
+        cfg = model.cfg
+        user = load_user_codes(args.user_codes, cfg.num_codebooks - 1 - cfg.dep_q, cfg.card)
+        streamer = StreamingLM(model)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    times = []
+    last = [time.perf_counter()]
+
+    def on_step(t, out):
+        out.block_until_ready()
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    out = generate(streamer, user, sampling=sampling, seed=args.seed, on_step=on_step)
+    np.save(args.out, out)
+    steady = np.median(times[1:]) if len(times) > 1 else times[0]
+    print(f"wrote {args.out}: {out.shape} ({'greedy' if args.greedy else sampling}); "
+          f"{1 / steady:.1f} frames/s after compilation ({1 / steady / 12.5:.2f}x real time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
