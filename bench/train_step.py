@@ -1,0 +1,189 @@
+"""Train-step throughput: tttjax vs the PyTorch `moshi` LMModel at the same config, same run.
+
+    python bench/train_step.py [--configs small,tiny] [--steps 8] [--threads 2]
+
+Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table of frames/s
+(JAX, JAX with TTT at one layer, PyTorch eager), their ratios, and MFU = analytic model FLOPs
+per step / the fp32 matmul rate measured in the same run (a 2048^3 jnp matmul). Writes
+bench/results/train_step.json.
+
+FLOP count (per frame, forward; a train step counts 3x): every matmul 2*in*out (temporal
+in/out projections, SiLU-GLU, text head; depformer_in, 8 slots of the depformer layers and
+heads), attention 4*D*(mean causal context) per layer; a TTT layer adds its 4 D x D projections
+and the inner loop H*(14*d*4d + 6*K*d + 6*K*4d) (ttt-reference.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMALL = dict(dim=512, num_layers=8, num_heads=8, hidden_scale=4.125, depformer_dim=256, depformer_num_layers=2,
+             depformer_num_heads=4, depformer_dim_feedforward=int(4.125 * 256), card=2048, text_card=32000,
+             context=3000)
+TINY = dict(dim=128, num_layers=4, num_heads=4, hidden_scale=4.125, depformer_dim=64, depformer_num_layers=2,
+            depformer_num_heads=4, depformer_dim_feedforward=264, card=64, text_card=96, context=3000)
+CONFIGS = {"small": SMALL, "tiny": TINY}
+BATCH, FRAMES = 2, 128
+
+
+def lm_kwargs(changes):
+    from tttjax.model.config import MOSHI_7B_LM_KWARGS
+
+    return dict(MOSHI_7B_LM_KWARGS, **changes)
+
+
+def forward_flops_per_frame(cfg, ttt_layers: int, T: int) -> float:
+    from tttjax.model.config import ffn_hidden
+
+    D, L = cfg["dim"], cfg["num_layers"]
+    hidden = ffn_hidden(D, int(cfg["hidden_scale"] * D))
+    per_layer = 2 * (D * 3 * D + D * D + D * 2 * hidden + hidden * D) + 4 * D * (T + 1) / 2
+    dd, S = cfg["depformer_dim"], cfg["dep_q"]
+    dh = ffn_hidden(dd, cfg["depformer_dim_feedforward"])
+    dep_layer = S * (2 * (dd * 3 * dd + dd * dd + dd * 2 * dh + dh * dd) + 4 * dd * (S + 1) / 2)
+    total = L * per_layer + 2 * D * cfg["text_card"] + S * 2 * D * dd + cfg["depformer_num_layers"] * dep_layer \
+        + S * 2 * dd * cfg["card"]
+    if ttt_layers:
+        H = cfg["num_heads"]
+        d, K = D // H, 16
+        total += ttt_layers * (4 * 2 * D * D + H * (14 * d * 4 * d + 6 * K * d + 6 * K * 4 * d))
+    return total
+
+
+def matmul_rate() -> float:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times)
+
+
+def jax_step_time(kwargs, ttt_layers: str, steps: int) -> float:
+    import jax
+    import ml_collections
+    import numpy as np
+
+    from configs import base
+    from tttjax.train.loop import Trainer
+
+    c = base.get_config()
+    c.run_dir = "/tmp/tttjax-bench-unused"
+    c.do_ckpt = False
+    c.max_steps = 1000
+    c.batch_size = BATCH
+    c.duration_sec = FRAMES / 12.5
+    c.model = ml_collections.ConfigDict(kwargs)
+    c.param_dtype = c.dtype = "float32"
+    c.remat = "none"
+    c.full_finetuning = True
+    c.lora.enable = False
+    c.ttt.enable = bool(ttt_layers)
+    c.ttt.layers = ttt_layers or "none"
+    trainer = Trainer(c)
+    rng = np.random.default_rng(0)
+    codes = np.concatenate([rng.integers(0, kwargs["text_card"], (BATCH, 1, FRAMES)),
+                            rng.integers(0, kwargs["card"], (BATCH, 16, FRAMES))], axis=1).astype(np.int32)
+    batch = trainer._global_batch(codes)
+    state = trainer.state
+    for _ in range(2):
+        state, metrics = trainer.step_fn(state, trainer.frozen, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = trainer.step_fn(state, trainer.frozen, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def torch_step_time(kwargs, steps: int, threads: int) -> float:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from moshi.models import loaders
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=kwargs, device="cpu", dtype=torch.float32).train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    codes = torch.from_numpy(np.concatenate([rng.integers(0, kwargs["text_card"], (BATCH, 1, FRAMES)),
+                                             rng.integers(0, kwargs["card"], (BATCH, 16, FRAMES))], axis=1))
+
+    def ce(logits, target, mask):
+        logits = torch.where(mask[..., None], logits, torch.zeros_like(logits))
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), torch.where(mask, target, 0).reshape(-1),
+                               reduction="none")
+        return (loss * mask.reshape(-1)).sum() / mask.sum()
+
+    def step():
+        opt.zero_grad()
+        out = lm(codes)
+        loss = ce(out.text_logits, codes[:, :1], out.text_mask) + ce(out.logits, codes[:, 1:9], out.mask)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="small,tiny")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    peak = matmul_rate()
+    rows = []
+    for name in args.configs.split(","):
+        kwargs = lm_kwargs(CONFIGS[name])
+        frames = BATCH * FRAMES
+        t_jax = jax_step_time(kwargs, "", args.steps)
+        t_ttt = jax_step_time(kwargs, "1", args.steps)
+        t_torch = torch_step_time(kwargs, args.steps, args.threads)
+        flops = 3 * frames * forward_flops_per_frame(kwargs, 0, FRAMES)
+        flops_ttt = 3 * frames * forward_flops_per_frame(kwargs, 1, FRAMES)
+        rows.append({
+            "config": name, "jax_frames_per_s": frames / t_jax, "jax_ttt_frames_per_s": frames / t_ttt,
+            "torch_frames_per_s": frames / t_torch, "jax_over_torch": t_torch / t_jax,
+            "ttt_slowdown": 1 - t_jax / t_ttt, "jax_mfu": flops / t_jax / peak, "jax_ttt_mfu": flops_ttt / t_ttt / peak,
+            "torch_mfu": flops / t_torch / peak, "gflop_per_step": flops / 1e9})
+    print(f"fp32 matmul rate (2048^3, jnp): {peak / 1e9:.0f} GFLOP/s; B={BATCH}, T={FRAMES}, full fine-tuning")
+    print(f"{'config':8} {'jax f/s':>9} {'jax+ttt f/s':>12} {'torch f/s':>10} {'jax/torch':>10} {'ttt cost':>9} "
+          f"{'jax MFU':>8} {'torch MFU':>10}")
+    for r in rows:
+        print(f"{r['config']:8} {r['jax_frames_per_s']:9.0f} {r['jax_ttt_frames_per_s']:12.0f} "
+              f"{r['torch_frames_per_s']:10.0f} {r['jax_over_torch']:10.2f} {r['ttt_slowdown']:9.1%} "
+              f"{r['jax_mfu']:8.1%} {r['torch_mfu']:10.1%}")
+    out = Path(__file__).parent / "results" / "train_step.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"matmul_flops_per_s": peak, "batch": BATCH, "frames": FRAMES,
+                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
