@@ -12,7 +12,8 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from tttjax.model.ttt import (TTTGatedBlock, TTTMLP, TTTToken, init_primal_state, parse_ttt_layers, primal_step,
+from tttjax.model.config import parse_ttt_layers
+from tttjax.model.ttt import (TTTGatedBlock, TTTMLP, TTTToken, init_primal_state, primal_step,
                               ttt_mlp_dual, ttt_mlp_primal)
 
 # ----------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_missing_ttt_tensors_are_named(tmp_path):
 
 def test_bad_ttt_specs_fail_clearly(tmp_path):
     kwargs = ref.lm_kwargs(num_layers=3)
-    for ttt, message in ((dict(TTT, layers="0,3"), r"out of range for num_layers=3"),
+    for ttt, message in ((dict(TTT, layers="0,3"), r"\(num_layers=3\): layer indices \[3\] out of range"),
                          (dict(TTT, mini_batch_size=0), r"ttt.mini_batch_size=0 must be >= 1"),
                          (dict(TTT, layers="1,x"), r"expected comma-separated layer indices")):
         _, weights, config, _ = ttt_model(tmp_path, kwargs, ttt)

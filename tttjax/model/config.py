@@ -65,7 +65,7 @@ def ffn_hidden(dim: int, dim_feedforward: int) -> int:
 
 
 def parse_ttt_layers(spec: str, num_layers: int) -> tuple[int, ...]:
-    """`ttt.layers` spec -> sorted 0-based temporal layer indices."""
+    """`ttt.layers` spec ("1,5,10", "all", "middle" = [L/4, 3L/4), "none"/"") -> sorted 0-based indices."""
     text = str(spec).strip().lower()
     if text in ("", "none"):
         return ()
@@ -73,17 +73,16 @@ def parse_ttt_layers(spec: str, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers))
     if text == "middle":
         return tuple(range(num_layers // 4, 3 * num_layers // 4))
+    where = f"ttt.layers={spec!r} (num_layers={num_layers})"
     try:
-        layers = [int(part) for part in text.split(",") if part.strip()]
+        layers = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(
-            f"ttt.layers={spec!r}: expected comma-separated layer indices, 'all', 'middle' or 'none'"
-        ) from None
+        raise ValueError(f"{where}: expected comma-separated layer indices, 'all', 'middle' or 'none'") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"ttt.layers={spec!r}: layer(s) {bad} out of range for num_layers={num_layers}")
+        raise ValueError(f"{where}: layer indices {bad} out of range [0, {num_layers})")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"ttt.layers={spec!r}: duplicate layer indices")
+        raise ValueError(f"{where}: duplicate layer indices")
     return tuple(sorted(layers))
 
 
