@@ -36,6 +36,20 @@ def embed(table, ids, dtype):
     return jnp.where((ids == ZERO_TOKEN)[..., None], jnp.zeros((), dtype), out)
 
 
+def initial_tokens(cfg: ModelConfig) -> list[int]:
+    """The token each stream starts from: text_card for text, card for every audio stream."""
+    return [cfg.text_card] + [cfg.card] * cfg.n_q
+
+
+def embed_inputs(cfg: ModelConfig, text_emb, emb, inputs):
+    """Temporal input: text_emb(row 0) + sum_k emb[k](row 1+k), rows of `inputs` [B, 17, T]."""
+    dtype = cfg.jnp_dtype
+    x = embed(text_emb, inputs[:, 0], dtype)
+    for k in range(cfg.n_q):
+        x = x + embed(emb[k], inputs[:, 1 + k], dtype)
+    return x
+
+
 def delay_codes(codes, delays, initial):
     """Delay stream k by delays[k] (the first steps get its initial token), then prepend the initial column."""
     B, K, T = codes.shape
@@ -115,15 +129,10 @@ class MoshiLM(nnx.Module):
                               param_dtype=pdt, dtype=dt, rngs=rngs, **lora)
 
     def initial_tokens(self):
-        return [self.cfg.text_card] + [self.cfg.card] * self.cfg.n_q
+        return initial_tokens(self.cfg)
 
     def embed_inputs(self, inputs):
-        """Temporal input: text_emb(row 0) + sum_k emb[k](row 1+k), rows of `inputs` [B, 17, T]."""
-        dtype = self.cfg.jnp_dtype
-        x = embed(self.text_emb[...], inputs[:, 0], dtype)
-        for k in range(self.cfg.n_q):
-            x = x + embed(self.emb[k], inputs[:, 1 + k], dtype)
-        return x
+        return embed_inputs(self.cfg, self.text_emb[...], self.emb, inputs)
 
     def temporal(self, x):
         """The temporal transformer with TTT branches at cfg.ttt_layers, then out_norm."""

@@ -39,7 +39,8 @@ import numpy as np
 from flax import nnx
 
 from tttjax.model.config import ModelConfig
-from tttjax.model.moshi import ZERO_TOKEN, LMOutput, MoshiLM, embed, undelay_logits
+from tttjax.model.moshi import (ZERO_TOKEN, LMOutput, MoshiLM, embed, embed_inputs, initial_tokens,
+                                undelay_logits)
 from tttjax.model.transformer import apply_rope, attention_mask, layer_at
 from tttjax.model.ttt import (PrimalState, TTTToken, gelu_tanh, gelu_tanh_grad, inner_layer_norm, ln_l2_grad,
                               primal_step, step_sizes, _prepare)
@@ -132,15 +133,10 @@ class DecodeLM(nnx.Module):
                                    for i in range(cfg.depformer_num_layers)])
 
     def initial_tokens(self):
-        return [self.cfg.text_card] + [self.cfg.card] * self.cfg.n_q
+        return initial_tokens(self.cfg)
 
     def embed_inputs(self, inputs):
-        """As `MoshiLM.embed_inputs`: text_emb(row 0) + sum_k emb[k](row 1+k) of inputs [B, 17, T]."""
-        dtype = self.cfg.jnp_dtype
-        x = embed(self.text_emb[...], inputs[:, 0], dtype)
-        for k in range(self.cfg.n_q):
-            x = x + embed(self.emb[k], inputs[:, 1 + k], dtype)
-        return x
+        return embed_inputs(self.cfg, self.text_emb[...], self.emb, inputs)
 
 
 def as_decode(model: MoshiLM | DecodeLM) -> DecodeLM:
