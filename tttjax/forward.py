@@ -19,18 +19,20 @@ from pathlib import Path
 import numpy as np
 
 
-def load_codes(path: str | Path, num_codebooks: int, text_card: int, card: int) -> np.ndarray:
-    """Codes [B, K, T] from .npy, checked against the model's streams and vocabularies."""
+def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.ndarray:
+    """int codes [B, len(limits), T] from .npy; row r must hold ids in [-1, limits[r]) (-1 = no token)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
     codes = np.load(path, allow_pickle=False)
-    if codes.ndim != 3 or codes.shape[1] != num_codebooks:
-        raise ValueError(f"{path}: codes have shape {codes.shape}, expected [B, {num_codebooks}, T]")
+    if codes.ndim != 3 or codes.shape[1] != len(limits):
+        raise ValueError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
     if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{path}: codes have dtype {codes.dtype}, expected integers")
-    if (codes < -1).any() or (codes[:, 0] >= text_card).any() or (codes[:, 1:] >= card).any():
-        raise ValueError(f"{path}: ids out of range (text < {text_card}, audio < {card}, -1 = no token)")
+        raise ValueError(f"{path}: {what} have dtype {codes.dtype}, expected integers")
+    bad = (codes < -1) | (codes >= np.asarray(limits)[None, :, None])
+    if bad.any():
+        row = int(np.argwhere(bad)[0][1])
+        raise ValueError(f"{path}: {what} row {row} has ids outside [-1, {limits[row]}) (-1 = no token)")
     return codes.astype(np.int32)
 
 
@@ -50,11 +52,12 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from tttjax.checkpoint.model_dir import load_model
+    from tttjax.model.moshi import initial_tokens
 
     try:
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
-        codes = load_codes(args.codes, cfg.num_codebooks, cfg.text_card, cfg.card)
+        codes = load_codes(args.codes, initial_tokens(cfg))  # each stream's initial token = its vocab size
         if args.streaming:
             from tttjax.model.streaming import StreamingLM, chunked_forward
 

@@ -17,23 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-
-def load_user_codes(path: str | Path, n_user: int, card: int) -> np.ndarray:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    codes = np.load(path, allow_pickle=False)
-    if codes.ndim != 3 or codes.shape[1] != n_user:
-        raise ValueError(f"{path}: user codes have shape {codes.shape}, expected [B, {n_user}, T]")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{path}: user codes have dtype {codes.dtype}, expected integers")
-    if (codes < -1).any() or (codes >= card).any():
-        raise ValueError(f"{path}: ids out of range (audio < {card}, -1 = no token)")
-    return codes.astype(np.int32)
+from tttjax.forward import load_codes
 
 
 def main(argv=None) -> int:
@@ -59,7 +46,7 @@ def main(argv=None) -> int:
             raise ValueError("--top_k and --top_k_text must be >= 0 (0: no cut)")
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
-        user = load_user_codes(args.user_codes, cfg.num_codebooks - 1 - cfg.dep_q, cfg.card)
+        user = load_codes(args.user_codes, [cfg.card] * (cfg.n_q - cfg.dep_q), what="user codes")
         streamer = StreamingLM(model)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -95,5 +95,6 @@ def evaluate(model, batches: Iterator[np.ndarray], *, text_padding_weight: float
 
 def load_codes_file(path: str | Path, cfg) -> np.ndarray:
     from tttjax.forward import load_codes
+    from tttjax.model.moshi import initial_tokens
 
-    return load_codes(path, cfg.num_codebooks, cfg.text_card, cfg.card)
+    return load_codes(path, initial_tokens(cfg))  # each stream's initial token = its vocab size
