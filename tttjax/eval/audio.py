@@ -11,27 +11,19 @@ Mimi. The silence codes of a length (the encoding of zeros, for the user stream)
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from tttjax.data.shards import sha256_file
 from tttjax.data.streams import CODEBOOKS_PER_SPEAKER, SAMPLE_RATE
 
 
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "tttjax" / "eval_codes"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_mono(path: str | Path) -> np.ndarray:
@@ -78,7 +70,7 @@ class CodeCache:
             from tttjax.data import codec
 
             self._mimi_file = codec.resolve_mimi(self.mimi_spec)
-            self._mimi_key = _sha256(self._mimi_file)[:16]
+            self._mimi_key = sha256_file(self._mimi_file)[:16]
         return self._mimi_key
 
     @property
@@ -136,7 +128,7 @@ class CodeCache:
         for path in unique:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"{path}: wav not found")
-            digest = _sha256(Path(path))
+            digest = sha256_file(Path(path))
             entry = self._entry(digest)
             if entry.is_file():
                 out[path] = self._load(entry)
