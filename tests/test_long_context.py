@@ -75,12 +75,8 @@ def test_cli_writes_curve_and_table(checkpoint, tmp_path, capsys):
     result = json.loads((out / "long_context.json").read_text())
     assert result["frames"] == 23 and len(result["buckets"]) == 3 and result["chunk_size"] == 5
     assert set(result["slope_vs_ln_frame"]) == set(long_context.TABLE_STREAMS)
-    try:
-        import matplotlib  # noqa: F401
-
-        assert (out / "long_context_curve.png").is_file()
-    except ImportError:
-        assert "no PNG" in printed and not (out / "long_context_curve.png").exists()
+    png = (out / "long_context_curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
     # A non-causal TTT model cannot be chunked: refused with the reason.
     from tttjax.checkpoint.model_dir import save_model
 

@@ -171,7 +171,7 @@ def test_sampling_follows_moshi_definitions():
         ours = jax.jit(lambda key: streaming.sample_token(jnp.broadcast_to(logits, (n, 12)), key, use_sampling=True,
                                                           temp=temp, top_k=top_k))(jax.random.key(1))
         torch.manual_seed(0)
-        theirs = moshi_sample(torch.from_numpy(np.asarray(logits)).expand(n, 12), True, temp, top_k).numpy()
+        theirs = moshi_sample(torch.from_numpy(np.array(logits)).expand(n, 12), True, temp, top_k).numpy()
         f_ours, f_theirs = (np.bincount(np.asarray(x), minlength=12) / n for x in (ours, theirs))
         # 40000 draws: the standard error of a frequency is <= 0.0025.
         assert np.abs(f_ours - probs).max() < 0.012 and np.abs(f_theirs - probs).max() < 0.012

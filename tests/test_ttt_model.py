@@ -4,7 +4,6 @@ Tolerance: fp32 logits within 1e-4 (the TTT inner loop adds a few fp32 matmuls p
 both sides; observed ~1e-6).
 """
 
-import dataclasses
 import json
 
 import jax
@@ -14,7 +13,7 @@ import pytest
 from flax import nnx
 
 import torch_reference as ref
-from conversion.from_pytorch import load_pytorch, main as from_pytorch_main
+from conversion.from_pytorch import load_pytorch
 from conversion.to_pytorch import main as to_pytorch_main
 from conversion.torch_ttt import load_ttt_moshi
 from test_moshi_parity import assert_parity, flax_forward

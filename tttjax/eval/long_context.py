@@ -211,15 +211,13 @@ def write_csv(curve: Curve, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def write_plot(curve: Curve, path: Path, *, context: int | None, title: str) -> bool:
-    """PNG of the curve if matplotlib is importable; returns whether it was written."""
-    try:
-        import matplotlib
+def write_plot(curve: Curve, path: Path, *, context: int | None, title: str) -> None:
+    """PNG of the per-frame curves (log frame axis), with the attention context marked."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(curve.frames) + 1
     for name in ("audio_semantic", "audio_acoustic", "text"):
@@ -235,7 +233,6 @@ def write_plot(curve: Curve, path: Path, *, context: int | None, title: str) -> 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def format_table(rows: list[dict]) -> str:
@@ -258,13 +255,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from tttjax.checkpoint.model_dir import load_model
-    from tttjax.forward import load_codes
+    from tttjax.eval.standard import load_codes_file
 
     try:
         edges = sorted({int(e) for e in args.buckets.split(",") if e.strip()} | {0})
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
-        codes = [load_codes(p, cfg.num_codebooks, cfg.text_card, cfg.card) for p in args.codes]
+        codes = [load_codes_file(p, cfg) for p in args.codes]
         if args.chunk_size > 0:
             curve = chunked_curve(model, codes, chunk_size=args.chunk_size)
         elif args.chunk_size == 0:
@@ -284,12 +281,9 @@ def main(argv=None) -> int:
     (out_dir / "long_context.json").write_text(json.dumps(result, indent=2))
     print(format_table(rows))
     print("slope of CE vs ln(frame + 1):", {k: round(v, 4) for k, v in result["slope_vs_ln_frame"].items()})
-    if write_plot(curve, out_dir / "long_context_curve.png", context=cfg.context,
-                  title=f"{Path(args.checkpoint_dir).name}: CE by frame"):
-        print(f"wrote {out_dir}/long_context_curve.csv, long_context.json, long_context_curve.png")
-    else:
-        print(f"wrote {out_dir}/long_context_curve.csv and long_context.json "
-              "(matplotlib is not importable: no PNG; plot the CSV elsewhere)")
+    write_plot(curve, out_dir / "long_context_curve.png", context=cfg.context,
+               title=f"{Path(args.checkpoint_dir).name}: CE by frame")
+    print(f"wrote {out_dir}/long_context_curve.csv, long_context.json, long_context_curve.png")
     return 0
 
 

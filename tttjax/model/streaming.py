@@ -366,15 +366,15 @@ def temporal_chunk(dm: DecodeLM, state: StreamState, x):
     cfg = dm.cfg
     offset = state.offset
     ks, vs, ttt = list(state.k), list(state.v), list(state.ttt)
+    def ttt_mid(j):
+        def mid(h):
+            h, ttt[j] = ttt_block_chunk(dm.ttt[j], h, ttt[j], offset)
+            return h
+
+        return mid
+
     for i, layer in enumerate(dm.layers):
-        mid = None
-        if i in cfg.ttt_layers:
-            j = cfg.ttt_layers.index(i)
-
-            def mid(h, j=j):
-                h, ttt[j] = ttt_block_chunk(dm.ttt[j], h, ttt[j], offset)
-                return h
-
+        mid = ttt_mid(cfg.ttt_layers.index(i)) if i in cfg.ttt_layers else None
         x, ks[i], vs[i] = _layer_chunk(layer, x, ks[i], vs[i], offset, cfg.context, mid)
     return StreamState(offset + x.shape[1], tuple(ks), tuple(vs), tuple(ttt)), dm.out_norm(x)
 
