@@ -44,8 +44,9 @@ class Row:
     kind: str  # see KINDS
     group: str  # "base", "lora" or "ttt": what an adapters-only file holds
 
-    def to_torch(self, flax_value: np.ndarray) -> np.ndarray:
-        parts = [_forward(flax_value[idx], self.kind) for idx in self.index]
+    def to_torch(self, read) -> np.ndarray:
+        """The torch value from `read(index)`, the Flax param's slice at each of this row's indices."""
+        parts = [_forward(read(idx), self.kind) for idx in self.index]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
 
     def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -58,9 +59,24 @@ class Row:
         return [(idx, _backward(part, self.kind)) for idx, part in zip(self.index, parts)]
 
 
+def transpose(value: np.ndarray, block: int = 256) -> np.ndarray:
+    """A contiguous copy of `value` with its last two axes swapped, in cache-sized tiles of raw
+    unsigned ints: numpy's strided copy of a large bf16 matrix runs ~6x slower (0.18 vs 1.1 GB/s
+    on a 7B kernel; bfloat16's own copy loop alone costs 2.5x)."""
+    if value.ndim != 2 or value.size < block * block or value.dtype.itemsize not in (1, 2, 4, 8):
+        return np.ascontiguousarray(np.swapaxes(value, -1, -2))
+    raw = value.view(f"u{value.dtype.itemsize}")
+    rows, cols = value.shape
+    out = np.empty((cols, rows), raw.dtype)
+    for i in range(0, rows, block):
+        for j in range(0, cols, block):
+            out[j:j + block, i:i + block] = raw[i:i + block, j:j + block].T
+    return out.view(value.dtype)
+
+
 def _forward(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == "kernel":
-        return np.swapaxes(value, -1, -2)
+        return transpose(value)
     if kind == "alpha":
         return value.reshape(1, 1, -1)
     return value
@@ -68,7 +84,7 @@ def _forward(value: np.ndarray, kind: str) -> np.ndarray:
 
 def _backward(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == "kernel":
-        return np.swapaxes(value, -1, -2)
+        return transpose(value)
     if kind == "alpha":
         return value.reshape(-1)
     return value

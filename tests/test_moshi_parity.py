@@ -13,6 +13,7 @@ from flax import nnx
 
 import torch_reference as ref
 from conversion.from_pytorch import ConversionError, load_pytorch, main as from_pytorch_main
+from conversion.safetensors_io import SafetensorsError
 from tttjax.checkpoint.model_dir import load_model
 
 CONFIGS = {
@@ -149,10 +150,17 @@ def test_cli_import_and_errors(tmp_path, capsys):
     wrong_cfg = ref.save_config(tmp_path / "wrong.json", dict(kwargs, num_layers=3))
     with pytest.raises(ConversionError, match="missing keys.*transformer.layers.2"):
         load_pytorch(weights, wrong_cfg)
-    # A truncated file.
-    (tmp_path / "t.safetensors").write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ConversionError, match="t.safetensors: not a readable safetensors file"):
+    # Truncated files: inside the header, and inside the data (found from the header, before reading).
+    data = weights.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[:1000])
+    with pytest.raises(SafetensorsError, match=r"t.safetensors: header length \d+ does not fit the file's 1000 bytes"):
         load_pytorch(tmp_path / "t.safetensors", config)
+    (tmp_path / "d.safetensors").write_bytes(data[:-10])
+    with pytest.raises(SafetensorsError, match=r"d.safetensors: truncated: tensor '.*' ends at byte"):
+        load_pytorch(tmp_path / "d.safetensors", config)
+    assert from_pytorch_main(["--weights", str(tmp_path / "d.safetensors"), "--config", str(config),
+                              "--out", str(tmp_path / "never")]) == 1
+    assert "truncated" in capsys.readouterr().err and not (tmp_path / "never").exists()
     # An unsupported option is refused by name.
     with pytest.raises(ValueError, match="norm='layer_norm' is not supported"):
         load_pytorch(weights, ref.save_config(tmp_path / "ln.json", dict(kwargs, norm="layer_norm")))
@@ -194,7 +202,7 @@ def test_forward_cli_writes_moshi_logits(tmp_path, capsys):
     assert "expected [B, 17, T]" in capsys.readouterr().err
     assert forward_main(["--checkpoint_dir", str(tmp_path / "nope"), "--codes", str(tmp_path / "codes.npy"),
                          "--out", str(tmp_path / "x.npz")]) == 1
-    assert "not found" in capsys.readouterr().err
+    assert "nope: no such checkpoint directory" in capsys.readouterr().err
 
 
 def test_imported_bf16_checkpoint_stays_bf16(tmp_path):

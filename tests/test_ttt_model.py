@@ -36,13 +36,14 @@ def with_fresh_ttt(weights, config, lora=None):
     """The base weights in a model with freshly initialised TTT layers (as training starts)."""
     from tttjax.model.config import from_config_json
     from tttjax.model.moshi import create_model
-    from tttjax.train.state import copy_params, flat_params, is_ttt
+    from conversion.sources import ModelSource, copy_into
+    from tttjax.train.state import is_ttt
 
     data = json.loads(config.read_text())
     base_json = ref.save_config(config.with_name("base.json"), {k: v for k, v in data.items() if k != "ttt"})
     base = load_pytorch(weights, base_json, lora=lora)
     model = create_model(from_config_json(data, lora_rank=base.cfg.lora_rank))
-    copy_params(flat_params(base), model, source_name=str(weights), allow_missing=is_ttt)
+    copy_into(model, ModelSource(base), source_name=str(weights), allow_missing=is_ttt)
     return model
 
 

@@ -255,42 +255,6 @@ def global_batch(mesh: Mesh, local: np.ndarray, global_batch_size: int) -> jax.A
                                                   (global_batch_size,) + local.shape[1:])
 
 
-def _identity(x):
-    return x
-
-
-def to_host(tree, chunk_bytes: int = 1 << 30):
-    """numpy copies of a pytree of (possibly multi-host sharded) arrays; a collective with >1 process.
-
-    Arrays are replicated in chunks of about `chunk_bytes` (one jit per chunk, not per array), so
-    device memory holds at most one chunk's full copy at a time.
-    """
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    leaves, treedef = jax.tree.flatten(tree)
-    out, chunk, size = [], [], 0
-
-    def flush():
-        if chunk:
-            mesh = chunk[0].sharding.mesh
-            gathered = jax.jit(_identity, out_shardings=replicated(mesh))(chunk)
-            out.extend(np.asarray(x) for x in gathered)
-            chunk.clear()
-
-    for leaf in leaves:
-        if not isinstance(leaf, jax.Array) or leaf.is_fully_addressable:
-            flush()
-            out.append(np.asarray(jax.device_get(leaf)))
-            continue
-        if chunk and (size + leaf.nbytes > chunk_bytes or leaf.sharding.mesh != chunk[0].sharding.mesh):
-            flush()
-            size = 0
-        chunk.append(leaf)
-        size += leaf.nbytes
-    flush()
-    return jax.tree.unflatten(treedef, out)
-
-
 # ----------------------------------------------------------------------------------------------
 # Activations
 

@@ -90,63 +90,19 @@ def _path_key(path) -> tuple[str, ...]:
     return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
-def checkpoint_config(directory: Path):
-    """(ModelConfig, kind) from args.yaml (step dir) or config.json (imported dir), without loading params."""
-    from tttjax.checkpoint.model_dir import CONFIG_FILE, read_config
-
-    if (directory / "state").is_dir():
-        import ml_collections
-        import yaml
-
-        from tttjax.train import state as state_lib
-
-        args = directory.absolute().parent.parent / "args.yaml"
-        if not args.is_file():
-            raise FileNotFoundError(f"{args} not found: {directory} is not a step dir of a tttjax run")
-        config = ml_collections.ConfigDict(yaml.safe_load(args.read_text()))
-        return state_lib.model_config(config), "step"
-    if (directory / CONFIG_FILE).is_file():
-        return read_config(directory), "imported"
-    if not directory.exists():
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory")
-    raise FileNotFoundError(f"{directory}: neither a training step dir (state/) nor an imported checkpoint "
-                            f"(config.json + params/)")
-
-
 def stored_shapes(directory: Path, kind: str) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{param path: shape} of what the checkpoint stores, from Orbax metadata only."""
-    import logging
+    from conversion.sources import OrbaxSource
 
-    import jax
-    import orbax.checkpoint as ocp
-
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns about the step-level metadata file of an item dir
-    try:
-        path = directory / ("state" if kind == "step" else "params")
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(path)
-    finally:
-        absl_logger.setLevel(level)
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
     if kind == "step":
-        tree = tree["params"]
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {_path_key(p): tuple(v.shape) for p, v in leaves if hasattr(v, "shape")}
+        return {p: shape for p, (shape, _) in OrbaxSource(directory / "state", prefix=("params",)).specs.items()}
+    return {p: shape for p, (shape, _) in OrbaxSource(directory / "params").specs.items()}
 
 
 def find_export(directory: Path) -> Path | None:
     consolidated = directory / "consolidated"
     found = [consolidated / n for n in EXPORT_FILES if (consolidated / n).is_file()]
     return found[0] if len(found) == 1 else None
-
-
-def read_tensors(path: Path) -> dict[str, np.ndarray]:
-    from conversion.from_pytorch import read_safetensors
-
-    return read_safetensors(path)
 
 
 def _compare(name: str, expected: np.ndarray, stored: np.ndarray, report: Report) -> None:
@@ -166,6 +122,7 @@ def _compare(name: str, expected: np.ndarray, stored: np.ndarray, report: Report
 def verify(directory: str | Path, *, model=None, safetensors: str | Path | None = None) -> Report:
     """Runs the checks above; `model` skips loading (the eval CLI passes the model it loaded)."""
     from conversion import layout
+    from tttjax.checkpoint.model_dir import checkpoint_config
     from tttjax.model.moshi import abstract_model
     from tttjax.train.state import flat_params, is_ttt
 
@@ -225,7 +182,8 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
     flat = flat_params(model)
     values = {}
     for r in rows:
-        value = r.to_torch(np.asarray(flat[r.path], np.float32))
+        param = np.asarray(flat[r.path], np.float32)
+        value = r.to_torch(lambda idx: param[idx])
         values[r.name] = value
         if not np.all(np.isfinite(value)):
             report.different.append(f"{r.name}: {int(np.sum(~np.isfinite(value)))} non-finite values")
@@ -241,7 +199,9 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
         return report
     report.export = str(export)
     try:
-        tensors = read_tensors(export)
+        from conversion.safetensors_io import load
+
+        tensors = load(export)
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
         return report

@@ -13,8 +13,9 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import safetensors.numpy
 from orbax.checkpoint import future
+
+from conversion import safetensors_io
 
 CONFIG_NAME = "config.json"
 TENSOR_NAMES = ("consolidated.safetensors", "lora.safetensors")
@@ -22,8 +23,7 @@ TENSOR_NAMES = ("consolidated.safetensors", "lora.safetensors")
 
 def _write(directory: Path, args: ConsolidatedSave) -> None:
     """Writes the safetensors file (keys sorted, torch format tag) and config.json."""
-    tensors = {k: np.ascontiguousarray(args.tensors[k]) for k in sorted(args.tensors)}
-    safetensors.numpy.save_file(tensors, str(directory / args.filename), metadata={"format": "pt"})
+    safetensors_io.save(directory / args.filename, args.tensors, metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(args.config, indent=2, sort_keys=True))
 
 
@@ -56,7 +56,7 @@ class ConsolidatedHandler(ocp.AsyncCheckpointHandler):
         names = [n for n in TENSOR_NAMES if (directory / n).exists()]
         if len(names) != 1:
             raise FileNotFoundError(f"{directory}: expected one of {TENSOR_NAMES}, found {names}")
-        tensors = safetensors.numpy.load_file(str(directory / names[0]))
+        tensors = safetensors_io.load(directory / names[0])
         return tensors, json.loads((directory / CONFIG_NAME).read_text()), names[0]
 
 

@@ -47,6 +47,12 @@ def _remove_uncommitted(directory: Path) -> None:
     ocp.multihost.sync_global_processes("tttjax_checkpoint_cleanup")
 
 
+
+def storage_save_args(tree):
+    """Orbax SaveArgs that store each trailing 2-D matrix of a stacked array (one layer, one
+    depformer step) as its own chunk, so that conversion reads a layer without the rest."""
+    return jax.tree.map(lambda x: ocp.SaveArgs(shard_axes=tuple(range(max(np.ndim(x) - 2, 0)))), tree)
+
 class _OrbaxManager(ocp.CheckpointManager):
     """Orbax's manager, but JAX's preemption sync point is only polled with the loop's step.
 
@@ -150,7 +156,8 @@ class CheckpointManager:
             json.dumps(data_position)
         except TypeError as e:
             raise TypeError(f"data_position of step {step} is not JSON-able: {e}") from None
-        items = {STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_position)}
+        items = {STATE: ocp.args.StandardSave(state, save_args=storage_save_args(state)),
+                 DATA: ocp.args.JsonSave(data_position)}
         if consolidated is not None:
             tensors, config, filename = consolidated
             items[CONSOLIDATED] = ConsolidatedSave(tensors, config, filename)

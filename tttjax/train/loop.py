@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 from flax import nnx
 
+from conversion.sources import ModelSource, copy_into
 from tttjax import data as data_lib
 from tttjax.checkpoint import CheckpointManager, check_compatible, restore_params
 from tttjax import sharding as sharding_lib
@@ -108,9 +109,8 @@ class Trainer:
             return
         model = nnx.merge(self.graphdef, self._cast(self.state["params"]), self.frozen)
         trainable = state_lib.trainable_filter(self.full)
-        state_lib.copy_params(state_lib.load_weights(path, None), model,
-                              source_name=f"checkpoint.init_state_dir={directory}",
-                              allow_missing=lambda p: state_lib.is_lora(p) or state_lib.is_ttt(p) or not trainable(p, None))
+        copy_into(model, state_lib.weights_source(path, None), source_name=f"checkpoint.init_state_dir={directory}",
+                  allow_missing=lambda p: state_lib.is_lora(p) or state_lib.is_ttt(p) or not trainable(p, None))
         _, trainable_state, frozen = nnx.split(model, trainable, ...)
         self.frozen = nnx.to_pure_dict(frozen)
         params = jax.tree.map(lambda x: x.astype(jnp.float32), nnx.to_pure_dict(trainable_state))
@@ -157,14 +157,16 @@ class Trainer:
 
     # -- checkpoint contents -------------------------------------------------------------------
     def _consolidated(self):
-        from conversion.to_pytorch import export_tensors
+        """The step's PyTorch export as host tensors: gathered slice by slice (a collective with
+        several processes), kept on process 0 only, which writes them after the save returns."""
+        from conversion.to_pytorch import plan_export
 
-        params, frozen = self._cast(self.state["params"]), self.frozen
-        if jax.process_count() > 1:  # arrays span hosts: gather them (a collective, every process runs it)
-            params, frozen = sharding_lib.to_host((params, frozen))
-        model = nnx.merge(self.graphdef, params, frozen)
-        return export_tensors(model, dtype=self.config.export_dtype,
-                              adapters_only=self.config.save_adapters and not self.full)
+        model = nnx.merge(self.graphdef, self._cast(self.state["params"]), self.frozen)
+        export = plan_export(self.cfg, ModelSource(model), dtype=self.config.export_dtype,
+                             adapters_only=self.config.save_adapters and not self.full)
+        keep = jax.process_index() == 0
+        tensors = {name: value for name, value in export.tensors() if keep}
+        return tensors, export.config, export.filename
 
     def _save(self, step: int, force: bool) -> bool:
         if self.manager is None or (not force and not self.manager.should_save(step)):

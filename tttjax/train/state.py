@@ -85,52 +85,31 @@ def flat_params(model: nnx.Module) -> dict[Path_, jax.Array]:
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def copy_params(source: dict[Path_, jax.Array], model: MoshiLM, *, source_name: str,
-                allow_missing=lambda path: False) -> None:
-    """Overwrite `model`'s params with `source` (by path), keeping each target's dtype and sharding.
-
-    Params of the model absent from the source must satisfy `allow_missing` (fresh LoRA / TTT);
-    params of the source absent from the model, and shape mismatches, are errors naming the path.
-    """
-    state = nnx.state(model, nnx.Param)
-    flat = dict((tuple(str(k) for k in p), v) for p, v in nnx.to_flat_state(state))
-    extra = sorted(".".join(p) for p in source if p not in flat)
-    missing = sorted(".".join(p) for p in flat if p not in source and not allow_missing(p))
-    shapes = [f"{'.'.join(p)} {tuple(source[p].shape)} vs model {tuple(v.shape)}"
-              for p, v in flat.items() if p in source and tuple(source[p].shape) != tuple(v.shape)]
-    problems = ([f"not in the model: {extra}"] if extra else []) + \
-               ([f"missing: {missing}"] if missing else []) + ([f"shape mismatch: {shapes}"] if shapes else [])
-    if problems:
-        raise ValueError(f"{source_name} does not fit the configured model: " + "; ".join(problems))
-    for path, variable in flat.items():
-        if path in source:
-            value = variable.get_value()
-            variable.set_value(jax.device_put(jnp.asarray(source[path], value.dtype), value.sharding))
-    nnx.update(model, state)
-
-
-def load_weights(path: str | Path, config_path: str | None) -> dict[Path_, jax.Array]:
-    """Flat params from a tttjax model dir, a training step dir, or a PyTorch safetensors file."""
+def weights_source(path: str | Path, config_path: str | None):
+    """A ParamSource (read lazily, slice by slice) over a PyTorch safetensors file, a tttjax model
+    dir or a training step dir."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
-        from conversion.from_pytorch import load_pytorch
+        from conversion.from_pytorch import open_pytorch
 
         if not config_path:
             raise ValueError(f"{path}: a PyTorch weights file needs moshi_paths.config_path (its config.json)")
-        return flat_params(load_pytorch(path, config_path))
-    from tttjax.checkpoint.model_dir import load_model
+        return open_pytorch(path, config_path)
+    from tttjax.checkpoint.model_dir import open_checkpoint
 
-    return flat_params(load_model(path))
+    return open_checkpoint(path)[1]
 
 
 def build_model(config, cfg: ModelConfig, mesh) -> MoshiLM:
-    """The run's starting model: random init (seed), then the base weights of moshi_paths if set."""
+    """The run's starting model: random init (seed), then the base weights of moshi_paths if set,
+    streamed straight onto the mesh."""
+    from conversion.sources import copy_into
+
     model = init_model(cfg, mesh, config.seed)
     source = config.moshi_paths.moshi_path
     if source:
-        weights = load_weights(source, config.moshi_paths.config_path or None)
-        copy_params(weights, model, source_name=f"moshi_paths.moshi_path={source}",
-                    allow_missing=lambda p: is_lora(p) or is_ttt(p))
+        copy_into(model, weights_source(source, config.moshi_paths.config_path or None),
+                  source_name=f"moshi_paths.moshi_path={source}", allow_missing=lambda p: is_lora(p) or is_ttt(p))
     return model
 
 
