@@ -2,6 +2,8 @@
 
     python bench/train_step.py [--configs small,tiny] [--steps 8] [--threads 2]
 
+Each measurement (the matmul rate, each JAX variant, PyTorch) runs in its own process.
+
 Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table of frames/s
 (JAX, JAX with TTT at one layer, PyTorch eager), their ratios, and MFU = analytic model FLOPs
 per step / the fp32 matmul rate measured in the same run (a 2048^3 jnp matmul). Writes
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -151,27 +154,57 @@ def torch_step_time(kwargs, steps: int, threads: int) -> float:
     return statistics.median(times)
 
 
+def worker(what: str, config: str, steps: int, threads: int) -> None:
+    """One measurement in this (fresh) process, printed as a RESULT line."""
+    load = os.getloadavg()[0]
+    if what == "matmul":
+        result = {"flops_per_s": matmul_rate()}
+    else:
+        kwargs = lm_kwargs(CONFIGS[config])
+        seconds = {"jax": lambda: jax_step_time(kwargs, "", steps), "jax_ttt": lambda: jax_step_time(kwargs, "1", steps),
+                   "torch": lambda: torch_step_time(kwargs, steps, threads)}[what]()
+        result = {"step_s": seconds}
+    result.update(load_before=load, load_after=os.getloadavg()[0])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(what: str, config: str, steps: int, threads: int) -> dict:
+    """Runs `worker` in its own process: XLA's and torch's thread pools never share one process."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    proc = subprocess.run([sys.executable, __file__, "--worker", what, config, str(steps), str(threads)],
+                          capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{what} {config} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="small,tiny")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--worker", nargs=4, metavar=("WHAT", "CONFIG", "STEPS", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    peak = matmul_rate()
+    if args.worker:
+        what, config, steps, threads = args.worker
+        worker(what, config, int(steps), int(threads))
+        return
+    peak = measure("matmul", "-", 0, args.threads)["flops_per_s"]
     rows = []
     for name in args.configs.split(","):
         kwargs = lm_kwargs(CONFIGS[name])
         frames = BATCH * FRAMES
-        t_jax = jax_step_time(kwargs, "", args.steps)
-        t_ttt = jax_step_time(kwargs, "1", args.steps)
-        t_torch = torch_step_time(kwargs, args.steps, args.threads)
+        runs = {what: measure(what, name, args.steps, args.threads) for what in ("jax", "jax_ttt", "torch")}
+        t_jax, t_ttt, t_torch = (runs[w]["step_s"] for w in ("jax", "jax_ttt", "torch"))
         flops = 3 * frames * forward_flops_per_frame(kwargs, 0, FRAMES)
         flops_ttt = 3 * frames * forward_flops_per_frame(kwargs, 1, FRAMES)
         rows.append({
             "config": name, "jax_frames_per_s": frames / t_jax, "jax_ttt_frames_per_s": frames / t_ttt,
             "torch_frames_per_s": frames / t_torch, "jax_over_torch": t_torch / t_jax,
             "ttt_slowdown": 1 - t_jax / t_ttt, "jax_mfu": flops / t_jax / peak, "jax_ttt_mfu": flops_ttt / t_ttt / peak,
-            "torch_mfu": flops / t_torch / peak, "gflop_per_step": flops / 1e9})
+            "torch_mfu": flops / t_torch / peak, "gflop_per_step": flops / 1e9,
+            "load": {w: r["load_before"] for w, r in runs.items()}})
     print(f"fp32 matmul rate (2048^3, jnp): {peak / 1e9:.0f} GFLOP/s; B={BATCH}, T={FRAMES}, full fine-tuning")
     print(f"{'config':8} {'jax f/s':>9} {'jax+ttt f/s':>12} {'torch f/s':>10} {'jax/torch':>10} {'ttt cost':>9} "
           f"{'jax MFU':>8} {'torch MFU':>10}")
