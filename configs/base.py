@@ -35,6 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.param_dtype = "bfloat16"  # stored parameter dtype (trainable params keep fp32 masters)
     c.dtype = "bfloat16"  # compute dtype; norms, RoPE, softmax and the TTT inner loop stay fp32
     c.remat = "full"  # remat of temporal, TTT and depformer layers: none | full (keep inputs) | dots (matmul outputs)
+    c.unroll_layers = False  # unroll the layer stacks (no per-layer stacking of residuals/grads; longer compiles)
 
     c.moshi_paths = ml_collections.ConfigDict()
     c.moshi_paths.moshi_path = ""  # base weights: PyTorch .safetensors or a tttjax checkpoint dir; "" = random

@@ -120,6 +120,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # per-layer rematerialisation: none | full | dots
+    unroll_layers: bool = False  # unroll the layer stacks instead of a lax.scan loop (faster steps, longer compiles)
     lm_kwargs: tuple = ()  # the original moshi config, as sorted (key, json) items
 
     @property
@@ -170,7 +171,7 @@ class ModelConfig:
     def architecture(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be loaded into this model (dtypes excluded)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("param_dtype", "dtype", "remat", "lm_kwargs", "ttt_scan_remat_group")}
+               if f.name not in ("param_dtype", "dtype", "remat", "unroll_layers", "lm_kwargs", "ttt_scan_remat_group")}
         out["ttt_num_heads"] = self.ttt_heads
         out["delays"] = list(self.delays)
         out["ttt_layers"] = list(self.ttt_layers)

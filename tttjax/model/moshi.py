@@ -41,12 +41,21 @@ def initial_tokens(cfg: ModelConfig) -> list[int]:
     return [cfg.text_card] + [cfg.card] * cfg.n_q
 
 
+def embed_stacked(tables, ids, dtype):
+    """`embed(tables[k], ids[:, k])` for every k at once -> [B, K, ..., D]: one gather from the
+    flattened stack, so the gradient is one scatter rather than K full-size padded ones."""
+    K, rows, D = tables.shape
+    offsets = (jnp.arange(K) * rows).reshape((1, K) + (1,) * (ids.ndim - 2))
+    return embed(tables.reshape(K * rows, D), jnp.where(ids == ZERO_TOKEN, ZERO_TOKEN, ids + offsets), dtype)
+
+
 def embed_inputs(cfg: ModelConfig, text_emb, emb, inputs):
     """Temporal input: text_emb(row 0) + sum_k emb[k](row 1+k), rows of `inputs` [B, 17, T]."""
     dtype = cfg.jnp_dtype
     x = embed(text_emb, inputs[:, 0], dtype)
+    audio = embed_stacked(emb[...], inputs[:, 1:1 + cfg.n_q], dtype)
     for k in range(cfg.n_q):
-        x = x + embed(emb[k], inputs[:, 1 + k], dtype)
+        x = x + audio[:, k]
     return x
 
 
@@ -138,7 +147,7 @@ class MoshiLM(nnx.Module):
         """The temporal transformer with TTT branches at cfg.ttt_layers, then out_norm."""
         for start, stop, ttt_index in temporal_segments(self.cfg.num_layers, self.cfg.ttt_layers):
             if ttt_index is None:
-                x = scan_layers(self.transformer, x, start, stop, self.cfg.remat)
+                x = scan_layers(self.transformer, x, start, stop, self.cfg.remat, self.cfg.unroll_layers)
             else:
                 x = apply_layer(layer_at(self.transformer, start), x, mid=layer_at(self.ttt, ttt_index),
                                 remat=self.cfg.remat)
@@ -149,11 +158,12 @@ class MoshiLM(nnx.Module):
         """Teacher-forced depformer: slot k sees depformer_in[k](h) + embedding of stream k-1."""
         B, T, _ = h.shape
         dtype = self.cfg.jnp_dtype
-        tokens = [embed(self.depformer_text_emb[...], targets[:, 0], dtype)]
-        tokens += [embed(self.depformer_emb[k - 1], targets[:, k], dtype) for k in range(1, self.cfg.dep_q)]
-        x = self.depformer_in(h) + jnp.stack(tokens, axis=2)  # [B, T, S, dd]
+        text = embed(self.depformer_text_emb[...], targets[:, :1], dtype)  # [B, 1, T, dd]
+        audio = embed_stacked(self.depformer_emb[...], targets[:, 1:self.cfg.dep_q], dtype)  # [B, S-1, T, dd]
+        tokens = jnp.concatenate([text, audio], axis=1).transpose(0, 2, 1, 3)  # [B, T, S, dd]
+        x = self.depformer_in(h) + tokens
         x = constrain(x.reshape(B * T, self.cfg.dep_q, -1), ("batch", None, None))
-        x = scan_layers(self.depformer, x, 0, self.cfg.depformer_num_layers, self.cfg.remat)
+        x = scan_layers(self.depformer, x, 0, self.cfg.depformer_num_layers, self.cfg.remat, self.cfg.unroll_layers)
         logits = self.linears(x).reshape(B, T, self.cfg.dep_q, -1)
         return jnp.transpose(logits, (0, 2, 1, 3))
 

@@ -138,10 +138,13 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "none"):
-    """Run layers [start, stop) of a stacked module over x with lax.scan."""
+def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "none", unroll: bool = False):
+    """Run layers [start, stop) of a stacked module over x with lax.scan.
+
+    `unroll` traces every layer: XLA then skips stacking each layer's residuals and gradients
+    into [layers, ...] buffers (dynamic-update-slice, zero-fill).
+    """
     graphdef, state = nnx.split(stacked)
-    state = jax.tree.map(lambda p: p[start:stop], state)
 
     def body(h, layer_state):
         out = nnx.merge(graphdef, layer_state)(h)
@@ -149,7 +152,24 @@ def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "non
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat])
-    return jax.lax.scan(body, x, state)[0]
+    if not unroll:
+        return jax.lax.scan(body, x, jax.tree.map(lambda p: p[start:stop], state))[0]
+    for layer_state in _split_layers(state, start, stop):
+        x = body(x, layer_state)[0]
+    return x
+
+
+def _split_layers(state, start: int, stop: int) -> list:
+    """Per-layer params of layers [start, stop) with one lax.split per param: its transpose is a
+    single concatenate, where indexing each layer would pad every layer's gradient to the full
+    stack and add them up."""
+    leaves, treedef = jax.tree.flatten(state)
+    total = leaves[0].shape[0]
+    sizes = ([start] if start else []) + [1] * (stop - start) + ([total - stop] if stop < total else [])
+    first = 1 if start else 0
+    per_leaf = [jax.lax.split(p, sizes, axis=0)[first:first + stop - start] for p in leaves]
+    return [jax.tree.unflatten(treedef, [parts[i].reshape(parts[i].shape[1:]) for parts in per_leaf])
+            for i in range(stop - start)]
 
 
 def apply_layer(layer: nnx.Module, x, mid: nnx.Module | None = None, remat: str = "none"):

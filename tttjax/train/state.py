@@ -62,7 +62,8 @@ def model_config(config) -> ModelConfig:
         ttt_layers=ttt_layers, ttt_num_heads=ttt.num_heads, ttt_base_lr=ttt.base_lr,
         ttt_mini_batch_size=ttt.mini_batch_size, ttt_initial_gating_alpha=ttt.initial_gating_alpha,
         ttt_causal=ttt.causal, ttt_scan_remat_group=ttt.scan_remat_group,
-        param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat)
+        param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat,
+        unroll_layers=config.unroll_layers)
 
 
 def init_model(cfg: ModelConfig, mesh, seed: int) -> MoshiLM:
