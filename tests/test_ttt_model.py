@@ -82,6 +82,20 @@ def test_ttt_model_matches_pytorch_loader(tmp_path, causal):
     # Import of the exported TTT checkpoint gives the same model back.
     again = load_pytorch(tmp_path / "e" / "consolidated.safetensors", tmp_path / "e" / "config.json")
     assert_parity(flax_forward(again, codes), want)
+    # PyTorch TTT-Moshi checkpoints also carry backward_ssm_gating and a duplicated original_layer:
+    # ignored (their garbage values would change the logits if any were used).
+    from conversion import safetensors_io
+
+    tensors = safetensors_io.load(tmp_path / "e" / "consolidated.safetensors")
+    block = "transformer.layers.0.seq_modeling_block"
+    tensors[f"{block}.backward_ssm_gating.gating_alpha"] = np.full_like(
+        tensors[f"{block}.forward_ssm_gating.gating_alpha"], 7.0)
+    for name in [n for n in tensors if n.startswith("transformer.layers.0.") and "seq_modeling_block" not in n]:
+        tensors[name.replace("transformer.layers.0.", "transformer.layers.0.original_layer.")] = \
+            np.full_like(tensors[name], 3.0)
+    safetensors_io.save(tmp_path / "with_extra.safetensors", tensors)
+    extra = load_pytorch(tmp_path / "with_extra.safetensors", tmp_path / "e" / "config.json")
+    assert_parity(flax_forward(extra, codes), want)
 
 
 def test_adapters_export_with_ttt_and_lora(tmp_path):
