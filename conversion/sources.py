@@ -57,7 +57,8 @@ class OrbaxSource(ParamSource):
 
         self.directory = Path(directory).absolute()
         absl = logging.getLogger("absl")
-        level, _ = absl.level, absl.setLevel(logging.ERROR)  # Orbax warns that an item dir has no step metadata
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # Orbax warns that an item dir has no step-level metadata file
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 tree = ckptr.metadata(self.directory).item_metadata
@@ -102,8 +103,7 @@ class ModelSource(ParamSource):
         value = self._flat[path]
         if value.is_fully_addressable:
             return np.asarray(value[index] if index else value)
-        replicated = NamedSharding(value.sharding.mesh, PartitionSpec())
-        gathered = _take(value, *index, out_sharding=replicated) if index else _take(value, out_sharding=replicated)
+        gathered = _take(value, *index, out_sharding=NamedSharding(value.sharding.mesh, PartitionSpec()))
         return np.asarray(gathered.addressable_data(0))
 
 
