@@ -118,6 +118,7 @@ def open_checkpoint(directory: str | Path):
     trained = OrbaxSource(directory / STATE, prefix=("params",))
     if config.full_finetuning:
         return cfg, trained
+
     def open_base():
         if config.moshi_paths.moshi_path:
             from tttjax.train.state import weights_source
