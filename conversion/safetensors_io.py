@@ -1,4 +1,4 @@
-"""Streaming safetensors: read one tensor (or some rows of it) at a time; write tensor by tensor.
+"""Streaming safetensors: read one tensor at a time; write tensor by tensor.
 
 The `safetensors` package loads whole files and writes only from a complete dict, which for the 7B
 model means ~15 GB in host memory. The format is small enough to stream: an 8-byte little-endian
@@ -99,15 +99,8 @@ class SafetensorsReader:
     def dtype(self, name: str) -> np.dtype:
         return self._entries[name][0]
 
-    def read(self, name: str, rows: slice | None = None) -> np.ndarray:
-        """The tensor, or the contiguous rows `rows` of its first dimension."""
+    def read(self, name: str) -> np.ndarray:
         dtype, shape, offset = self._entries[name]
-        if rows is not None:
-            start, stop, step = rows.indices(shape[0])
-            if step != 1:
-                raise ValueError(f"{name}: only contiguous row ranges can be read")
-            row_bytes = math.prod(shape[1:]) * dtype.itemsize
-            offset, shape = offset + start * row_bytes, (max(stop - start, 0),) + shape[1:]
         out = np.empty(shape, dtype)
         view, done = _as_bytes(out), 0
         while done < len(view):
@@ -119,8 +112,8 @@ class SafetensorsReader:
 
 
 class SafetensorsWriter:
-    """Writes the tensors of `specs` ({name: (shape, dtype)}) in sorted name order, each in one or
-    more row chunks. The file appears under its name only once every byte is written."""
+    """Writes the tensors of `specs` ({name: (shape, dtype)}) one by one in sorted name order.
+    The file appears under its name only once every tensor is written."""
 
     def __init__(self, path: str | Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
                  metadata: dict[str, str] | None = None):
@@ -142,8 +135,7 @@ class SafetensorsWriter:
         self._partial = self.path.with_name(self.path.name + ".partial")
         self._file = open(self._partial, "wb")
         self._file.write(len(blob).to_bytes(8, "little") + blob)
-        self._next, self._done = 0, 0  # index into _order; bytes of the current tensor written
-        self._skip_empty()
+        self._next = 0  # index into _order of the tensor to write next
 
     def __enter__(self):
         return self
@@ -156,30 +148,18 @@ class SafetensorsWriter:
             self._partial.unlink(missing_ok=True)
 
     def write(self, name: str, array: np.ndarray) -> None:
-        """Appends `array`: all of tensor `name` or its next rows."""
+        """Appends tensor `name`, which must be the next in sorted order."""
         if self._next >= len(self._order) or name != self._order[self._next]:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing"
             raise ValueError(f"{self.path}: expected tensor {expected!r} next, got {name!r}")
         shape, dtype = self._specs[name]
-        if array.dtype != dtype or (shape and tuple(array.shape[1:]) != shape[1:]) or (not shape and array.shape):
-            raise ValueError(f"{self.path}: {name} chunk {array.dtype}{list(array.shape)} does not fit "
+        if array.dtype != dtype or tuple(array.shape) != shape:
+            raise ValueError(f"{self.path}: {name} is {array.dtype}{list(array.shape)}, its header says "
                              f"{dtype}{list(shape)}")
-        data = _as_bytes(array)
-        total = math.prod(shape) * dtype.itemsize
-        if self._done + len(data) > total:
-            raise ValueError(f"{self.path}: {name} gets more than its {list(shape)} rows")
-        self._file.write(data)
-        self._done += len(data)
-        if self._done == total:
-            self._next, self._done = self._next + 1, 0
-            self._skip_empty()
-
-    def _skip_empty(self) -> None:
-        while self._next < len(self._order) and math.prod(self._specs[self._order[self._next]][0]) == 0:
-            self._next += 1
+        self._file.write(_as_bytes(array))
+        self._next += 1
 
     def close(self) -> None:
-        self._skip_empty()
         if self._next < len(self._order):
             self._file.close()
             self._partial.unlink(missing_ok=True)

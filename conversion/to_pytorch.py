@@ -29,7 +29,13 @@ from tttjax.model.config import ModelConfig, parse_dtype, to_config_json
 
 FULL_FILE = "consolidated.safetensors"
 ADAPTERS_FILE = "lora.safetensors"
+EXPORT_FILES = (FULL_FILE, ADAPTERS_FILE)
 CONFIG_FILE = "config.json"
+
+
+def write_config(out_dir: Path, config: dict) -> None:
+    """The export's config.json (moshi LM config + lora keys + "ttt" block)."""
+    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=4, sort_keys=True))
 
 
 @dataclasses.dataclass
@@ -47,10 +53,6 @@ class Export:
     @property
     def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return {r.name: (r.torch_shape(self.source.specs[r.path][0]), self.dtype) for r in self.rows}
-
-    @property
-    def nbytes(self) -> int:
-        return sum(int(np.prod(shape)) * self.dtype.itemsize for shape, _ in self.specs.values())
 
     def _read(self, path: Path_, index: Index) -> np.ndarray:
         value = self.source.read(path, index).astype(self.param_dtype, copy=False)
@@ -96,7 +98,7 @@ class Export:
             with SafetensorsWriter(target, self.specs, metadata={"format": "pt"}) as w:
                 for name, value in self.tensors():
                     w.write(name, value)
-            (out_dir / CONFIG_FILE).write_text(json.dumps(self.config, indent=4, sort_keys=True))
+            write_config(out_dir, self.config)
         else:
             for _ in self.tensors():
                 pass

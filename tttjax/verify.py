@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-EXPORT_FILES = ("lora.safetensors", "consolidated.safetensors")
+from conversion.to_pytorch import EXPORT_FILES
 
 
 @dataclasses.dataclass

@@ -16,15 +16,14 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import future
 
 from conversion import safetensors_io
+from conversion.to_pytorch import CONFIG_FILE, EXPORT_FILES, write_config
 
-CONFIG_NAME = "config.json"
-TENSOR_NAMES = ("consolidated.safetensors", "lora.safetensors")
 
 
 def _write(directory: Path, args: ConsolidatedSave) -> None:
     """Writes the safetensors file (keys sorted, torch format tag) and config.json."""
     safetensors_io.save(directory / args.filename, args.tensors, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(args.config, indent=2, sort_keys=True))
+    write_config(directory, args.config)
 
 
 def _owned(args: ConsolidatedSave) -> ConsolidatedSave:
@@ -53,26 +52,26 @@ class ConsolidatedHandler(ocp.AsyncCheckpointHandler):
     def restore(self, directory, args: ConsolidatedRestore | None = None):
         """Returns (tensors, config, filename)."""
         directory = Path(directory)
-        names = [n for n in TENSOR_NAMES if (directory / n).exists()]
+        names = [n for n in EXPORT_FILES if (directory / n).exists()]
         if len(names) != 1:
-            raise FileNotFoundError(f"{directory}: expected one of {TENSOR_NAMES}, found {names}")
+            raise FileNotFoundError(f"{directory}: expected one of {EXPORT_FILES}, found {names}")
         tensors = safetensors_io.load(directory / names[0])
-        return tensors, json.loads((directory / CONFIG_NAME).read_text()), names[0]
+        return tensors, json.loads((directory / CONFIG_FILE).read_text()), names[0]
 
 
 @ocp.args.register_with_handler(ConsolidatedHandler, for_save=True)
 @dataclasses.dataclass
 class ConsolidatedSave(ocp.args.CheckpointArgs):
     """Named host tensors (numpy; written after `save` returns, so do not mutate them), the
-    config.json dict, and the safetensors file name (one of TENSOR_NAMES)."""
+    config.json dict, and the safetensors file name (one of EXPORT_FILES)."""
 
     tensors: dict[str, np.ndarray]
     config: dict
     filename: str
 
     def __post_init__(self):
-        if self.filename not in TENSOR_NAMES:
-            raise ValueError(f"consolidated filename {self.filename!r} is not one of {TENSOR_NAMES}")
+        if self.filename not in EXPORT_FILES:
+            raise ValueError(f"consolidated filename {self.filename!r} is not one of {EXPORT_FILES}")
 
 
 @ocp.args.register_with_handler(ConsolidatedHandler, for_restore=True)

@@ -139,9 +139,8 @@ _REMAT_POLICIES = {
 
 
 def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "none", unroll: bool = False):
-    """Run layers [start, stop) of a stacked module over x with lax.scan.
-
-    `unroll` traces every layer: XLA then skips stacking each layer's residuals and gradients
+    """Run layers [start, stop) of a stacked module over x: a lax.scan, or with `unroll` a Python
+    loop that traces every layer: XLA then skips stacking each layer's residuals and gradients
     into [layers, ...] buffers (dynamic-update-slice, zero-fill).
     """
     graphdef, state = nnx.split(stacked)
