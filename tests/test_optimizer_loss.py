@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_reference as ref
-from tttjax.model.moshi import LMOutput
+from conversion.from_pytorch import load_pytorch
 from tttjax.train import optimizer as optim_lib
 from tttjax.train.loss import loss_terms, objective
 
@@ -77,16 +77,22 @@ def moshi_finetune_loss(out, codes, first_cb_mult, pad_weight):
     return (text + audio).item(), text.item(), audio.item()
 
 
-def test_loss_matches_moshi_finetune():
+def test_loss_matches_moshi_finetune(tmp_path):
+    """The training loss (delayed-frame `predictions`, same weights) equals moshi-finetune's loss on
+    moshi's own undelayed logits; rtol 1e-5 covers the ~2e-6 logit differences of the parity test."""
     kwargs = ref.lm_kwargs()
     lm = ref.build_lm(kwargs)
     codes = ref.random_codes(kwargs, batch=2, frames=10)
     codes[0, 0, :4] = [3, 0, 3, 3]  # text pads get their own weight
+    codes[1, 3, 2] = -1  # a missing audio token mid-sequence
     with torch.no_grad():
         out = lm(torch.from_numpy(codes))
     want = moshi_finetune_loss(out, torch.from_numpy(codes), 100.0, 0.5)
-    jout = LMOutput(*(jnp.asarray(x.numpy()) for x in (out.text_logits, out.logits, out.text_mask, out.mask)))
-    terms = loss_terms(jout, jnp.asarray(codes), dep_q=8, text_padding_weight=0.5,
+    model = load_pytorch(ref.save_safetensors(tmp_path / "w.safetensors", ref.state_dict_numpy(lm)),
+                         ref.save_config(tmp_path / "config.json", kwargs))
+    terms = loss_terms(model.predictions(jnp.asarray(codes)), text_padding_weight=0.5,
                        first_codebook_weight_multiplier=100.0)
+    assert float(terms["audio_count"].sum()) == float(out.mask.sum())
+    assert float(terms["text_count"]) == float(out.text_mask.sum())
     got = [float(x) for x in objective(terms)]
     np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -19,7 +19,7 @@ def make_terms_fn(cfg, *, text_padding_weight: float, first_codebook_weight_mult
     pad_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
 
     def terms(model, codes):
-        return loss_terms(model(codes), codes, dep_q=cfg.dep_q, text_padding_ids=pad_ids,
+        return loss_terms(model.predictions(codes), text_padding_ids=pad_ids,
                           text_padding_weight=text_padding_weight,
                           first_codebook_weight_multiplier=first_codebook_weight_multiplier)
 

@@ -31,8 +31,9 @@ class Linear(nnx.Module):
     """`x @ kernel` (kernel stored [in, out], torch weight transposed) with optional LoRA.
 
     steps: None for one weight; S for S stacked weights ([S, in, out]). With steps, the input is
-      either [..., S, in] (slot s uses weight s) or, if `broadcast_input`, [..., in] (every
-      weight sees the same input; output [..., S, out]).
+      either [S, ..., in] (slot s uses weight s) or, if `broadcast_input`, [..., in] (every
+      weight sees the same input); the output is [S, ..., out]. Steps lead so that each slot is
+      one plain batched matmul, with no transposes around it.
     """
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, steps: int | None = None,
@@ -60,8 +61,8 @@ class Linear(nnx.Module):
         if self.steps is None:
             return x @ kernel
         if self.broadcast_input:
-            return jnp.einsum("...i,sio->...so", x, kernel)
-        return jnp.einsum("...si,sio->...so", x, kernel)
+            return jnp.einsum("...i,sio->s...o", x, kernel)
+        return jnp.einsum("s...i,sio->s...o", x, kernel)
 
     def __call__(self, x):
         x = x.astype(self.dtype)
@@ -69,7 +70,7 @@ class Linear(nnx.Module):
         if self.lora_a is not None:
             a = self._apply(x, self.lora_a[...])
             lora_b = self.lora_b[...].astype(self.dtype)
-            b = a @ lora_b if self.steps is None else jnp.einsum("...sr,sro->...so", a, lora_b)
+            b = a @ lora_b if self.steps is None else jnp.einsum("s...r,sro->s...o", a, lora_b)
             y = y + self.lora_scaling * b
         return y
 

@@ -29,6 +29,20 @@ class LMOutput(NamedTuple):
     mask: jax.Array  # [B, dep_q, T]
 
 
+class Predictions(NamedTuple):
+    """Logits with the token each predicts, in the model's own (delayed) frame: what the loss needs.
+
+    Sums over tokens do not depend on the frame, and undelaying the [B, T, K, V] logits would cost
+    two full copies and NaN masking in every training step.
+    """
+    text_logits: jax.Array  # [B, T, text_card]
+    text_targets: jax.Array  # [B, T]
+    text_mask: jax.Array  # [B, T]
+    logits: jax.Array  # [dep_q, B, T, card]
+    targets: jax.Array  # [dep_q, B, T]
+    mask: jax.Array  # [dep_q, B, T]
+
+
 def embed(table, ids, dtype):
     """moshi ScaledEmbedding: id -1 gives an exact zero vector."""
     table = constrain(table, (None,) * table.ndim)  # FSDP: gather the table, then look up batch-sharded ids
@@ -160,22 +174,37 @@ class MoshiLM(nnx.Module):
         dtype = self.cfg.jnp_dtype
         text = embed(self.depformer_text_emb[...], targets[:, :1], dtype)  # [B, 1, T, dd]
         audio = embed_stacked(self.depformer_emb[...], targets[:, 1:self.cfg.dep_q], dtype)  # [B, S-1, T, dd]
-        tokens = jnp.concatenate([text, audio], axis=1).transpose(0, 2, 1, 3)  # [B, T, S, dd]
-        x = self.depformer_in(h) + tokens
-        x = constrain(x.reshape(B * T, self.cfg.dep_q, -1), ("batch", None, None))
-        x = scan_layers(self.depformer, x, 0, self.cfg.depformer_num_layers, self.cfg.remat, self.cfg.unroll_layers)
-        logits = self.linears(x).reshape(B, T, self.cfg.dep_q, -1)
-        return jnp.transpose(logits, (0, 2, 1, 3))
+        tokens = jnp.concatenate([text, audio], axis=1).transpose(1, 0, 2, 3)  # [S, B, T, dd]
+        # Steps-major ([S, B * T, dd]): every per-step projection is a plain batched matmul.
+        x = (self.depformer_in(h) + tokens).reshape(self.cfg.dep_q, B * T, -1)
+        x = scan_layers(self.depformer, constrain(x, (None, "batch", None)), 0, self.cfg.depformer_num_layers,
+                        self.cfg.remat, self.cfg.unroll_layers, batch_axis=1)
+        return self.linears(x).reshape(self.cfg.dep_q, B, T, -1)
 
-    def __call__(self, codes) -> LMOutput:
+    def _delayed_logits(self, codes):
+        """(targets [B, K, T] in the delayed frame, text logits [B, T, V], audio logits [dep_q, B, T, V])."""
         cfg = self.cfg
-        B, K, T = codes.shape
+        K = codes.shape[1]
         if K != cfg.num_codebooks:
             raise ValueError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
         delayed = delay_codes(codes, cfg.delays, self.initial_tokens())
         h = self.temporal(constrain(self.embed_inputs(delayed[:, :, :-1]), ("batch", None, None)))
-        text_logits = self.text_linear(h)[:, None].astype(jnp.float32)
-        logits = self.depformer_logits(h, delayed[:, :, 1:]).astype(jnp.float32)
+        return delayed[:, :, 1:], self.text_linear(h), self.depformer_logits(h, delayed[:, :, 1:])
+
+    def predictions(self, codes) -> Predictions:
+        """The training view of `__call__`: the same (logit, target) pairs, none of the NaN tail."""
+        cfg = self.cfg
+        targets, text_logits, logits = self._delayed_logits(codes)
+        targets = jnp.transpose(targets[:, :1 + cfg.dep_q], (1, 0, 2))  # [1 + dep_q, B, T]
+        delays = jnp.asarray(cfg.delays[:1 + cfg.dep_q])[:, None, None]
+        mask = (jnp.arange(codes.shape[-1]) >= delays) & (targets != ZERO_TOKEN)
+        return Predictions(text_logits, targets[0], mask[0], logits, targets[1:], mask[1:])
+
+    def __call__(self, codes) -> LMOutput:
+        cfg = self.cfg
+        _, text_logits, logits = self._delayed_logits(codes)
+        text_logits = text_logits[:, None].astype(jnp.float32)
+        logits = jnp.transpose(logits, (1, 0, 2, 3)).astype(jnp.float32)
         logits, mask = undelay_logits(logits, cfg.delays[1:1 + cfg.dep_q])
         text_logits, text_mask = undelay_logits(text_logits, cfg.delays[:1])
         mask &= codes[:, 1:1 + cfg.dep_q] != ZERO_TOKEN

@@ -69,9 +69,14 @@ class Attention(nnx.Module):
         self.out_proj = Linear(dim, dim, axes=("heads", "embed"), **common)
 
     def __call__(self, x):
-        *lead, T, D = x.shape
-        H = self.num_heads
-        qkv = self.in_proj(x).reshape(*lead, T, 3, H, D // H)
+        """x [..., T, D]; with per-step weights (the depformer) x is [T = steps, N, D], steps-major."""
+        steps_major = self.in_proj.steps is not None
+        qkv = self.in_proj(x)
+        if steps_major:
+            qkv = jnp.moveaxis(qkv, 0, -2)
+        *lead, T, D3 = qkv.shape
+        D, H = D3 // 3, self.num_heads
+        qkv = qkv.reshape(*lead, T, 3, H, D // H)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if self.rope_max_period is not None:
             positions = jnp.arange(T)
@@ -82,7 +87,7 @@ class Attention(nnx.Module):
         scores = jnp.where(attention_mask(T, T, self.context), scores, -jnp.inf)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*lead, T, D)
-        return self.out_proj(out)
+        return self.out_proj(jnp.moveaxis(out, -2, 0) if steps_major else out)
 
 
 class GatedMLP(nnx.Module):
@@ -138,16 +143,17 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "none", unroll: bool = False):
-    """Run layers [start, stop) of a stacked module over x: a lax.scan, or with `unroll` a Python
-    loop that traces every layer: XLA then skips stacking each layer's residuals and gradients
-    into [layers, ...] buffers (dynamic-update-slice, zero-fill).
+def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "none", unroll: bool = False,
+                batch_axis: int = 0):
+    """Run layers [start, stop) of a stacked module over x (batch-sharded on `batch_axis`): a
+    lax.scan, or with `unroll` a Python loop that traces every layer: XLA then skips stacking each
+    layer's residuals and gradients into [layers, ...] buffers (dynamic-update-slice, zero-fill).
     """
     graphdef, state = nnx.split(stacked)
+    names = tuple("batch" if i == batch_axis else None for i in range(x.ndim))
 
     def body(h, layer_state):
-        out = nnx.merge(graphdef, layer_state)(h)
-        return constrain(out, ("batch",) + (None,) * (out.ndim - 1)), None
+        return constrain(nnx.merge(graphdef, layer_state)(h), names), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat])

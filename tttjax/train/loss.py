@@ -1,8 +1,8 @@
 """moshi-finetune's objective: weighted text CE + weighted audio CE, each a mean over its own tokens.
 
 Text targets equal to the pad ids {3, 0} weigh `text_padding_weight`; audio codebook 0 (semantic)
-weighs `first_codebook_weight_multiplier`. Logits are masked *before* log_softmax, so the NaN of
-the delayed tail never reaches a gradient.
+weighs `first_codebook_weight_multiplier`. The loss reads `MoshiLM.predictions` (the delayed
+frame): the same (logit, target) pairs as moshi's undelayed output, without its NaN tail.
 """
 
 from __future__ import annotations
@@ -10,18 +10,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from tttjax.model.moshi import LMOutput
+from tttjax.model.moshi import Predictions
 
 
 def token_cross_entropy(logits, targets, mask):
-    """Per-token natural-log CE, 0 where mask is False (logits [..., V], targets [...])."""
-    logits = jnp.where(mask[..., None], logits.astype(jnp.float32), 0.0)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(logp, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, ce, 0.0)
+    """Per-token natural-log CE in fp32, 0 where mask is False (logits [..., V], targets [...]).
+
+    logsumexp minus the target's logit: its gradient is softmax - one-hot, one fused pass over the
+    logits. Logits must be finite wherever a gradient is taken (`Predictions` has no NaN tail).
+    """
+    logits = logits.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, jnp.where(mask, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(mask, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
 
 
-def loss_terms(out: LMOutput, codes, *, dep_q: int, text_padding_ids=(3, 0), text_padding_weight=0.5,
+def loss_terms(pred: Predictions, *, text_padding_ids=(3, 0), text_padding_weight=0.5,
                first_codebook_weight_multiplier=1.0):
     """Sums that the objective and the token-weighted metrics are built from.
 
@@ -29,19 +32,17 @@ def loss_terms(out: LMOutput, codes, *, dep_q: int, text_padding_ids=(3, 0), tex
     text_count, text_nonpad_ce_sum, text_nonpad_count, audio_ce_sum [dep_q], audio_count [dep_q],
     audio_weighted_sum, audio_weight.
     """
-    text_targets = codes[:, 0]
-    text_mask = out.text_mask[:, 0]
-    text_ce = token_cross_entropy(out.text_logits[:, 0], text_targets, text_mask)
+    text_targets, text_mask = pred.text_targets, pred.text_mask
+    text_ce = token_cross_entropy(pred.text_logits, text_targets, text_mask)
     is_pad = jnp.zeros_like(text_mask)
     for pad_id in text_padding_ids:
         is_pad |= text_targets == pad_id
     text_w = text_mask * jnp.where(is_pad, text_padding_weight, 1.0)
     nonpad = text_mask & ~is_pad
 
-    audio_targets = codes[:, 1:1 + dep_q]
-    audio_ce = token_cross_entropy(out.logits, audio_targets, out.mask)  # [B, dep_q, T]
-    codebook_w = jnp.ones((dep_q,)).at[0].set(first_codebook_weight_multiplier)
-    audio_w = out.mask * codebook_w[None, :, None]
+    audio_ce = token_cross_entropy(pred.logits, pred.targets, pred.mask)  # [dep_q, B, T]
+    codebook_w = jnp.ones((audio_ce.shape[0], 1, 1)).at[0].set(first_codebook_weight_multiplier)
+    audio_w = pred.mask * codebook_w
     f32 = jnp.float32
     return {
         "text_ce_sum": text_ce.sum(),
@@ -50,8 +51,8 @@ def loss_terms(out: LMOutput, codes, *, dep_q: int, text_padding_ids=(3, 0), tex
         "text_weight": text_w.sum(),
         "text_nonpad_ce_sum": jnp.where(nonpad, text_ce, 0.0).sum(),
         "text_nonpad_count": nonpad.sum().astype(f32),
-        "audio_ce_sum": audio_ce.sum(axis=(0, 2)),
-        "audio_count": out.mask.sum(axis=(0, 2)).astype(f32),
+        "audio_ce_sum": audio_ce.sum(axis=(1, 2)),
+        "audio_count": pred.mask.sum(axis=(1, 2)).astype(f32),
         "audio_weighted_sum": (audio_ce * audio_w).sum(),
         "audio_weight": audio_w.sum(),
     }

@@ -20,8 +20,7 @@ def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_we
 
     def loss_fn(trainable, frozen, codes):
         model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(param_dtype), trainable), frozen)
-        out = model(codes)
-        terms = loss_terms(out, codes, dep_q=cfg.dep_q, text_padding_ids=pad_ids,
+        terms = loss_terms(model.predictions(codes), text_padding_ids=pad_ids,
                            text_padding_weight=text_padding_weight,
                            first_codebook_weight_multiplier=first_codebook_weight_multiplier)
         total, text, audio = objective(terms)
