@@ -11,10 +11,10 @@ Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table
 per step / the fp32 matmul rate measured in the same run (a 2048^3 jnp matmul). Writes
 bench/results/train_step.json.
 
-FLOP count (per frame, forward; a train step counts 3x): every matmul 2*in*out (temporal
-in/out projections, SiLU-GLU, text head; depformer_in, 8 slots of the depformer layers and
-heads), attention 4*D*(mean causal context) per layer; a TTT layer adds its 4 D x D projections
-and the inner loop H*(14*d*4d + 6*K*d + 6*K*4d) (ttt-reference.md).
+FLOP count (per frame, forward; a train step counts 3x; bench/flops.py): every matmul 2*in*out
+(temporal in/out projections, SiLU-GLU, text head; depformer_in, 8 slots of the depformer layers
+and heads), attention 4*D*(mean causal context) per layer; a TTT layer adds its 4 D x D
+projections and the inner loop H*(14*d*4d + 6*K*d + 6*K*4d) (ttt-reference.md).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from flops import layer_flops, matmul_rate, ttt_flops  # noqa: E402
 
 SMALL = dict(dim=512, num_layers=8, num_heads=8, hidden_scale=4.125, depformer_dim=256, depformer_num_layers=2,
              depformer_num_heads=4, depformer_dim_feedforward=int(4.125 * 256), card=2048, text_card=32000,
@@ -45,37 +46,15 @@ def lm_kwargs(changes):
 
 
 def forward_flops_per_frame(cfg, ttt_layers: int, T: int) -> float:
+    """The temporal layers, text head, depformer_in, the depformer's dep_q slots and heads, TTT."""
     from tttjax.model.config import ffn_hidden
 
-    D, L = cfg["dim"], cfg["num_layers"]
-    hidden = ffn_hidden(D, int(cfg["hidden_scale"] * D))
-    per_layer = 2 * (D * 3 * D + D * D + D * 2 * hidden + hidden * D) + 4 * D * (T + 1) / 2
-    dd, S = cfg["depformer_dim"], cfg["dep_q"]
-    dh = ffn_hidden(dd, cfg["depformer_dim_feedforward"])
-    dep_layer = S * (2 * (dd * 3 * dd + dd * dd + dd * 2 * dh + dh * dd) + 4 * dd * (S + 1) / 2)
-    total = L * per_layer + 2 * D * cfg["text_card"] + S * 2 * D * dd + cfg["depformer_num_layers"] * dep_layer \
-        + S * 2 * dd * cfg["card"]
-    if ttt_layers:
-        H = cfg["num_heads"]
-        d, K = D // H, 16
-        total += ttt_layers * (4 * 2 * D * D + H * (14 * d * 4 * d + 6 * K * d + 6 * K * 4 * d))
-    return total
-
-
-def matmul_rate() -> float:
-    import jax
-    import jax.numpy as jnp
-
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / min(times)
+    D, S, dd = cfg["dim"], cfg["dep_q"], cfg["depformer_dim"]
+    temporal = cfg["num_layers"] * layer_flops(D, ffn_hidden(D, int(cfg["hidden_scale"] * D)), T, cfg["context"])
+    depformer = cfg["depformer_num_layers"] * S * layer_flops(
+        dd, ffn_hidden(dd, cfg["depformer_dim_feedforward"]), S, None)
+    heads = 2 * D * cfg["text_card"] + S * 2 * D * dd + S * 2 * dd * cfg["card"]
+    return temporal + depformer + heads + ttt_layers * ttt_flops(D, cfg["num_heads"])
 
 
 def jax_step_time(kwargs, ttt_layers: str, steps: int, unroll: bool = True) -> float:
@@ -160,7 +139,7 @@ def worker(what: str, config: str, steps: int, threads: int) -> None:
     """One measurement in this (fresh) process, printed as a RESULT line."""
     load = os.getloadavg()[0]
     if what == "matmul":
-        result = {"flops_per_s": matmul_rate()}
+        result = {"flops_per_s": matmul_rate(2048)}
     else:
         kwargs = lm_kwargs(CONFIGS[config])
         seconds = {"jax": lambda: jax_step_time(kwargs, "", steps),
