@@ -49,6 +49,22 @@ def param_group(path: tuple[str, ...]) -> str:
     return "base"
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`torch.nn.utils.clip_grad_norm_` as moshi-finetune calls it: g * min(1, max_norm / (norm + 1e-6)).
+
+    One scalar multiply that XLA fuses into AdamW's passes; optax's `clip_by_global_norm`
+    (`where(norm < max_norm, g, g / norm * max_norm)`) writes a scaled copy of every gradient and
+    reads both in each moment update: 4 more passes over the gradients per step.
+    """
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim, max_steps: int, labels):
     """optax chain: global-norm clipping, then AdamW per group with its LR multiplier.
 
@@ -65,6 +81,6 @@ def make_optimizer(optim, max_steps: int, labels):
 
     used = sorted(set(jax.tree.leaves(labels)))
     return optax.chain(
-        optax.clip_by_global_norm(optim.max_norm),
+        clip_by_global_norm(optim.max_norm),
         optax.multi_transform({g: adamw(multipliers[g]) for g in used}, labels),
     )
