@@ -32,8 +32,8 @@ class LMOutput(NamedTuple):
 class Predictions(NamedTuple):
     """Logits with the token each predicts, in the model's own (delayed) frame: what the loss needs.
 
-    Sums over tokens do not depend on the frame, and undelaying the [B, T, K, V] logits would cost
-    two full copies and NaN masking in every training step.
+    Sums over tokens do not depend on the frame, and undelaying the logits would cost two full
+    copies and NaN masking in every training step.
     """
     text_logits: jax.Array  # [B, T, text_card]
     text_targets: jax.Array  # [B, T]
