@@ -6,10 +6,13 @@ Each measurement (the matmul rate, each JAX variant, PyTorch) runs in its own pr
 its fastest step (other jobs on a shared machine only ever slow a step down); the variants run
 --repeats times, interleaved, and each keeps its fastest run, so a slow spell of the machine does
 not land on one variant only. JAX runs
-with unroll_layers=True; "jax scan" is the same step with the layers in a lax.scan loop.
+with unroll_layers=True; "jax scan" is the same step with the layers in a lax.scan loop. Every JAX
+process sets glibc malloc as the train launcher does (tttjax/host_malloc.py; TTTJAX_KEEP_FREED_MEMORY=0
+measures glibc's defaults); PyTorch runs twice: as moshi-finetune runs it (glibc's defaults) and
+with the same malloc settings as JAX ("torch kept").
 
 Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table of frames/s
-(JAX, JAX with TTT at one layer, PyTorch eager), their ratios, and MFU = analytic model FLOPs
+(JAX, JAX with TTT at one layer, PyTorch eager, both), their ratios, and MFU = analytic model FLOPs
 per step / the fp32 matmul rate measured in the same run (a 2048^3 jnp matmul). Writes
 bench/results/train_step.json.
 
@@ -139,6 +142,10 @@ def torch_step_time(kwargs, steps: int, threads: int) -> float:
 
 def worker(what: str, config: str, steps: int, threads: int) -> None:
     """One measurement in this (fresh) process, printed as a RESULT line."""
+    if what != "torch":
+        from tttjax.host_malloc import keep_freed_memory
+
+        keep_freed_memory()  # before JAX or torch is imported, as tttjax.main does
     load = os.getloadavg()[0]
     if what == "matmul":
         result = {"flops_per_s": matmul_rate(2048)}
@@ -147,7 +154,8 @@ def worker(what: str, config: str, steps: int, threads: int) -> None:
         seconds = {"jax": lambda: jax_step_time(kwargs, "", steps),
                    "jax_scan": lambda: jax_step_time(kwargs, "", steps, unroll=False),
                    "jax_ttt": lambda: jax_step_time(kwargs, "1", steps),
-                   "torch": lambda: torch_step_time(kwargs, steps, threads)}[what]()
+                   "torch": lambda: torch_step_time(kwargs, steps, threads),
+                   "torch_kept": lambda: torch_step_time(kwargs, steps, threads)}[what]()
         result = {"step_s": seconds}
     result.update(load_before=load, load_after=os.getloadavg()[0])
     print("RESULT " + json.dumps(result), flush=True)
@@ -176,7 +184,7 @@ def main() -> None:
         what, config, steps, threads = args.worker
         worker(what, config, int(steps), int(threads))
         return
-    variants = ("jax", "jax_scan", "jax_ttt", "torch")
+    variants = ("jax", "jax_scan", "jax_ttt", "torch", "torch_kept")
     names = args.configs.split(",")
     runs = {name: {} for name in names}
     peak = 0.0  # the fastest matmul of the run: a slow spell never inflates MFU
@@ -191,28 +199,31 @@ def main() -> None:
     for name in names:
         kwargs = lm_kwargs(CONFIGS[name])
         frames = BATCH * FRAMES
-        t_jax, t_scan, t_ttt, t_torch = (runs[name][w]["step_s"] for w in variants)
+        t_jax, t_scan, t_ttt, t_torch, t_torch_kept = (runs[name][w]["step_s"] for w in variants)
         flops = 3 * frames * forward_flops_per_frame(kwargs, 0, FRAMES)
         flops_ttt = 3 * frames * forward_flops_per_frame(kwargs, 1, FRAMES)
         rows.append({
             "config": name, "jax_frames_per_s": frames / t_jax, "jax_scan_frames_per_s": frames / t_scan,
             "jax_ttt_frames_per_s": frames / t_ttt,
             "torch_frames_per_s": frames / t_torch, "jax_over_torch": t_torch / t_jax,
+            "torch_kept_frames_per_s": frames / t_torch_kept, "jax_over_torch_kept": t_torch_kept / t_jax,
             "ttt_slowdown": 1 - t_jax / t_ttt, "jax_mfu": flops / t_jax / peak, "jax_ttt_mfu": flops_ttt / t_ttt / peak,
             "torch_mfu": flops / t_torch / peak, "gflop_per_step": flops / 1e9,
             "load": {w: r["load_before"] for w, r in runs[name].items()}})
     print(f"fp32 matmul rate (2048^3, jnp): {peak / 1e9:.0f} GFLOP/s; B={BATCH}, T={FRAMES}, full fine-tuning")
     print(f"{'config':8} {'jax f/s':>9} {'jax scan f/s':>12} {'jax+ttt f/s':>12} {'torch f/s':>10} {'jax/torch':>10} "
-          f"{'ttt cost':>9} {'jax MFU':>8} {'torch MFU':>10}")
+          f"{'torch kept f/s':>15} {'jax/torch kept':>15} {'ttt cost':>9} {'jax MFU':>8} {'torch MFU':>10}")
     for r in rows:
         print(f"{r['config']:8} {r['jax_frames_per_s']:9.0f} {r['jax_scan_frames_per_s']:12.0f} "
               f"{r['jax_ttt_frames_per_s']:12.0f} "
-              f"{r['torch_frames_per_s']:10.0f} {r['jax_over_torch']:10.2f} {r['ttt_slowdown']:9.1%} "
+              f"{r['torch_frames_per_s']:10.0f} {r['jax_over_torch']:10.2f} "
+              f"{r['torch_kept_frames_per_s']:15.0f} {r['jax_over_torch_kept']:15.2f} {r['ttt_slowdown']:9.1%} "
               f"{r['jax_mfu']:8.1%} {r['torch_mfu']:10.1%}")
     out = Path(__file__).parent / "results" / "train_step.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"matmul_flops_per_s": peak, "batch": BATCH, "frames": FRAMES, "repeats": args.repeats,
-                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
+                               "cpus": os.cpu_count(), "rows": rows,
+                               "keep_freed_memory": os.environ.get("TTTJAX_KEEP_FREED_MEMORY") != "0"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,4 +31,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+    from tttjax.host_malloc import keep_freed_memory
+
+    keep_freed_memory()  # before the config (and with it JAX) is imported
     app.run(main)

@@ -447,4 +447,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from tttjax.host_malloc import keep_freed_memory
+
+    keep_freed_memory()  # before JAX is imported
     sys.exit(main())
