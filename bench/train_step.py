@@ -62,8 +62,8 @@ def forward_flops_per_frame(cfg, ttt_layers: int, T: int) -> float:
     return temporal + depformer + heads + ttt_layers * ttt_flops(D, cfg["num_heads"])
 
 
-def jax_step_time(kwargs, ttt_layers: str, steps: int, unroll: bool = True) -> float:
-    import jax
+def jax_trainer(kwargs, ttt_layers: str, unroll: bool):
+    """The full fine-tuning Trainer at `kwargs` (TTT at `ttt_layers`) and one B x T batch for it."""
     import ml_collections
     import numpy as np
 
@@ -88,7 +88,13 @@ def jax_step_time(kwargs, ttt_layers: str, steps: int, unroll: bool = True) -> f
     rng = np.random.default_rng(0)
     codes = np.concatenate([rng.integers(0, kwargs["text_card"], (BATCH, 1, FRAMES)),
                             rng.integers(0, kwargs["card"], (BATCH, 16, FRAMES))], axis=1).astype(np.int32)
-    batch = trainer._global_batch(codes)
+    return trainer, trainer._global_batch(codes)
+
+
+def jax_step_time(kwargs, ttt_layers: str, steps: int, unroll: bool = True) -> float:
+    import jax
+
+    trainer, batch = jax_trainer(kwargs, ttt_layers, unroll)
     state = trainer.state
     for _ in range(2):
         state, metrics = trainer.step_fn(state, trainer.frozen, batch)

@@ -6,7 +6,9 @@ thread's arena cannot hold it), and unmaps it on free, so every step faults in e
 again: ~177k minor faults and ~0.5 s of kernel time per small-config step on 2 cores. One arena,
 no mmap and no trimming keep those pages mapped: the next step reuses them without a fault
 (BENCHMARKS.md, "host allocator"). The price: resident memory stays at its peak and holds the
-reused blocks (the small config's step: 4.6 instead of 3.2 GiB, and 20% faster). Set
+reused blocks (the small config's step: 4.6 instead of 3.2 GiB, and 20-30% faster). Once more
+than 2 GiB (mallopt's limit) lies free at the heap's top, glibc still gives it back, so a step that
+frees more than that at once faults it in again. Set
 TTTJAX_KEEP_FREED_MEMORY=0 to keep glibc's defaults.
 
 glibc fixes the arena limit when a second thread first allocates, so `keep_freed_memory` must run
@@ -23,7 +25,7 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_TRIM_ABOVE = 2**31 - 1  # mallopt takes an int: free memory at the heap's top is kept up to 2 GiB
+_TRIM_ABOVE = 2**31 - 1  # mallopt takes an int: up to 2 GiB of free memory at the heap's top stays mapped
 
 
 def keep_freed_memory() -> bool:
