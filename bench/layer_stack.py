@@ -75,9 +75,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="CPU-sized: dim 256, 4 heads, 256 frames")
     args = parser.parse_args()
-    from tttjax.host_malloc import keep_freed_memory
+    from tttjax.host_malloc import reexec_with_huge_pages
 
-    keep_freed_memory()  # before JAX is imported, as tttjax.main does
+    reexec_with_huge_pages()  # as tttjax.main does
     import jax
 
     from tttjax.model.config import ffn_hidden

@@ -9,7 +9,7 @@ clipping and AdamW), kind from the op (matmul: Eigen dots and YNNPACK dot fusion
 concatenations, transposes, pads; fill: broadcast constants, e.g. zeroed embedding gradients;
 elementwise: every other fusion, reductions included). Op time is summed over the threads running ops, so it can
 exceed the step's wall time; "concurrency" is the share of the step with 0, 1 and 2+ ops running.
-Also reports minor page faults and kernel time per step (TTTJAX_KEEP_FREED_MEMORY=0 shows glibc's
+Also reports minor page faults and kernel time per step (TTTJAX_HUGE_PAGES=0 shows glibc's
 defaults), and the floor the matmul kernels set: every dot of the compiled step timed alone at its
 shape, summed, against a 2048^3 matmul. Writes bench/results/step_profile.json.
 """
@@ -124,9 +124,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ttt", default="", help="TTT layers, e.g. 1 (default: none)")
     args = parser.parse_args()
-    from tttjax.host_malloc import keep_freed_memory
+    from tttjax.host_malloc import reexec_with_huge_pages
 
-    kept = keep_freed_memory()  # before JAX is imported, as tttjax.main does
+    reexec_with_huge_pages()  # as tttjax.main does
+    huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
     import jax
 
     trainer, batch = jax_trainer(lm_kwargs(CONFIGS[args.config]), args.ttt, unroll=True)
@@ -137,7 +138,7 @@ def main() -> None:
         state, metrics = trainer.step_fn(state, trainer.frozen, batch)
         jax.block_until_ready(metrics)
 
-    for _ in range(8):  # compile, then let the kept heap settle (it may regrow once in the first steps)
+    for _ in range(4):  # compile, warm up
         run_step()
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     for _ in range(args.steps):
@@ -162,7 +163,7 @@ def main() -> None:
 
     print(f"{args.config}: step {wall:.3f} s (profiled {traced_wall / args.steps:.3f} s), op time {op_total:.3f} s "
           f"summed over threads; {faults:.0f} page faults and {kernel_s:.2f} s kernel time per step "
-          f"(malloc kept: {kept})")
+          f"(malloc on huge pages: {huge})")
     print(f"concurrency: no op {shares['0']:.0%}, one op {shares['1']:.0%}, two or more {shares['2+']:.0%}")
     print(f"the step's dots timed alone: {dot_s:.3f} s for {dot_flops / 1e9:.1f} GFLOP = {dot_flops / dot_s / 1e9:.0f} "
           f"GFLOP/s, {dot_flops / dot_s / matmul_peak:.0%} of the 2048^3 matmul rate ({matmul_peak / 1e9:.0f} GFLOP/s); "
@@ -174,7 +175,7 @@ def main() -> None:
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({
         "config": args.config, "step_s": wall, "op_s": op_total, "page_faults_per_step": faults,
-        "kernel_s_per_step": kernel_s, "malloc_kept": kept, "concurrency": shares,
+        "kernel_s_per_step": kernel_s, "malloc_huge_pages": huge, "concurrency": shares,
         "isolated_dots_s": dot_s, "dot_flops": dot_flops, "matmul_flops_per_s": matmul_peak,
         "ops": [{"phase": p, "kind": k, "s_per_step": v} for (p, k), v in sorted(table.items())],
         "cpus": os.cpu_count(), "load": os.getloadavg()[0]}, indent=2))

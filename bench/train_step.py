@@ -7,9 +7,9 @@ its fastest step (other jobs on a shared machine only ever slow a step down); th
 --repeats times, interleaved, and each keeps its fastest run, so a slow spell of the machine does
 not land on one variant only. JAX runs
 with unroll_layers=True; "jax scan" is the same step with the layers in a lax.scan loop. Every JAX
-process sets glibc malloc as the train launcher does (tttjax/host_malloc.py; TTTJAX_KEEP_FREED_MEMORY=0
-measures glibc's defaults); PyTorch runs twice: as moshi-finetune runs it (glibc's defaults) and
-with the same malloc settings as JAX ("torch kept").
+process runs malloc on huge pages as the train launcher does (tttjax/host_malloc.py;
+TTTJAX_HUGE_PAGES=0 measures glibc's defaults); PyTorch runs twice: as moshi-finetune runs it
+(glibc's defaults) and with malloc on huge pages as JAX ("torch huge").
 
 Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table of frames/s
 (JAX, JAX with TTT at one layer, PyTorch eager, both), their ratios, and MFU = analytic model FLOPs
@@ -149,9 +149,9 @@ def torch_step_time(kwargs, steps: int, threads: int) -> float:
 def worker(what: str, config: str, steps: int, threads: int) -> None:
     """One measurement in this (fresh) process, printed as a RESULT line."""
     if what != "torch":
-        from tttjax.host_malloc import keep_freed_memory
+        from tttjax.host_malloc import reexec_with_huge_pages
 
-        keep_freed_memory()  # before JAX or torch is imported, as tttjax.main does
+        reexec_with_huge_pages()  # as tttjax.main does
     load = os.getloadavg()[0]
     if what == "matmul":
         result = {"flops_per_s": matmul_rate(2048)}
@@ -161,7 +161,7 @@ def worker(what: str, config: str, steps: int, threads: int) -> None:
                    "jax_scan": lambda: jax_step_time(kwargs, "", steps, unroll=False),
                    "jax_ttt": lambda: jax_step_time(kwargs, "1", steps),
                    "torch": lambda: torch_step_time(kwargs, steps, threads),
-                   "torch_kept": lambda: torch_step_time(kwargs, steps, threads)}[what]()
+                   "torch_huge": lambda: torch_step_time(kwargs, steps, threads)}[what]()
         result = {"step_s": seconds}
     result.update(load_before=load, load_after=os.getloadavg()[0])
     print("RESULT " + json.dumps(result), flush=True)
@@ -190,7 +190,7 @@ def main() -> None:
         what, config, steps, threads = args.worker
         worker(what, config, int(steps), int(threads))
         return
-    variants = ("jax", "jax_scan", "jax_ttt", "torch", "torch_kept")
+    variants = ("jax", "jax_scan", "jax_ttt", "torch", "torch_huge")
     names = args.configs.split(",")
     runs = {name: {} for name in names}
     peak = 0.0  # the fastest matmul of the run: a slow spell never inflates MFU
@@ -205,31 +205,31 @@ def main() -> None:
     for name in names:
         kwargs = lm_kwargs(CONFIGS[name])
         frames = BATCH * FRAMES
-        t_jax, t_scan, t_ttt, t_torch, t_torch_kept = (runs[name][w]["step_s"] for w in variants)
+        t_jax, t_scan, t_ttt, t_torch, t_torch_huge = (runs[name][w]["step_s"] for w in variants)
         flops = 3 * frames * forward_flops_per_frame(kwargs, 0, FRAMES)
         flops_ttt = 3 * frames * forward_flops_per_frame(kwargs, 1, FRAMES)
         rows.append({
             "config": name, "jax_frames_per_s": frames / t_jax, "jax_scan_frames_per_s": frames / t_scan,
             "jax_ttt_frames_per_s": frames / t_ttt,
             "torch_frames_per_s": frames / t_torch, "jax_over_torch": t_torch / t_jax,
-            "torch_kept_frames_per_s": frames / t_torch_kept, "jax_over_torch_kept": t_torch_kept / t_jax,
+            "torch_huge_frames_per_s": frames / t_torch_huge, "jax_over_torch_huge": t_torch_huge / t_jax,
             "ttt_slowdown": 1 - t_jax / t_ttt, "jax_mfu": flops / t_jax / peak, "jax_ttt_mfu": flops_ttt / t_ttt / peak,
             "torch_mfu": flops / t_torch / peak, "gflop_per_step": flops / 1e9,
             "load": {w: r["load_before"] for w, r in runs[name].items()}})
     print(f"fp32 matmul rate (2048^3, jnp): {peak / 1e9:.0f} GFLOP/s; B={BATCH}, T={FRAMES}, full fine-tuning")
     print(f"{'config':8} {'jax f/s':>9} {'jax scan f/s':>12} {'jax+ttt f/s':>12} {'torch f/s':>10} {'jax/torch':>10} "
-          f"{'torch kept f/s':>15} {'jax/torch kept':>15} {'ttt cost':>9} {'jax MFU':>8} {'torch MFU':>10}")
+          f"{'torch huge f/s':>15} {'jax/torch huge':>15} {'ttt cost':>9} {'jax MFU':>8} {'torch MFU':>10}")
     for r in rows:
         print(f"{r['config']:8} {r['jax_frames_per_s']:9.0f} {r['jax_scan_frames_per_s']:12.0f} "
               f"{r['jax_ttt_frames_per_s']:12.0f} "
               f"{r['torch_frames_per_s']:10.0f} {r['jax_over_torch']:10.2f} "
-              f"{r['torch_kept_frames_per_s']:15.0f} {r['jax_over_torch_kept']:15.2f} {r['ttt_slowdown']:9.1%} "
+              f"{r['torch_huge_frames_per_s']:15.0f} {r['jax_over_torch_huge']:15.2f} {r['ttt_slowdown']:9.1%} "
               f"{r['jax_mfu']:8.1%} {r['torch_mfu']:10.1%}")
     out = Path(__file__).parent / "results" / "train_step.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"matmul_flops_per_s": peak, "batch": BATCH, "frames": FRAMES, "repeats": args.repeats,
                                "cpus": os.cpu_count(), "rows": rows,
-                               "keep_freed_memory": os.environ.get("TTTJAX_KEEP_FREED_MEMORY") != "0"}, indent=2))
+                               "huge_pages": os.environ.get("TTTJAX_HUGE_PAGES") != "0"}, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,42 +1,48 @@
-"""glibc malloc settings for a long-running XLA process: freed host memory is kept and reused.
+"""glibc malloc on transparent huge pages for XLA processes: a step's buffers fault 2 MiB at a time.
 
-XLA:CPU allocates every run's temporary buffer (655 MiB for the small config's train step) with
-malloc from the thread that runs it. glibc serves a request that large from a fresh mmap (a
-thread's arena cannot hold it), and unmaps it on free, so every step faults in every page of it
-again: ~177k minor faults and ~0.5 s of kernel time per small-config step on 2 cores. One arena,
-no mmap and no trimming keep those pages mapped: the next step reuses them without a fault
-(BENCHMARKS.md, "host allocator"). The price: resident memory stays at its peak and holds the
-reused blocks (the small config's step: 4.6 instead of 3.2 GiB, and 20-30% faster). Once more
-than 2 GiB (mallopt's limit) lies free at the heap's top, glibc still gives it back, so a step that
-frees more than that at once faults it in again. Set
-TTTJAX_KEEP_FREED_MEMORY=0 to keep glibc's defaults.
+XLA:CPU mallocs every run's temporary buffer (655 MiB for the small config's train step) from the
+thread that runs it. glibc serves a request that large from a fresh mmap and unmaps it on free, so
+every step faults in every 4 KiB page again: ~177k minor faults and ~0.4 s of kernel time per
+small-config step on 2 cores. With glibc's `glibc.malloc.hugetlb=1` tunable malloc advises
+transparent huge pages for its mappings: ~800 faults per step (BENCHMARKS.md, "Host allocator").
+Keeping the freed memory mapped instead (mallopt: one arena, no mmap, no trim) spared every fault
+but put every thread's malloc behind one lock: the tiny config's training loop ran 30-40% slower.
 
-glibc fixes the arena limit when a second thread first allocates, so `keep_freed_memory` must run
-before the JAX runtime starts its threads: first thing in a launcher, before any JAX computation.
+glibc reads tunables when a process starts, so a launcher calls `reexec_with_huge_pages()` first:
+it re-executes the same command once with the tunable added to GLIBC_TUNABLES. It does nothing off
+glibc >= 2.35, when transparent huge pages are disabled, when the tunable is already set, or with
+TTTJAX_HUGE_PAGES=0.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
+import platform
 import sys
+from pathlib import Path
 
-# mallopt parameters (glibc malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-_M_ARENA_MAX = -8
-_TRIM_ABOVE = 2**31 - 1  # mallopt takes an int: up to 2 GiB of free memory at the heap's top stays mapped
+TUNABLE = "glibc.malloc.hugetlb=1"
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
-def keep_freed_memory() -> bool:
-    """Set glibc malloc to one arena, no mmap, no trim; False (nothing changed) off glibc or when
-    TTTJAX_KEEP_FREED_MEMORY=0."""
-    if not sys.platform.startswith("linux") or os.environ.get("TTTJAX_KEEP_FREED_MEMORY") == "0":
+def huge_pages_available() -> bool:
+    """glibc with the hugetlb tunable (2.35+) and transparent huge pages on ("always" or "madvise")."""
+    libc, version = platform.libc_ver()
+    if libc != "glibc" or tuple(int(p) for p in version.split(".")[:2]) < (2, 35):
         return False
     try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no libc.so.6 / no mallopt)
+        return "[never]" not in _THP_SETTING.read_text()
+    except OSError:
         return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_ABOVE))
-    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
+def reexec_with_huge_pages() -> None:
+    """Re-execute this process's command with malloc on huge pages (returns if nothing to do)."""
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if (os.environ.get("TTTJAX_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables
+            or not huge_pages_available()):
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, TUNABLE))))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

@@ -31,7 +31,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    from tttjax.host_malloc import keep_freed_memory
+    from tttjax.host_malloc import reexec_with_huge_pages
 
-    keep_freed_memory()  # before the config (and with it JAX) is imported
+    reexec_with_huge_pages()
     app.run(main)

@@ -447,7 +447,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from tttjax.host_malloc import keep_freed_memory
+    from tttjax.host_malloc import reexec_with_huge_pages
 
-    keep_freed_memory()  # before JAX is imported
+    reexec_with_huge_pages()
     sys.exit(main())
