@@ -4,12 +4,13 @@ XLA:CPU mallocs every run's temporary buffer (655 MiB for the small config's tra
 thread that runs it. glibc serves a request that large from a fresh mmap and unmaps it on free, so
 every step faults in every 4 KiB page again: ~177k minor faults and ~0.4 s of kernel time per
 small-config step on 2 cores. With glibc's `glibc.malloc.hugetlb=1` tunable malloc advises
-transparent huge pages for its mappings: ~800 faults per step (BENCHMARKS.md, "Host allocator").
+transparent huge pages for its mappings: ~1k faults per step (BENCHMARKS.md, "Host allocator").
 Keeping the freed memory mapped instead (mallopt: one arena, no mmap, no trim) spared every fault
 but put every thread's malloc behind one lock: the tiny config's training loop ran 30-40% slower.
 
 glibc reads tunables when a process starts, so a launcher calls `reexec_with_huge_pages()` first:
-it re-executes the same command once with the tunable added to GLIBC_TUNABLES. It does nothing off
+it re-executes the same command once with the tunable added to GLIBC_TUNABLES (execve: the same
+process id, so a scheduler's signals still reach it). It does nothing off
 glibc >= 2.35, when transparent huge pages are disabled, when the tunable is already set, or with
 TTTJAX_HUGE_PAGES=0.
 """
