@@ -3,12 +3,13 @@
     python bench/step_profile.py [--config small] [--steps 3] [--ttt 1]
 
 Runs the same full fine-tuning step as bench/train_step.py (JAX, fp32, B=2, T=128, unrolled
-layers; --ttt puts TTT-MLP branches at those layers) under jax.profiler and sums the time of every XLA op by phase and kind: phase from the
-op's HLO metadata (forward under `jvp`, backward under `transpose`, the rest is the optimizer:
-clipping and AdamW), kind from the op (matmul: Eigen dots and YNNPACK dot fusions; copy: slices,
-concatenations, transposes, pads; fill: broadcast constants, e.g. zeroed embedding gradients;
-elementwise: every other fusion, reductions included). Op time is summed over the threads running ops, so it can
-exceed the step's wall time; "concurrency" is the share of the step with 0, 1 and 2+ ops running.
+layers; --ttt puts TTT-MLP branches at those layers) under jax.profiler and sums the time of every
+XLA op by phase and kind: phase from the op's HLO metadata (forward under `jvp`, backward under
+`transpose`, the rest is the optimizer: clipping and AdamW), kind from the op (matmul: Eigen dots
+and YNNPACK dot fusions; copy: slices, concatenations, transposes, pads; fill: broadcast constants,
+e.g. zeroed embedding gradients; elementwise: every other fusion, reductions included). Op time is
+summed over the threads running ops, so it can exceed the step's wall time; "concurrency" is the
+share of the step with 0, 1 and 2+ ops running.
 Also reports minor page faults and kernel time per step (TTTJAX_HUGE_PAGES=0 shows glibc's
 defaults), and the floor the matmul kernels set: every dot of the compiled step timed alone at its
 shape, summed, against a 2048^3 matmul. Writes bench/results/step_profile.json.
@@ -84,11 +85,14 @@ def isolated_dots(hlo_text: str) -> tuple[float, float]:
 
     shapes = {m.group(1): tuple(int(d) for d in m.group(2).split(",") if d)
               for m in re.finditer(r"%([\w.\-]+) = f32\[([\d,]*)\]", hlo_text)}
-    dims = lambda rest, key: tuple(int(d) for d in re.search(key + r"=\{([\d,]*)\}", rest).group(1).split(",") if d)  # noqa: E731
+
+    def dims(rest: str, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in re.search(key + r"=\{([\d,]*)\}", rest).group(1).split(",") if d)
+
     counts = collections.Counter()
     for m in re.finditer(r"= f32\[[\d,]*\]\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)([^\n]*)", hlo_text):
         rest = m.group(3)
-        batch = ((), ()) if "lhs_batch_dims" not in rest else (dims(rest, "lhs_batch_dims"), dims(rest, "rhs_batch_dims"))
+        batch = (dims(rest, "lhs_batch_dims"), dims(rest, "rhs_batch_dims")) if "lhs_batch_dims" in rest else ((), ())
         counts[(shapes[m.group(1)], shapes[m.group(2)], (dims(rest, "lhs_contracting_dims"),
                                                           dims(rest, "rhs_contracting_dims")), batch)] += 1
     seconds = flops = 0.0
@@ -124,10 +128,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--ttt", default="", help="TTT layers, e.g. 1 (default: none)")
     args = parser.parse_args()
-    from tttjax.host_malloc import reexec_with_huge_pages
+    from tttjax.host_malloc import TUNABLE, reexec_with_huge_pages
 
     reexec_with_huge_pages()  # as tttjax.main does
-    huge = "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+    huge = TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
     import jax
 
     trainer, batch = jax_trainer(lm_kwargs(CONFIGS[args.config]), args.ttt, unroll=True)
@@ -166,7 +170,8 @@ def main() -> None:
           f"(malloc on huge pages: {huge})")
     print(f"concurrency: no op {shares['0']:.0%}, one op {shares['1']:.0%}, two or more {shares['2+']:.0%}")
     print(f"the step's dots timed alone: {dot_s:.3f} s for {dot_flops / 1e9:.1f} GFLOP = {dot_flops / dot_s / 1e9:.0f} "
-          f"GFLOP/s, {dot_flops / dot_s / matmul_peak:.0%} of the 2048^3 matmul rate ({matmul_peak / 1e9:.0f} GFLOP/s); "
+          f"GFLOP/s, {dot_flops / dot_s / matmul_peak:.0%} of the 2048^3 matmul rate "
+          f"({matmul_peak / 1e9:.0f} GFLOP/s); "
           f"the step takes {wall / dot_s:.2f}x their time")
     print(f"{'phase':10} {'kind':12} {'ms/step':>8} {'share':>6}")
     for (phase, kind), seconds in sorted(table.items(), key=lambda kv: -kv[1]):

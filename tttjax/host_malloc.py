@@ -10,9 +10,8 @@ but put every thread's malloc behind one lock: the tiny config's training loop r
 
 glibc reads tunables when a process starts, so a launcher calls `reexec_with_huge_pages()` first:
 it re-executes the same command once with the tunable added to GLIBC_TUNABLES (execve: the same
-process id, so a scheduler's signals still reach it). It does nothing off
-glibc >= 2.35, when transparent huge pages are disabled, when the tunable is already set, or with
-TTTJAX_HUGE_PAGES=0.
+process id, so a scheduler's signals still reach it). It does nothing off glibc >= 2.35, when
+transparent huge pages are disabled, when the tunable is already set, or with TTTJAX_HUGE_PAGES=0.
 """
 
 from __future__ import annotations
