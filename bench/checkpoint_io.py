@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from tttjax.checkpoint import CheckpointManager, step_dir
+from tttjax.checkpoint import CheckpointManager
+from tttjax.rundir import step_dir
 
 LEAF_MB = 64
 RESULTS = Path(__file__).resolve().parent / "results" / "checkpoint_io.json"

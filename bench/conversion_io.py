@@ -135,7 +135,7 @@ def main() -> None:
     print(f"wrote {weights} ({size / 1e9:.2f} GB) in {generate_s:.0f} s", flush=True)
 
     drop_from_page_cache(root)
-    onto_devices = run_cli(["-c", f"from conversion.from_pytorch import load_pytorch; "
+    onto_devices = run_cli(["-c", f"from conversion.pytorch import load_pytorch; "
                                   f"load_pytorch({str(weights)!r}, {str(config)!r})"])
     drop_from_page_cache(root)
     imported = run_cli(["-m", "conversion.from_pytorch", "--weights", str(weights), "--config", str(config),

@@ -2,7 +2,7 @@
 
     python bench/memory_estimate.py [--config configs/moshi_7b_ttt.py] [--validate]
 
-1. A table of `tttjax.sharding.estimate_memory` (the start-up check's numbers) for the 7B config
+1. A table of `tttjax.memory.estimate_memory` (the start-up check's numbers) for the 7B config
    (batch 16 x 100 s, LoRA rank 128, TTT at layers 1,5,10, bf16) on TPU v5p-64 (32 chips of
    95 GiB), v5p-128, 8 x H100 (80 GB) and 16 x H100, for each remat policy.
 2. --validate: the estimate against XLA's own buffer assignment (`compiled.memory_analysis()`:
@@ -21,19 +21,19 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 
-from tttjax import sharding as sh
+from tttjax import memory
 from tttjax.data import num_frames
-from tttjax.train.state import model_config
+from tttjax.model.config import from_run_config as model_config
+from tttjax.train.program import build_program
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_estimate.json"
 GB = 10**9
 
 # name, device memory (bytes), rows of (data, fsdp, tensor, global batch)
 TARGETS = [
-    ("TPU v5p-64 (32 chips)", 95 * sh.GiB, [(1, 16, 2, 16), (2, 8, 2, 16), (1, 32, 1, 32), (32, 1, 1, 32)]),
-    ("TPU v5p-128 (64 chips)", 95 * sh.GiB, [(1, 64, 1, 64), (1, 16, 4, 16)]),
+    ("TPU v5p-64 (32 chips)", 95 * memory.GiB, [(1, 16, 2, 16), (2, 8, 2, 16), (1, 32, 1, 32), (32, 1, 1, 32)]),
+    ("TPU v5p-128 (64 chips)", 95 * memory.GiB, [(1, 64, 1, 64), (1, 16, 4, 16)]),
     ("8 x H100 80GB", 80 * GB, [(1, 8, 1, 16), (2, 4, 1, 16), (1, 4, 2, 16), (8, 1, 1, 16)]),
     ("16 x H100 80GB (2 nodes)", 80 * GB, [(2, 8, 1, 16), (1, 16, 1, 16)]),
 ]
@@ -54,16 +54,17 @@ def table(config) -> list[dict]:
         for data, fsdp, tensor, batch in meshes:
             for remat in ("full", "dots", "none"):
                 config.remat = remat
-                e = sh.estimate_memory(model_config(config), batch_size=batch,
-                                       num_microbatches=config.num_microbatches,
-                                       num_frames=num_frames(config.duration_sec),
-                                       full_finetuning=config.full_finetuning,
-                                       mesh_axes={"data": data, "fsdp": fsdp, "tensor": tensor})
+                e = memory.estimate_memory(model_config(config), batch_size=batch,
+                                           num_microbatches=config.num_microbatches,
+                                           num_frames=num_frames(config.duration_sec),
+                                           full_finetuning=config.full_finetuning,
+                                           mesh_axes={"data": data, "fsdp": fsdp, "tensor": tensor})
                 acts = e.saved_activations + e.layer_workspace
                 fits = e.total <= capacity
                 print(f"{name:<26} {str((data, fsdp, tensor)):<13} {batch:>5} {remat:<5} "
-                      f"{(e.frozen_params + e.gathered_weights) / sh.GiB:7.1f} {e.trainable_state / sh.GiB:7.1f} "
-                      f"{acts / sh.GiB:7.1f} {e.logits / sh.GiB:7.1f} {e.total / sh.GiB:7.1f}  "
+                      f"{(e.frozen_params + e.gathered_weights) / memory.GiB:7.1f} "
+                      f"{e.trainable_state / memory.GiB:7.1f} "
+                      f"{acts / memory.GiB:7.1f} {e.logits / memory.GiB:7.1f} {e.total / memory.GiB:7.1f}  "
                       f"{'yes' if fits else 'NO'}")
                 rows.append(dict(target=name, mesh=[data, fsdp, tensor], batch=batch, remat=remat, capacity=capacity,
                                  fits=fits, **{k: v for k, v in vars(e).items()}, total=e.total))
@@ -77,13 +78,6 @@ VALIDATION_CASES = [  # (duration_sec, batch, remat, ttt.scan_remat_group)
 
 def validate(config_path: str) -> list[dict]:
     """Estimate vs XLA's buffer assignment for a scaled-down model on one CPU device."""
-    from flax import nnx
-
-    from tttjax.model.moshi import abstract_model
-    from tttjax.train import optimizer as optim_lib
-    from tttjax.train import state as state_lib
-    from tttjax.train.step import make_loss_fn, make_train_step
-
     out = []
     print("\nestimate vs XLA (1 CPU device, fp32, dim 512 x 4 layers, TTT at layer 1, LoRA 16; MiB, without the "
           "15% margin):")
@@ -96,26 +90,12 @@ def validate(config_path: str) -> list[dict]:
         c.ttt.scan_remat_group = group
         c.param_dtype = c.dtype = "float32"
         c.remat, c.batch_size, c.duration_sec, c.num_microbatches = remat, batch, duration, 1
-        cfg = model_config(c)
-        graphdef, trainable, frozen = nnx.split(abstract_model(cfg), state_lib.trainable_filter(False), ...)
-
-        def sds(tree, dtype=None):
-            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype), tree)
-
-        masters, frozen = sds(nnx.to_pure_dict(trainable), jnp.float32), sds(nnx.to_pure_dict(frozen))
-        labels = jax.tree_util.tree_map_with_path(
-            lambda p, _: optim_lib.param_group(tuple(str(getattr(k, "key", k)) for k in p)), masters)
-        opt = optim_lib.make_optimizer(c.optim, c.max_steps, labels)
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": masters,
-                 "opt_state": jax.eval_shape(opt.init, masters)}
-        T = num_frames(c.duration_sec)
-        codes = jax.ShapeDtypeStruct((batch, cfg.num_codebooks, T), jnp.int32)
-        step = make_train_step(make_loss_fn(graphdef, cfg, text_padding_weight=0.5,
-                                            first_codebook_weight_multiplier=1.0), opt, 1)
-        m = jax.jit(step, donate_argnums=(0,)).lower(state, frozen, codes).compile().memory_analysis()
+        c.first_codebook_weight_multiplier, c.text_padding_weight = 1.0, 0.5
+        program = build_program(c, jax.devices()[:1])  # the trainer's own step, lowered abstractly
+        cfg, T = program.cfg, num_frames(c.duration_sec)
+        m = program.lower().compile().memory_analysis()
         xla = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        e = sh.estimate_memory(cfg, batch_size=batch, num_microbatches=1, num_frames=T, full_finetuning=False,
-                               mesh_axes={"data": 1, "fsdp": 1, "tensor": 1})
+        e = memory.estimate_memory(cfg, batch_size=batch, num_frames=T)
         est = e.total - e.margin
         print(f"{T:>6} {batch:>5} {remat:<5} {group:>5} {est / 2**20:9.0f} {xla / 2**20:9.0f} {est / xla:6.2f}",
               flush=True)

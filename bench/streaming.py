@@ -47,9 +47,9 @@ def model_config(name: str):
 
     if name == "tiny":
         from configs import tiny
-        from tttjax.train.state import model_config as from_train_config
+        from tttjax.model.config import from_run_config
 
-        return from_train_config(tiny.get_config())
+        return from_run_config(tiny.get_config())
     kwargs = dict(MOSHI_7B_LM_KWARGS, **SMALL)
     if name == "small":
         return from_lm_kwargs(kwargs)

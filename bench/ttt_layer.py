@@ -86,7 +86,7 @@ def run_jax(form: str, group: int, T: int, reps: int) -> dict:
     x = jnp.asarray(make_input(T))
 
     def loss(state, x):
-        y = nnx.merge(graphdef, state)(x, form=form)
+        y = nnx.merge(graphdef, state)(x, form=form)[0]
         return jnp.sum(y.astype(jnp.float32) ** 2)
 
     step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))

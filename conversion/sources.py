@@ -3,7 +3,8 @@
 A source knows the Flax path, shape and dtype of every param it holds and reads `param[index]`
 for a prefix `index` (a layer, a (layer, step) pair, or `()` for all of it). Import and export
 walk params slice by slice through this interface, so host memory holds one slice, never the
-model. The PyTorch-file source lives in `conversion.from_pytorch` (it needs the name table).
+model. The PyTorch-file source lives in `conversion.pytorch` (it needs the name table);
+`tttjax.weights.open_weights` picks the source for any weights path.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
 from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
-Path_ = tuple[str, ...]
+from tttjax.model.moshi import MoshiLM, abstract_model
+from tttjax.model.params import Path_, flat_params, path_of
 Index = tuple[int, ...]
 SLICE_BYTES = 64 << 20  # params larger than this are read in 2-D slices (one layer's matrix)
 
@@ -53,8 +58,6 @@ class OrbaxSource(ParamSource):
     """
 
     def __init__(self, directory: str | Path, prefix: Path_ = ()):
-        import orbax.checkpoint as ocp
-
         self.directory = Path(directory).absolute()
         absl = logging.getLogger("absl")
         level = absl.level
@@ -66,7 +69,7 @@ class OrbaxSource(ParamSource):
             absl.setLevel(level)
         self.specs, self._names = {}, {}
         for keys, meta in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            path = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+            path = path_of(keys)
             if path[:len(prefix)] == prefix:
                 self.specs[path[len(prefix):]] = (tuple(meta.shape), np.dtype(meta.dtype))
                 self._names[path[len(prefix):]] = ".".join(path)
@@ -75,8 +78,6 @@ class OrbaxSource(ParamSource):
 
     @functools.lru_cache(maxsize=None)
     def _array(self, path: Path_):
-        import tensorstore as ts
-
         kvstore = {"driver": "ocdbt", "base": f"file://{self.directory}", "path": self._names[path]}
         try:
             return ts.open({"driver": "zarr", "kvstore": kvstore}, read=True).result()
@@ -95,8 +96,7 @@ class ModelSource(ParamSource):
     """
 
     def __init__(self, model: nnx.Module):
-        self._flat = {tuple(str(k) for k in p): v.get_value()
-                      for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        self._flat = flat_params(model)
         self.specs = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in self._flat.items()}
 
     def read(self, path: Path_, index: Index = ()) -> np.ndarray:
@@ -137,28 +137,26 @@ class LayeredSource(ParamSource):
         return self._source(path).indices(path)
 
 
-def copy_into(model: nnx.Module, source: ParamSource, *, source_name: str,
-              allow_missing=lambda path: False) -> None:
-    """Overwrite `model`'s params with `source`'s, slice by slice, keeping each param's dtype and
+def fill(params: dict[Path_, jax.Array], source: ParamSource, *, source_name: str,
+         allow_missing=lambda path: False) -> dict[Path_, jax.Array]:
+    """`params` ({path: array}) with `source`'s values, slice by slice, keeping each array's dtype and
     sharding: each slice goes straight onto the mesh (every process places its own shards).
 
-    Params of the model absent from the source must satisfy `allow_missing` (fresh LoRA / TTT);
-    params of the source absent from the model, and shape mismatches, are errors naming the path.
+    Params absent from the source must satisfy `allow_missing` (fresh LoRA / TTT); params of the
+    source absent from `params`, and shape mismatches, are errors naming the path.
     """
-    state = nnx.state(model, nnx.Param)
-    flat = {tuple(str(k) for k in p): v for p, v in nnx.to_flat_state(state)}
-    extra = sorted(".".join(p) for p in source.specs if p not in flat)
-    missing = sorted(".".join(p) for p in flat if p not in source.specs and not allow_missing(p))
+    extra = sorted(".".join(p) for p in source.specs if p not in params)
+    missing = sorted(".".join(p) for p in params if p not in source.specs and not allow_missing(p))
     shapes = [f"{'.'.join(p)} {source.specs[p][0]} vs model {tuple(v.shape)}"
-              for p, v in flat.items() if p in source.specs and source.specs[p][0] != tuple(v.shape)]
+              for p, v in params.items() if p in source.specs and source.specs[p][0] != tuple(v.shape)]
     problems = ([f"not in the model: {extra}"] if extra else []) + \
                ([f"missing: {missing}"] if missing else []) + ([f"shape mismatch: {shapes}"] if shapes else [])
     if problems:
         raise ValueError(f"{source_name} does not fit the model: " + "; ".join(problems))
-    for path, variable in flat.items():
+    out = dict(params)
+    for path, param in params.items():
         if path not in source.specs:
             continue
-        param = variable.get_value()
         for index in source.indices(path):
             value = source.read(path, index).astype(param.dtype, copy=False)
             if not index:
@@ -166,8 +164,28 @@ def copy_into(model: nnx.Module, source: ParamSource, *, source_name: str,
             else:
                 param = _set_slice(param, _place(value, _drop_leading(param.sharding, len(index))),
                                    *np.asarray(index, np.int32))
-        variable.set_value(param)
+        out[path] = param
+    return out
+
+
+def copy_into(model: nnx.Module, source: ParamSource, *, source_name: str,
+              allow_missing=lambda path: False) -> None:
+    """Overwrite `model`'s params with `source`'s (see `fill`), in place."""
+    state = nnx.state(model, nnx.Param)
+    variables = {path_of(p): v for p, v in nnx.to_flat_state(state)}
+    values = fill({p: v.get_value() for p, v in variables.items()}, source, source_name=source_name,
+                  allow_missing=allow_missing)
+    for path, variable in variables.items():
+        variable.set_value(values[path])
     nnx.update(model, state)
+
+
+def materialize(cfg, source: ParamSource, *, source_name: str) -> MoshiLM:
+    """A model of `cfg` on the default device holding `source`'s params (which must cover them all)."""
+    graphdef, state = nnx.split(abstract_model(cfg))
+    model = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state))
+    copy_into(model, source, source_name=source_name)
+    return model
 
 
 def _place(value: np.ndarray, sharding) -> jax.Array:

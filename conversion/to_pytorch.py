@@ -5,123 +5,20 @@
 
 Writes either the full model with LoRA merged (`consolidated.safetensors`, config.json says
 `"lora": false`) or the adapters only (`lora.safetensors`: LoRA A/B + every TTT tensor, config.json
-with the lora keys). Tensors stream one at a time from their source (an Orbax checkpoint read
-layer by layer, PyTorch base weights, or a live sharded model gathered slice by slice) into the
-file, so the 7B model never sits in host memory; with several processes only process 0 writes.
-The CLI never builds the model when the checkpoint's base weights are on disk.
+with the lora keys), streaming tensor by tensor (conversion/export.py). The CLI never builds the
+model when the checkpoint's base weights are on disk.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import sys
-from pathlib import Path
-from typing import Iterator
 
-import numpy as np
+import jax
 
 from conversion import layout
-from conversion.safetensors_io import SafetensorsWriter
-from conversion.sources import Index, ParamSource, Path_
-from tttjax.model.config import ModelConfig, parse_dtype, to_config_json
-
-FULL_FILE = "consolidated.safetensors"
-ADAPTERS_FILE = "lora.safetensors"
-EXPORT_FILES = (FULL_FILE, ADAPTERS_FILE)
-CONFIG_FILE = "config.json"
-
-
-def write_config(out_dir: Path, config: dict) -> None:
-    """The export's config.json (moshi LM config + lora keys + "ttt" block)."""
-    (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=4, sort_keys=True))
-
-
-@dataclasses.dataclass
-class Export:
-    """One export ready to stream: its file name, config.json, and where every tensor comes from."""
-
-    filename: str
-    config: dict
-    rows: list[layout.Row]  # sorted by tensor name: the file's order
-    source: ParamSource
-    dtype: np.dtype  # stored dtype
-    param_dtype: np.dtype  # values pass through the model's param dtype, as a loaded model holds them
-    lora_scaling: float | None  # fold LoRA into the kernels (full export of a LoRA model), else None
-
-    @property
-    def specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        return {r.name: (r.torch_shape(self.source.specs[r.path][0]), self.dtype) for r in self.rows}
-
-    def _read(self, path: Path_, index: Index) -> np.ndarray:
-        value = self.source.read(path, index).astype(self.param_dtype, copy=False)
-        lora_a = path[:-1] + ("lora_a",)
-        if self.lora_scaling is not None and path[-1] == "kernel" and lora_a in self.source.specs:
-            a, b = (self.source.read(p, index).astype(self.param_dtype, copy=False).astype(np.float32)
-                    for p in (lora_a, path[:-1] + ("lora_b",)))
-            value = value.astype(np.float32) + self.lora_scaling * (a @ b)  # merged in fp32
-        return value
-
-    def _torch_value(self, row: layout.Row) -> np.ndarray:
-        value = row.to_torch(lambda index: self._read(row.path, index))
-        return np.ascontiguousarray(value.astype(self.dtype, copy=False))
-
-    def tensors(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(name, torch value) in file order; with several processes, every process must iterate.
-
-        One worker thread reads and transposes the next tensor while the caller writes this one
-        (both release the GIL); it runs the rows in order, so gathers stay in step across processes.
-        """
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(1, thread_name_prefix="export") as worker:
-            pending = [worker.submit(self._torch_value, row) for row in self.rows[:1]]
-            for i, row in enumerate(self.rows):
-                value = pending.pop().result()
-                if i + 1 < len(self.rows):
-                    pending.append(worker.submit(self._torch_value, self.rows[i + 1]))
-                yield row.name, value
-
-    def write(self, out_dir: str | Path, *, writer: bool = True) -> Path:
-        """Streams the file and writes config.json into `out_dir` (never over an existing export).
-
-        Every process must call it (reading a sharded model gathers); only those with `writer`
-        touch the disk.
-        """
-        out_dir = Path(out_dir)
-        target = out_dir / self.filename
-        if writer:
-            if target.exists() or (out_dir / CONFIG_FILE).exists():
-                raise FileExistsError(f"{out_dir} already holds an export; choose a new --out")
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with SafetensorsWriter(target, self.specs, metadata={"format": "pt"}) as w:
-                for name, value in self.tensors():
-                    w.write(name, value)
-            write_config(out_dir, self.config)
-        else:
-            for _ in self.tensors():
-                pass
-        return target
-
-
-def plan_export(cfg: ModelConfig, source: ParamSource, *, layout_name: str = "moshi", dtype: str = "bfloat16",
-                adapters_only: bool = False) -> Export:
-    """The export of the model `cfg` whose params `source` holds; reads nothing yet."""
-    if adapters_only:
-        if cfg.lora_rank == 0 and not cfg.ttt_layers:
-            raise ValueError("--adapters_only: the model has neither LoRA nor TTT parameters")
-        rows = [r for r in layout.rows(cfg, layout_name) if r.group in ("lora", "ttt")]
-        config, filename, scaling = to_config_json(cfg), ADAPTERS_FILE, None
-    else:
-        rows = layout.rows(dataclasses.replace(cfg, lora_rank=0), layout_name)
-        config, filename = to_config_json(cfg, lora=False), FULL_FILE
-        scaling = cfg.lora_scaling if cfg.lora_rank else None
-    missing = sorted({".".join(r.path) for r in rows if r.path not in source.specs})
-    if missing:
-        raise ValueError(f"the checkpoint does not hold {missing}")
-    return Export(filename, config, sorted(rows, key=lambda r: r.name), source, np.dtype(parse_dtype(dtype)),
-                  np.dtype(cfg.jnp_param_dtype), scaling)
+from conversion.export import plan_export
+from tttjax.weights import open_weights
 
 
 def main(argv=None) -> int:
@@ -133,13 +30,9 @@ def main(argv=None) -> int:
     parser.add_argument("--layout", default="moshi", choices=list(layout.LAYOUTS),
                         help="moshi: in-memory names (moshi-finetune); release: fused names")
     args = parser.parse_args(argv)
-    import jax
-
-    from tttjax.checkpoint.model_dir import open_checkpoint
-
     try:
-        cfg, source = open_checkpoint(args.checkpoint_dir)
-        export = plan_export(cfg, source, layout_name=args.layout, dtype=args.dtype,
+        weights = open_weights(args.checkpoint_dir)
+        export = plan_export(weights.cfg, weights.source, layout_name=args.layout, dtype=args.dtype,
                              adapters_only=args.adapters_only)
         target = export.write(args.out, writer=jax.process_index() == 0)
     except (ValueError, FileNotFoundError, FileExistsError) as e:

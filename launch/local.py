@@ -5,7 +5,7 @@
         --config.mesh.tensor=2
 
 Process i gets JAX_COORDINATOR_ADDRESS=localhost:<free port>, JAX_NUM_PROCESSES=N,
-JAX_PROCESS_ID=i (read by tttjax.sharding.initialize_distributed). With --devices_per_process,
+JAX_PROCESS_ID=i (read by tttjax.parallel.distributed.initialize_distributed). With --devices_per_process,
 each process sees that many fake CPU devices (XLA_FLAGS); with --one_gpu_per_process, process i
 sees local GPU i (JAX_LOCAL_DEVICE_IDS). SIGTERM / SIGINT sent to the launcher are forwarded to
 every process (they save at the agreed step and exit 0). If a process fails, the others are

@@ -5,7 +5,7 @@
 
 The script exports the coordinator (the allocation's first node, port derived from the job id)
 and the process count; each srun task sets JAX_PROCESS_ID from SLURM_PROCID, which
-tttjax.sharding.initialize_distributed reads. --per=host: one process per node seeing all its
+tttjax.parallel.distributed.initialize_distributed reads. --per=host: one process per node seeing all its
 GPUs (JAX_LOCAL_DEVICE_IDS=0..G-1); --per=gpu: one process per GPU (JAX_LOCAL_DEVICE_IDS=
 SLURM_LOCALID). Both give the same global mesh.
 

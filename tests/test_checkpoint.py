@@ -13,7 +13,10 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
-from tttjax.checkpoint import CheckpointManager, check_compatible, restore_params, step_dir
+from conversion.sources import OrbaxSource
+from tttjax.checkpoint import CheckpointManager, check_compatible
+from tttjax.checkpoint.manager import restore_trainables
+from tttjax.rundir import step_dir
 from tttjax.checkpoint import consolidated as consolidated_mod
 
 META = {"ttt": {"layers": "1,5", "mini_batch_size": 16}, "lora": {"rank": 8}, "dims": (64, 4)}
@@ -131,8 +134,6 @@ def test_consolidated_files(tmp_path):
         assert loaded[k].dtype == v.dtype
         np.testing.assert_array_equal(loaded[k], v)
     assert json.loads((d / "config.json").read_text()) == config
-    loaded, loaded_config, name = consolidated_mod.ConsolidatedHandler().restore(d)
-    assert (loaded.keys(), loaded_config, name) == (tensors.keys(), config, "lora.safetensors")
 
 
 def test_bad_export_name_or_data_is_refused(tmp_path):
@@ -193,16 +194,22 @@ def test_metadata_roundtrip_and_mismatch(tmp_path):
     )
 
 
-def test_restore_params_from_step_dir_and_params_dir(tmp_path):
+def test_trained_params_read_from_step_dir_and_params_dir(tmp_path):
+    """A step dir's trained params restore exactly (restore_trainables, checkpoint.init_state_dir); the
+    slice-by-slice reader that conversion and open_weights use reads them and a model dir's params."""
     m = run_saves(tmp_path / "run", [1], max_to_keep=None, save_interval_steps=1)
     m.close()
     params = make_state(1)["params"]
-    assert_tree_equal(restore_params(step_dir(tmp_path / "run", 1), abstract(params)), params)
+    assert_tree_equal(restore_trainables(step_dir(tmp_path / "run", 1), abstract(params)), params)
+    from_step = OrbaxSource(step_dir(tmp_path / "run", 1) / "state", prefix=("params",))
+    assert sorted(from_step.specs) == [("b",), ("w",)]
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(tmp_path / "imported" / "params", params)
-    assert_tree_equal(restore_params(tmp_path / "imported", abstract(params)), params)
-    with pytest.raises(FileNotFoundError, match="neither params/"):
-        restore_params(tmp_path, abstract(params))
+    from_dir = OrbaxSource(tmp_path / "imported" / "params")
+    for source in (from_step, from_dir):
+        for key in ("w", "b"):
+            np.testing.assert_array_equal(source.read((key,)), np.asarray(params[key]))
+            assert source.specs[(key,)][1] == params[key].dtype
 
 
 def test_preemption_poll_only_sees_increasing_steps(tmp_path, monkeypatch):

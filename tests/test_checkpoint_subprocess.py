@@ -186,7 +186,8 @@ def test_two_processes_one_export_then_restore_in_one(tmp_path):
     import numpy as np
     import safetensors.numpy
 
-    from tttjax.checkpoint import CheckpointManager, step_dir
+    from tttjax.checkpoint import CheckpointManager
+    from tttjax.rundir import step_dir
 
     run_dir, port = tmp_path / "run", str(free_port())
     procs = [spawn("twoproc", run_dir, str(pid), port) for pid in (0, 1)]
@@ -235,7 +236,8 @@ def test_sigkill_during_async_save_keeps_previous(tmp_path):
     import jax
     import numpy as np
 
-    from tttjax.checkpoint import CheckpointManager, step_dir
+    from tttjax.checkpoint import CheckpointManager
+    from tttjax.rundir import step_dir
 
     run_dir = tmp_path / "run"
     proc = spawn("kill", run_dir)

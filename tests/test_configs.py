@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from tttjax.model.moshi import abstract_model
-from tttjax.sharding import LOGICAL_RULES, logical_to_spec
-from tttjax.train.state import model_config
+from tttjax.model.config import from_run_config as model_config
+from tttjax.parallel.sharding import LOGICAL_RULES, logical_to_spec
 
 CONFIGS = ["base", "tiny", "moshi_7b_ttt"]
 

@@ -176,14 +176,15 @@ def trained_on_pytorch_base(tmp_path_factory):
 
 def test_step_dir_exports_without_building_the_model(trained_on_pytorch_base, tmp_path, monkeypatch):
     """Full export = the loaded model's export, bitwise; adapters-only never touches the base file."""
+    from conversion.export import plan_export
     from conversion.sources import ModelSource
-    from conversion.to_pytorch import plan_export
-    from tttjax.checkpoint import model_dir
+    from tttjax import weights as weights_lib
 
     root, step = trained_on_pytorch_base
-    model = model_dir.load_model(step)
+    model = weights_lib.load_model(step)
     # From here on the CLI must not build the model (it reads the step's state and the base file).
-    monkeypatch.setattr(model_dir, "_load_step", lambda *a, **k: pytest.fail("the CLI built the model"))
+    for builder in ("materialize", "init_model"):
+        monkeypatch.setattr(weights_lib, builder, lambda *a, **k: pytest.fail("the CLI built the model"))
     assert to_pytorch_main(["--checkpoint_dir", str(step), "--out", str(tmp_path / "full"),
                             "--dtype", "float32"]) == 0
     plan_export(model.cfg, ModelSource(model), dtype="float32").write(tmp_path / "loaded")
@@ -214,20 +215,20 @@ def test_step_dir_exports_without_building_the_model(trained_on_pytorch_base, tm
 
 def _child(weights: str, config: str, out: str) -> None:
     """One process: import fsdp-sharded, check its shards, export (process 0 writes)."""
-    from tttjax import sharding as sh
+    from tttjax.parallel import distributed, mesh as mesh_lib
 
-    sh.initialize_distributed()
+    distributed.initialize_distributed()
     import jax
     from flax import nnx
 
-    from conversion.from_pytorch import open_pytorch
+    from conversion.pytorch import open_pytorch
     from conversion.sources import ModelSource, copy_into
-    from conversion.to_pytorch import plan_export
-    from tttjax.train.state import init_model
+    from conversion.export import plan_export
+    from tttjax.model.params import init_model
 
     assert jax.process_count() == 2 and jax.device_count() == 8
     source = open_pytorch(weights, config)
-    mesh = sh.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     model = init_model(source.cfg, mesh, seed=0)
     before = {p: v.get_value().sharding for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     copy_into(model, source, source_name=weights)

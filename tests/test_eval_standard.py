@@ -115,7 +115,7 @@ def _error(capsys) -> str:
 def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     base = ["--data", str(imported["codes_file"])]
     assert eval_main(["--checkpoint_dir", str(tmp_path / "nope")] + base) == 1
-    assert "no such directory" in _error(capsys)
+    assert "no such checkpoint directory" in _error(capsys)
 
     assert eval_main(["--checkpoint_dir", str(tmp_path)] + base) == 1
     assert "neither a training step dir" in _error(capsys)
@@ -136,10 +136,11 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     assert "missing.npy not found" in _error(capsys)
 
     # a batch size that cannot fit: refused before running, naming the flag and what would fit.
-    from tttjax.checkpoint.model_dir import read_config
-    from tttjax.eval import memory
+    from tttjax import memory
+    from tttjax.weights import open_weights
 
-    one_row = memory.estimate_bytes(read_config(imported["dir"]), 1, 12)
+    one_row = memory.estimate_memory(open_weights(imported["dir"]).cfg, batch_size=1, num_frames=12,
+                                     training=False).activations
     monkeypatch.setattr(memory, "free_bytes", lambda: 2 * one_row)
     assert eval_main(ckpt + base + ["--batch_size", "3"]) == 1
     err = _error(capsys)

@@ -12,9 +12,12 @@ import pytest
 from flax import nnx
 
 import torch_reference as ref
-from conversion.from_pytorch import ConversionError, load_pytorch, main as from_pytorch_main
+from conversion.from_pytorch import main as from_pytorch_main
+from conversion.pytorch import ConversionError, load_pytorch
+from conversion.to_pytorch import main as to_pytorch_main
+from tttjax.checkpoint.model_dir import save_model
 from conversion.safetensors_io import SafetensorsError
-from tttjax.checkpoint.model_dir import load_model
+from tttjax.weights import load_model
 
 CONFIGS = {
     "small": ref.lm_kwargs(),
@@ -73,11 +76,13 @@ def test_lora_adapters_and_merged_match_moshi(tmp_path):
     model = load_pytorch(weights, config, lora=lora_file)
     assert model.cfg.lora_rank == 4
     assert_parity(flax_forward(model, codes), want)
-    # Merging LoRA into the base kernels leaves the function unchanged.
-    from tttjax.model.lora import merge_lora
-
-    merge_lora(model)
-    assert_parity(flax_forward(model, codes), want)
+    # Merging LoRA into the base kernels (the full export) leaves the function unchanged.
+    save_model(tmp_path / "ckpt", model)
+    assert to_pytorch_main(["--checkpoint_dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "merged"),
+                            "--dtype", "float32"]) == 0
+    merged = load_pytorch(tmp_path / "merged" / "consolidated.safetensors", tmp_path / "merged" / "config.json")
+    assert merged.cfg.lora_rank == 0
+    assert_parity(flax_forward(merged, codes), want)
     # Without the adapters the model is a different function (the test above could fail).
     plain = load_pytorch(weights, config)
     assert plain.cfg.lora_rank == 0

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_reference as ref
-from conversion.from_pytorch import load_pytorch
+from conversion.pytorch import load_pytorch
 from tttjax.train import optimizer as optim_lib
 from tttjax.train.loss import loss_terms, objective
 

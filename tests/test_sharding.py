@@ -19,7 +19,8 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tttjax import sharding as sh
+from tttjax import memory
+from tttjax.parallel import distributed, mesh as mesh_lib, sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
@@ -35,17 +36,18 @@ NUM_STEPS = 3
 
 
 def test_resolve_mesh():
-    assert sh.resolve_mesh({"data": -1, "fsdp": 1, "tensor": 1}, 8) == ((8, 1, 1), (1, 1, 1))
-    assert sh.resolve_mesh({"data": 1, "fsdp": -1, "tensor": 2}, 8) == ((1, 4, 2), (1, 1, 1))
+    assert mesh_lib.resolve_mesh({"data": -1, "fsdp": 1, "tensor": 1}, 8) == ((8, 1, 1), (1, 1, 1))
+    assert mesh_lib.resolve_mesh({"data": 1, "fsdp": -1, "tensor": 2}, 8) == ((1, 4, 2), (1, 1, 1))
     # multi-slice: per-slice ICI sizes x DCN sizes over 4 slices of 16 devices
-    assert sh.resolve_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": -1}, 64, 4) == ((1, 16, 1), (4, 1, 1))
-    assert sh.mesh_shape({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2, "dcn_fsdp": -1}, 64, 4) == (2, 32, 1)
+    assert mesh_lib.resolve_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": -1}, 64, 4) == ((1, 16, 1), (4, 1, 1))
+    assert mesh_lib.resolve_mesh({"data": 1, "fsdp": -1, "tensor": 1, "dcn_data": 2, "dcn_fsdp": -1}, 64, 4) == \
+        ((1, 16, 1), (2, 2, 1))
     for bad, match in [({"data": -1, "fsdp": -1}, "at most one"), ({"data": 3}, "does not fit"),
                        ({"data": 2, "fsdp": 2, "tensor": 1}, "uses 4 of 8"), ({"data": 0}, ">= 1")]:
         with pytest.raises(ValueError, match=match):
-            sh.resolve_mesh(bad, 8)
+            mesh_lib.resolve_mesh(bad, 8)
     with pytest.raises(ValueError, match="dcn"):
-        sh.resolve_mesh({"data": -1, "dcn_data": 3}, 8, 2)
+        mesh_lib.resolve_mesh({"data": -1, "dcn_data": 3}, 8, 2)
 
 
 def test_fit_spec_drops_what_does_not_divide_and_repeated_axes():
@@ -63,7 +65,7 @@ class _Unannotated(nnx.Module):
 
 
 def test_state_shardings_rejects_a_parameter_without_sharding_names():
-    mesh = sh.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     with nnx.use_eager_sharding(False):  # as the model is built (tttjax.model.moshi.create_model)
         model = _Unannotated()
         with pytest.raises(ValueError, match=r"parameter bad \(4, 8\) has no sharding annotation"):
@@ -81,7 +83,7 @@ def test_state_shardings_rejects_a_parameter_without_sharding_names():
 def test_7b_parameters_are_all_sharded_on_a_v5p_64_mesh():
     """Every 7B weight is split over fsdp=32 except small ones (norms, TTT inner weights, gates)."""
     from tttjax.model.moshi import abstract_model
-    from tttjax.train.state import model_config
+    from tttjax.model.config import from_run_config as model_config
 
     cfg = model_config(importlib.import_module("configs.moshi_7b_ttt").get_config())
     sizes = {"data": 1, "fsdp": 32, "tensor": 1}
@@ -91,7 +93,7 @@ def test_7b_parameters_are_all_sharded_on_a_v5p_64_mesh():
         spec = sh.param_specs(nnx.State({"x": variable}), sizes)["x"]
         n = int(np.prod(variable.shape))
         total += n
-        local += n // sh._shards(spec, sizes)
+        local += n // memory._shards(spec, sizes)
         if spec == P() or all(a is None for a in spec):
             replicated.append((".".join(map(str, path)), n))
     assert max(n for _, n in replicated) <= 2 * 1024 * 1024, sorted(replicated, key=lambda x: -x[1])[:5]
@@ -105,7 +107,7 @@ def test_opt_state_shardings_follow_params():
     from tttjax.train.optimizer import make_optimizer
 
     config = importlib.import_module("configs.tiny").get_config()
-    mesh = sh.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
     def put(shape, spec):
         return jax.device_put(jnp.ones(shape), jax.sharding.NamedSharding(mesh, spec))
 
@@ -127,28 +129,28 @@ def test_opt_state_shardings_follow_params():
 
 def _estimate(remat, **mesh):
     from tttjax.data import num_frames
-    from tttjax.train.state import model_config
+    from tttjax.model.config import from_run_config as model_config
 
     config = importlib.import_module("configs.moshi_7b_ttt").get_config()
     config.remat = remat
-    return sh.estimate_memory(model_config(config), batch_size=config.batch_size, num_microbatches=1,
+    return memory.estimate_memory(model_config(config), batch_size=config.batch_size, num_microbatches=1,
                               num_frames=num_frames(config.duration_sec), full_finetuning=False, mesh_axes=mesh)
 
 
 def test_memory_estimate_7b():
     v5p_64 = _estimate("full", data=1, fsdp=16, tensor=2)  # 32 chips, 95 GiB each (batch 16: 16-way batch split)
     h100 = _estimate("full", data=1, fsdp=8, tensor=1)  # 8 x H100 80 GB
-    assert v5p_64.total < h100.total < 25 * sh.GiB
+    assert v5p_64.total < h100.total < 25 * memory.GiB
     assert v5p_64.frozen_params == pytest.approx(7.69e9 * 2 / 32, rel=0.05)
     assert _estimate("dots", data=1, fsdp=8, tensor=1).total > h100.total
     data_parallel = _estimate("none", data=8, fsdp=1, tensor=1)
     assert data_parallel.total > 80e9  # does not fit an H100: the check says so
     with pytest.raises(ValueError, match="exceeds device memory.*mesh.fsdp"):
-        sh.check_memory(data_parallel, 80 * 10**9, mode="error", what="8xH100 data-parallel")
-    assert "exceeds device memory" in sh.check_memory(data_parallel, 80 * 10**9, mode="warn", what="x")
-    assert sh.check_memory(h100, 80 * 10**9, mode="error", what="8xH100 fsdp") is None
+        memory.check_memory(data_parallel, 80 * 10**9, mode="error", what="8xH100 data-parallel")
+    assert "exceeds device memory" in memory.check_memory(data_parallel, 80 * 10**9, mode="warn", what="x")
+    assert memory.check_memory(h100, 80 * 10**9, mode="error", what="8xH100 fsdp") is None
     with pytest.raises(ValueError, match="memory_check"):
-        sh.check_memory(h100, None, mode="typo", what="")
+        memory.check_memory(h100, None, mode="typo", what="")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ def _child(out: str, meshes: str) -> None:
     import tempfile
 
     meshes = [tuple(int(n) for n in m.split("x")) for m in meshes.split(",")]
-    sh.initialize_distributed()  # before anything starts JAX's backend, as tttjax.main does
+    distributed.initialize_distributed()  # before anything starts JAX's backend, as tttjax.main does
     assert jax.device_count() == int(np.prod(meshes[0])), jax.devices()
     results, report = {}, {}
     for mesh in meshes:
@@ -247,7 +249,7 @@ def test_sharded_train_step_matches_one_device(tmp_path):
     for mesh in MESHES:
         name = "x".join(map(str, mesh))
         r = report[name]
-        assert r["mesh"] == dict(zip(sh.MESH_AXES, mesh))
+        assert r["mesh"] == dict(zip(mesh_lib.MESH_AXES, mesh))
         assert r["kept"] and r["mu_like_params"] and r["scalars_replicated"], r
         assert r["sharded_params"] > r["num_params"] // 2 and r["frozen_sharded"] > 10, r
         assert r["batch_spec"][0] == ["data", "fsdp"] and not any(r["batch_spec"][1:]), r

@@ -150,7 +150,7 @@ primal = jax.jit(ttt_mlp_primal, static_argnames=("mini_batch_size", "causal"))
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _apply(graphdef, state, h, form):
-    return nnx.merge(graphdef, state)(h, form=form)
+    return nnx.merge(graphdef, state)(h, form=form)[0]
 
 
 def run(module, h, form="dual"):
@@ -352,7 +352,7 @@ def _fd_check(module, h):
 
     def loss(v):
         s, x = unravel(v)
-        return jnp.sum(weights * nnx.merge(graphdef, s)(x))
+        return jnp.sum(weights * nnx.merge(graphdef, s)(x)[0])
 
     grad = jax.jit(jax.grad(loss))(flat)
     eps = 1e-5
@@ -394,7 +394,7 @@ def test_bf16_params_keep_fp32_inner_loop():
     block16 = make_block(D=16, H=2, K=4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     h = jnp.asarray(np.random.default_rng(6).normal(size=(2, 10, 16)), jnp.bfloat16)
     graphdef, state = nnx.split(block16)
-    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x))(state, h)
+    jaxpr = jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x)[0])(state, h)
     assert jaxpr.out_avals[0].dtype == jnp.bfloat16
     dots = _dot_dtypes(jaxpr.jaxpr)
     inner = [dt for dt, in_scan in dots if in_scan]

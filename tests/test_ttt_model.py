@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import torch_reference as ref
-from conversion.from_pytorch import load_pytorch
+from conversion.pytorch import load_pytorch
 from conversion.to_pytorch import main as to_pytorch_main
 from conversion.torch_ttt import load_ttt_moshi
 from test_moshi_parity import assert_parity, flax_forward
@@ -37,7 +37,7 @@ def with_fresh_ttt(weights, config, lora=None):
     from tttjax.model.config import from_config_json
     from tttjax.model.moshi import create_model
     from conversion.sources import ModelSource, copy_into
-    from tttjax.train.state import is_ttt
+    from tttjax.model.params import is_ttt
 
     data = json.loads(config.read_text())
     base_json = ref.save_config(config.with_name("base.json"), {k: v for k, v in data.items() if k != "ttt"})
@@ -136,7 +136,7 @@ def test_zero_gate_equals_plain_moshi(tmp_path):
 def test_missing_ttt_tensors_are_named(tmp_path):
     kwargs = ref.lm_kwargs(num_layers=3)
     _, weights, config, _ = ttt_model(tmp_path, kwargs, TTT)
-    from conversion.from_pytorch import ConversionError
+    from conversion.pytorch import ConversionError
 
     with pytest.raises(ConversionError, match=r"missing keys \[.*transformer.layers.0.seq_modeling_block"):
         load_pytorch(weights, config)

@@ -14,26 +14,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-
-def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.ndarray:
-    """int codes [B, len(limits), T] from .npy; row r must hold ids in [-1, limits[r]) (-1 = no token)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    codes = np.load(path, allow_pickle=False)
-    if codes.ndim != 3 or codes.shape[1] != len(limits):
-        raise ValueError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{path}: {what} have dtype {codes.dtype}, expected integers")
-    bad = (codes < -1) | (codes >= np.asarray(limits)[None, :, None])
-    if bad.any():
-        row = int(np.argwhere(bad)[0][1])
-        raise ValueError(f"{path}: {what} row {row} has ids outside [-1, {limits[row]}) (-1 = no token)")
-    return codes.astype(np.int32)
+from tttjax.data.codes import load_codes
+from tttjax.model.moshi import initial_tokens
+from tttjax.model.streaming import StreamingLM, chunked_forward
+from tttjax.weights import load_model
 
 
 def main(argv=None) -> int:
@@ -48,19 +37,11 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk_size", type=int, default=1, help="frames per streaming call (with --streaming)")
     args = parser.parse_args(argv)
 
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tttjax.checkpoint.model_dir import load_model
-    from tttjax.model.moshi import initial_tokens
-
     try:
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
         codes = load_codes(args.codes, initial_tokens(cfg))  # each stream's initial token = its vocab size
         if args.streaming:
-            from tttjax.model.streaming import StreamingLM, chunked_forward
-
             if args.chunk_size < 1:
                 raise ValueError(f"--chunk_size={args.chunk_size} must be >= 1")
             streamer = StreamingLM(model)

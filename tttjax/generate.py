@@ -20,7 +20,9 @@ import time
 
 import numpy as np
 
-from tttjax.forward import load_codes
+from tttjax.data.codes import load_codes
+from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
+from tttjax.weights import load_model
 
 
 def main(argv=None) -> int:
@@ -36,10 +38,6 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32)")
     args = parser.parse_args(argv)
-
-    from tttjax.checkpoint.model_dir import load_model
-    from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
-
     sampling = GREEDY if args.greedy else Sampling(True, args.temp, args.temp_text, args.top_k, args.top_k_text)
     try:
         if args.top_k < 0 or args.top_k_text < 0:

@@ -8,30 +8,38 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from tttjax.host_malloc import reexec_with_huge_pages
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "training config file (configs/*.py)",
-                                          lock_config=True)
-flags.mark_flags_as_required(["config"])
+if __name__ == "__main__":
+    reexec_with_huge_pages()  # before JAX is imported: the process executes itself again once
+
+from absl import logging  # noqa: E402
+
+from tttjax import run_config  # noqa: E402
+from tttjax.train.loop import Trainer, TrainingError  # noqa: E402
+
+USAGE = "usage: python -m tttjax.main --config=configs/x.py [--config.a.b=v ...]"
 
 
-def main(argv) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
-    from tttjax.train.loop import Trainer, TrainingError
-
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        return Trainer(_CONFIG.value).run()
+        spec, overrides, rest = run_config.split_config_args(argv)
+        if rest:
+            raise run_config.ConfigError(f"unexpected arguments {rest}\n{USAGE}")
+        if spec is None:
+            raise run_config.ConfigError(f"--config is required\n{USAGE}")
+        config = run_config.load(spec, overrides)
+    except run_config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    try:
+        return Trainer(config).run()
     except (TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
-    from tttjax.host_malloc import reexec_with_huge_pages
-
-    reexec_with_huge_pages()
-    app.run(main)
+    sys.exit(main())

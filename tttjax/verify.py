@@ -29,7 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion.to_pytorch import EXPORT_FILES
+from conversion import layout
+from conversion.safetensors_io import load as load_safetensors
+from conversion.sources import OrbaxSource, materialize
+from tttjax import rundir
+from tttjax.model.params import flat_abstract, flat_params, is_ttt
+from tttjax.weights import Weights, open_weights
 
 
 @dataclasses.dataclass
@@ -86,23 +91,13 @@ def _layer_of(name: str) -> int:
     return int(re.match(r"transformer\.layers\.(\d+)\.", name).group(1))
 
 
-def _path_key(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def stored_shapes(directory: Path, kind: str) -> dict[tuple[str, ...], tuple[int, ...]]:
+def stored_shapes(weights: Weights) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{param path: shape} of what the checkpoint stores, from Orbax metadata only."""
-    from conversion.sources import OrbaxSource
-
-    if kind == "step":
-        return {p: shape for p, (shape, _) in OrbaxSource(directory / "state", prefix=("params",)).specs.items()}
-    return {p: shape for p, (shape, _) in OrbaxSource(directory / "params").specs.items()}
-
-
-def find_export(directory: Path) -> Path | None:
-    consolidated = directory / "consolidated"
-    found = [consolidated / n for n in EXPORT_FILES if (consolidated / n).is_file()]
-    return found[0] if len(found) == 1 else None
+    if weights.kind == rundir.STEP:
+        source = OrbaxSource(weights.path / rundir.STATE, prefix=("params",))
+    else:
+        source = OrbaxSource(weights.path / rundir.PARAMS_DIR)
+    return {p: shape for p, (shape, _) in source.specs.items()}
 
 
 def _compare(name: str, expected: np.ndarray, stored: np.ndarray, report: Report) -> None:
@@ -121,18 +116,16 @@ def _compare(name: str, expected: np.ndarray, stored: np.ndarray, report: Report
 
 def verify(directory: str | Path, *, model=None, safetensors: str | Path | None = None) -> Report:
     """Runs the checks above; `model` skips loading (the eval CLI passes the model it loaded)."""
-    from conversion import layout
-    from tttjax.checkpoint.model_dir import checkpoint_config
-    from tttjax.model.moshi import abstract_model
-    from tttjax.train.state import flat_params, is_ttt
-
     directory = Path(directory)
     report = Report(str(directory))
     try:
-        cfg, report.kind = checkpoint_config(directory)
+        weights = open_weights(directory)
+        if weights.kind == rundir.PYTORCH:
+            raise ValueError(f"{directory}: verify checks a tttjax checkpoint (a step dir or a model dir)")
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
         return report
+    cfg, report.kind = weights.cfg, "step" if weights.kind == rundir.STEP else "imported"
     report.ttt_layers = tuple(cfg.ttt_layers)
     if not cfg.ttt_layers:
         report.errors.append("the checkpoint's config has no TTT layers (ttt.enable false / no 'ttt' block in "
@@ -140,10 +133,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
         return report
 
     # 1. the expected tensors, their counts.
-    from flax import nnx
-
-    abstract = {_path_key(p): tuple(v.get_value().shape)
-                for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))}
+    abstract = {p: tuple(v.shape) for p, v in flat_abstract(cfg).items()}
     rows = [r for r in layout.rows(cfg) if r.group == "ttt"]
     for r in rows:
         layer = _layer_of(r.name)
@@ -153,7 +143,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
 
     # 2. stored in the checkpoint (metadata).
     try:
-        stored = stored_shapes(directory, report.kind)
+        stored = stored_shapes(weights)
     except Exception as e:  # Orbax raises many types for a damaged directory
         report.errors.append(f"cannot read the checkpoint's metadata ({type(e).__name__}: {e})")
         return report
@@ -172,10 +162,8 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
 
     # 3. load, finite.
     if model is None:
-        from tttjax.checkpoint.model_dir import load_model
-
         try:
-            model = load_model(directory)
+            model = materialize(cfg, weights.source, source_name=str(directory))
         except Exception as e:  # a corrupt checkpoint can fail anywhere in Orbax / tensorstore
             report.errors.append(f"loading failed ({type(e).__name__}: {e})")
             return report
@@ -189,19 +177,17 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
             report.different.append(f"{r.name}: {int(np.sum(~np.isfinite(value)))} non-finite values")
 
     # 4. the export.
-    export = Path(safetensors) if safetensors else find_export(directory)
+    export = Path(safetensors) if safetensors else rundir.find_export(directory)
     if export is None:
         if report.kind == "step":
-            report.missing.append(f"{directory / 'consolidated'}: no {' or '.join(EXPORT_FILES)}")
+            report.missing.append(f"{directory / rundir.CONSOLIDATED}: no {' or '.join(rundir.EXPORT_FILES)}")
         else:
             report.notes.append("imported checkpoint without an export to compare; pass --safetensors FILE "
                                 "(e.g. the lora.safetensors it was imported from) to compare values")
         return report
     report.export = str(export)
     try:
-        from conversion.safetensors_io import load
-
-        tensors = load(export)
+        tensors = load_safetensors(export)
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
         return report
@@ -214,9 +200,13 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
     expected_names = {r.name for r in rows}
     report.unexpected += [f"{k} (in {export.name}, not a TTT tensor of this config)" for k in sorted(tensors)
                           if "seq_modeling_block" in k and k not in expected_names]
-    config_json = export.parent / "config.json"
+    config_json = export.parent / rundir.CONFIG_FILE
     if config_json.is_file() and not safetensors:
-        saved = (json.loads(config_json.read_text()).get("ttt") or {})
+        try:
+            saved = rundir.read_json(config_json).get("ttt") or {}
+        except ValueError as e:
+            report.errors.append(str(e))
+            return report
         want = cfg.ttt_dict()
         for key in sorted(set(saved) | set(want)):
             if key in ("scan_remat_group",):

@@ -1,13 +1,14 @@
 """The `consolidated/` item: the PyTorch-layout export written inside an Orbax step.
 
 It is an Orbax handler (not a side file) so that the export is part of the step's atomic
-commit: a step whose safetensors file was not fully written is never finalized.
+commit: a step whose safetensors file was not fully written is never finalized. The file is
+written by the one export writer (`conversion.export.write_export`) from tensors gathered when
+the save starts (`Export.tensors()`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import jax
@@ -15,15 +16,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import future
 
-from conversion import safetensors_io
-from conversion.to_pytorch import CONFIG_FILE, EXPORT_FILES, write_config
-
+from conversion.export import write_export
+from tttjax.rundir import EXPORT_FILES
 
 
 def _write(directory: Path, args: ConsolidatedSave) -> None:
-    """Writes the safetensors file (keys sorted, torch format tag) and config.json."""
-    safetensors_io.save(directory / args.filename, args.tensors, metadata={"format": "pt"})
-    write_config(directory, args.config)
+    specs = {name: (value.shape, value.dtype) for name, value in args.tensors.items()}
+    write_export(directory, args.filename, args.config, specs, sorted(args.tensors.items()))
 
 
 def _owned(args: ConsolidatedSave) -> ConsolidatedSave:
@@ -49,17 +48,13 @@ class ConsolidatedHandler(ocp.AsyncCheckpointHandler):
         if jax.process_index() == 0:
             _write(Path(directory), args)
 
-    def restore(self, directory, args: ConsolidatedRestore | None = None):
-        """Returns (tensors, config, filename)."""
-        directory = Path(directory)
-        names = [n for n in EXPORT_FILES if (directory / n).exists()]
-        if len(names) != 1:
-            raise FileNotFoundError(f"{directory}: expected one of {EXPORT_FILES}, found {names}")
-        tensors = safetensors_io.load(directory / names[0])
-        return tensors, json.loads((directory / CONFIG_FILE).read_text()), names[0]
+    def restore(self, directory, args=None):
+        """Orbax requires it; nothing restores this item (an export is read as PyTorch weights)."""
+        raise NotImplementedError(f"{directory}: the consolidated/ export is not restored; open it as PyTorch weights")
 
 
-@ocp.args.register_with_handler(ConsolidatedHandler, for_save=True)
+# Orbax finds a handler through args registered for saving and restoring; nothing restores this item.
+@ocp.args.register_with_handler(ConsolidatedHandler, for_save=True, for_restore=True)
 @dataclasses.dataclass
 class ConsolidatedSave(ocp.args.CheckpointArgs):
     """Named host tensors (numpy; written after `save` returns, so do not mutate them), the
@@ -72,9 +67,3 @@ class ConsolidatedSave(ocp.args.CheckpointArgs):
     def __post_init__(self):
         if self.filename not in EXPORT_FILES:
             raise ValueError(f"consolidated filename {self.filename!r} is not one of {EXPORT_FILES}")
-
-
-@ocp.args.register_with_handler(ConsolidatedHandler, for_restore=True)
-@dataclasses.dataclass
-class ConsolidatedRestore(ocp.args.CheckpointArgs):
-    """Restores (tensors, config, filename)."""

@@ -17,25 +17,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tttjax.checkpoint.consolidated import ConsolidatedHandler, ConsolidatedSave
+from tttjax.rundir import CONSOLIDATED, DATA, DATA_FILE, STATE, STEP_DIGITS, STEP_PREFIX, checkpoints_dir
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-STEP_PREFIX = "checkpoint"
-STEP_DIGITS = 6
-STATE, DATA, CONSOLIDATED = "state", "data", "consolidated"
-DATA_FILE = "position.json"
 # Orbax's default (20 min) is too short for a 7B train state on a slow filesystem; MaxText/Levanter use 30-60.
 ASYNC_TIMEOUT_S = 3600
-
-
-def checkpoints_dir(run_dir) -> Path:
-    return Path(run_dir).absolute() / CHECKPOINTS
-
-
-def step_dir(run_dir, step: int) -> Path:
-    """`<run_dir>/checkpoints/checkpoint_NNNNNN`: the committed directory of `step`."""
-    return checkpoints_dir(run_dir) / f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
 
 
 def _remove_uncommitted(directory: Path) -> None:
@@ -47,11 +34,11 @@ def _remove_uncommitted(directory: Path) -> None:
     ocp.multihost.sync_global_processes("tttjax_checkpoint_cleanup")
 
 
-
 def storage_save_args(tree):
     """Orbax SaveArgs that store each trailing 2-D matrix of a stacked array (one layer, one
     depformer step) as its own chunk, so that conversion reads a layer without the rest."""
     return jax.tree.map(lambda x: ocp.SaveArgs(shard_axes=tuple(range(max(np.ndim(x) - 2, 0)))), tree)
+
 
 class _OrbaxManager(ocp.CheckpointManager):
     """Orbax's manager, but JAX's preemption sync point is only polled with the loop's step.
@@ -159,8 +146,7 @@ class CheckpointManager:
         items = {STATE: ocp.args.StandardSave(state, save_args=storage_save_args(state)),
                  DATA: ocp.args.JsonSave(data_position)}
         if consolidated is not None:
-            tensors, config, filename = consolidated
-            items[CONSOLIDATED] = ConsolidatedSave(tensors, config, filename)
+            items[CONSOLIDATED] = ConsolidatedSave(*consolidated)
         return self._mngr.save(
             step, args=ocp.args.Composite(**items), custom_metadata=self._metadata, force=True
         )
@@ -207,3 +193,13 @@ class CheckpointManager:
     def close(self) -> None:
         """Waits for the in-flight save, then releases Orbax's threads."""
         self._mngr.close()
+
+
+def restore_trainables(step: Path, abstract_params):
+    """The trained params (fp32 masters, `state["params"]`) of a step dir, onto the shardings of
+    `abstract_params`, exactly as saved (checkpoint.init_state_dir: weights only)."""
+    target = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                  partial_restore=True)
+    with ocp.PyTreeCheckpointer() as ckptr:
+        return ckptr.restore(Path(step) / STATE, args=args)["params"]

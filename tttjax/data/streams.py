@@ -4,7 +4,6 @@ import math
 
 FRAME_RATE = 12.5  # Mimi frames per second
 SAMPLE_RATE = 24000  # Mimi's input sample rate
-SAMPLES_PER_FRAME = int(SAMPLE_RATE / FRAME_RATE)  # 1920
 CODEBOOKS_PER_SPEAKER = 8
 NUM_STREAMS = 1 + 2 * CODEBOOKS_PER_SPEAKER  # text, Moshi's 8 codebooks, the user's 8
 MIMI_CARD = 2048

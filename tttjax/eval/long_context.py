@@ -24,7 +24,15 @@ import json
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from tttjax.data.codes import load_codes
+from tttjax.model.moshi import initial_tokens
+from tttjax.model.streaming import StreamingLM, iter_chunks
+from tttjax.weights import load_model
 
 DEFAULT_BUCKETS = (0, 2000, 8000, 32000)
 TABLE_STREAMS = ("text", "text_nonpad", "audio_semantic", "audio_acoustic", "audio")
@@ -35,11 +43,9 @@ def stream_names(dep_q: int) -> list[str]:
             + ["audio_semantic", "audio_acoustic", "audio"])
 
 
+@jax.jit
 def _token_nll(logits, targets, mask):
     """-log p(target) [B, S, T] (0 where masked), logits [B, S, T, V] fp32, targets may be -1 there."""
-    import jax
-    import jax.numpy as jnp
-
     logp = jax.nn.log_softmax(jnp.where(mask[..., None], logits, 0.0), axis=-1)
     picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(mask, -picked, 0.0)
@@ -95,50 +101,24 @@ class Curve:
 
 
 def chunked_curve(model, codes_list, *, chunk_size: int = 64, curve: Curve | None = None) -> Curve:
-    """Per-frame CE through `forward_chunk`, chunk_size frames at a time (state carried)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from tttjax.model.streaming import DecodeLM, check_streamable, forward_chunk, init_chunk_state
-
+    """Per-frame CE through the streaming forward (`streaming.iter_chunks`), chunk_size frames at a
+    time with the KV cache and the TTT state carried."""
     cfg = model.cfg
-    check_streamable(cfg)
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     curve = curve or Curve(cfg.dep_q, (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id))
-    decode = DecodeLM(model)
-    graphdef, params = nnx.split(decode)
-
-    @functools.partial(jax.jit, donate_argnums=1)
-    def run(params, state, chunk):
-        state, out = forward_chunk(nnx.merge(graphdef, params), state, chunk)
-        return state, (_token_nll(out.text_logits, out.text_targets, out.text_mask)[:, 0], out.text_mask[:, 0],
-                       out.text_targets[:, 0], _token_nll(out.logits, out.targets, out.mask), out.mask)
-
+    streamer = StreamingLM(model)
     delays = np.asarray(cfg.delays[:1 + cfg.dep_q])[:, None]
     for codes in codes_list:
-        codes = np.asarray(codes, np.int32)
-        B, K, T = codes.shape
-        padded = -(-T // chunk_size) * chunk_size
-        codes = np.concatenate([codes, np.full((B, K, padded - T), -1, np.int32)], axis=2)
-        state = init_chunk_state(decode, B, max_frames=padded)
-        for start in range(0, T, chunk_size):
-            state, values = run(params, state, jnp.asarray(codes[:, :, start:start + chunk_size]))
-            n = min(chunk_size, T - start)
-            text_nll, text_mask, text_target, audio_nll, audio_mask = (np.asarray(v)[..., :n] for v in values)
+        for start, n, out in iter_chunks(streamer, np.asarray(codes, np.int32), chunk_size):
+            text_nll = _token_nll(out.text_logits, out.text_targets, out.text_mask)[:, 0]
+            audio_nll = _token_nll(out.logits, out.targets, out.mask)
+            values = (text_nll, out.text_mask[:, 0], out.text_targets[:, 0], audio_nll, out.mask)
             frames = start + np.arange(n)[None, :] - delays  # step t of stream k scores frame t - delay_k
-            curve.add(frames, text_nll, text_mask, text_target, audio_nll, audio_mask)
+            curve.add(frames, *(np.asarray(v)[..., :n] for v in values))
     return curve
 
 
 def single_pass_curve(model, codes_list, *, curve: Curve | None = None) -> Curve:
     """Per-frame CE from one full-sequence forward per file (`MoshiLM(codes)`); memory grows with T."""
-    import jax.numpy as jnp
-    from flax import nnx
-
     cfg = model.cfg
     curve = curve or Curve(cfg.dep_q, (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id))
 
@@ -213,7 +193,7 @@ def write_csv(curve: Curve, path: Path) -> None:
 
 def write_plot(curve: Curve, path: Path, *, context: int | None, title: str) -> None:
     """PNG of the per-frame curves (log frame axis), with the attention context marked."""
-    import matplotlib
+    import matplotlib  # heavy: only this CLI's plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -253,15 +233,11 @@ def main(argv=None) -> int:
     parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="bucket edges in frames")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32)")
     args = parser.parse_args(argv)
-
-    from tttjax.checkpoint.model_dir import load_model
-    from tttjax.eval.standard import load_codes_file
-
     try:
         edges = sorted({int(e) for e in args.buckets.split(",") if e.strip()} | {0})
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
-        codes = [load_codes_file(p, cfg) for p in args.codes]
+        codes = [load_codes(p, initial_tokens(cfg)) for p in args.codes]
         if args.chunk_size > 0:
             curve = chunked_curve(model, codes, chunk_size=args.chunk_size)
         elif args.chunk_size == 0:

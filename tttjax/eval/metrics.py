@@ -11,20 +11,6 @@ from typing import Iterable
 
 import numpy as np
 
-from tttjax.train.loss import loss_terms
-
-
-def make_terms_fn(cfg, *, text_padding_weight: float, first_codebook_weight_multiplier: float):
-    """model, codes -> loss_terms sums (jit it with the model's graph)."""
-    pad_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
-
-    def terms(model, codes):
-        return loss_terms(model.predictions(codes), text_padding_ids=pad_ids,
-                          text_padding_weight=text_padding_weight,
-                          first_codebook_weight_multiplier=first_codebook_weight_multiplier)
-
-    return terms
-
 
 def accumulate(term_batches: Iterable[dict]) -> dict[str, np.ndarray]:
     total: dict[str, np.ndarray] = {}

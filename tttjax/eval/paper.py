@@ -14,19 +14,27 @@ and is reduced in float64, so equal token sets give exactly equal scores.
 
 A trial scores 1 if ll(pos) > ll(neg), 1/2 on a tie, else 0; trials of one pair (its voices) are
 averaged; pairs are averaged per group and overall (ZeroSpeech 2021's by-pair protocol).
+`score_pairs` runs the whole pipeline for `python -m tttjax.eval --eval_type paper_metrics`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from tttjax import memory
 from tttjax.data.streams import NO_TOKEN, TEXT_PAD
-from tttjax.eval.manifest import Pair
+from tttjax.eval.audio import CodeCache
+from tttjax.eval.manifest import Pair, canonical_task, pairs_from_layout, read_manifest, write_manifest
+from tttjax.train.loss import token_cross_entropy
 
 CODEBOOK_CHOICES = ("semantic", "all", "weighted")
 NORM_CHOICES = ("mean", "sum")
@@ -87,10 +95,6 @@ def build_sequence(codes: np.ndarray, silence: np.ndarray | None, scoring: Scori
 
 def make_token_ce_fn(cfg):
     """(model, codes [B, 17, T], lengths [B]) -> masked per-token CE [B, dep_q, T] (0 where unscored)."""
-    import jax.numpy as jnp
-
-    from tttjax.train.loss import token_cross_entropy
-
     delays = jnp.asarray(cfg.delays[1:1 + cfg.dep_q])
 
     def token_ce(model, codes, lengths):
@@ -259,3 +263,139 @@ def format_table(results: dict[str, dict], scoring: Scoring) -> str:
 
 def _pct(x: float) -> str:
     return "nan" if not math.isfinite(x) else f"{100 * x:.2f}%"
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+class PaperDataError(ValueError):
+    """Paper-metric inputs that cannot be used; the message names them."""
+
+
+def parse_paper_data(items: list[str]) -> list[tuple[str | None, str]]:
+    """[(task or None, path)] of `--paper_data task=PATH[,task=PATH...]` items (a .jsonl may omit task=)."""
+    out = []
+    for item in (s.strip() for chunk in items for s in chunk.split(",")):
+        if not item:
+            continue
+        task, sep, path = item.partition("=")
+        if not sep:
+            task, path = None, item
+        if task is not None:
+            task = canonical_task(task)
+        if not Path(path).exists():
+            raise PaperDataError(f"--paper_data {item}: {path} does not exist")
+        if task is None and not path.endswith(".jsonl"):
+            raise PaperDataError(f"--paper_data {item}: a layout directory needs its task (swuggy=DIR, ...)")
+        out.append((task, path))
+    if not out:
+        raise PaperDataError("--eval_type paper_metrics needs --paper_data task=PATH (see docs/eval.md)")
+    return out
+
+
+def collect_pairs(specs, split: str | None, max_pairs: int) -> tuple[list[Pair], dict[str, str]]:
+    """The pairs of every (task, path) (the first `max_pairs` of each task if set), and where each task came from."""
+    pairs, sources = [], {}
+    for task, path in specs:
+        if path.endswith(".jsonl"):
+            rows = read_manifest(path)
+            if task is not None:
+                rows = [p for p in rows if p.task == task]
+                if not rows:
+                    raise PaperDataError(f"--paper_data {task}={path}: the manifest has no {task} rows")
+        else:
+            default_split = "dev" if task in ("swuggy", "sblimp") else "test"
+            rows = pairs_from_layout(path, task, split or default_split)
+        for t in sorted({p.task for p in rows}):
+            if t in sources:
+                raise PaperDataError(f"--paper_data: task {t} given twice ({sources[t]} and {path})")
+            sources[t] = path
+        if max_pairs:
+            keep: dict[str, set] = {}
+            limited = []
+            for p in rows:
+                ids = keep.setdefault(p.task, set())
+                if p.pair_id in ids or len(ids) < max_pairs:
+                    ids.add(p.pair_id)
+                    limited.append(p)
+            rows = limited
+        pairs += rows
+    return pairs, sources
+
+
+def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mimi_weight: str,
+                codes_cache: str | None, mimi_device: str | None, batch_size: int, length_bucket: int,
+                scores_dir: Path | None) -> dict:
+    """The paper metrics of `model` on `pairs`: Mimi codes of every wav (cached), scores of every
+    sequence, pairwise accuracies; ZeroSpeech-format score files and the manifests in `scores_dir`."""
+    cfg = model.cfg
+    if length_bucket < 1:
+        raise PaperDataError(f"--length_bucket={length_bucket} must be >= 1")
+    bucket = length_bucket
+    if cfg.ttt_layers and not cfg.ttt_causal:
+        bucket = 1  # bidirectional TTT mini-batches see right padding: score at exact lengths
+        print("note: ttt.causal=false: scoring each length unpadded (one compile per distinct length)")
+    wavs = list(dict.fromkeys(w for p in pairs for w in (p.pos, p.neg)))
+    cache = CodeCache(mimi_weight, codes_cache, batch_size=batch_size, device=mimi_device)
+    tic = time.perf_counter()
+    try:
+        encoded = cache.codes(wavs, with_silence=scoring.user_stream == "silence")
+    except (FileNotFoundError, ValueError) as e:
+        raise PaperDataError(f"paper metrics: {e}") from None
+    print(f"Mimi codes of {len(wavs)} wavs: {cache.hits} cached, {cache.encoded} encoded "
+          f"({time.perf_counter() - tic:.1f} s; cache {cache.cache_dir})")
+    top = max(int(c.max()) for c, _ in encoded.values())
+    if top >= cfg.card:
+        raise PaperDataError(f"paper metrics: Mimi codes go up to {top} but the model's audio vocabulary is "
+                             f"card={cfg.card}; this checkpoint cannot score Mimi audio")
+    sequences = []
+    silences: dict[int, np.ndarray] = {}
+    for w in wavs:
+        codes, samples = encoded[w]
+        silence = None
+        if scoring.user_stream == "silence":
+            if samples not in silences:
+                silences[samples] = cache.silence(samples)
+            silence = silences[samples]
+        sequences.append(build_sequence(codes, silence, scoring, cfg.n_q))
+
+    token_ce = make_token_ce_fn(cfg)
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, c, n: token_ce(nnx.merge(graphdef, s), c, n))
+    checked: set = set()
+
+    def run_batch(codes, lengths):
+        shape = codes.shape
+        if shape not in checked:
+            memory.check_batch(cfg, shape[0], shape[2])
+            checked.add(shape)
+        try:
+            return jax.device_get(fn(state, jnp.asarray(codes), jnp.asarray(lengths)))
+        except Exception as e:  # XlaRuntimeError has no stable import path
+            if memory.is_oom(e):
+                raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
+            raise
+
+    tic = time.perf_counter()
+    values = score_sequences(run_batch, sequences, scoring.codebook_weights(cfg.dep_q), norm=scoring.norm,
+                             batch_size=batch_size, bucket=bucket, num_codebooks=cfg.num_codebooks)
+    if not np.all(np.isfinite(values)):
+        bad = [w for w, v in zip(wavs, values) if not np.isfinite(v)]
+        raise PaperDataError(f"paper metrics: {len(bad)} wavs got no score (too short to have a scored "
+                             f"token?), e.g. {bad[0]}")
+    scores = dict(zip(wavs, values.tolist()))
+    results = aggregate(pairs, scores)
+    print(format_table(results, scoring))
+    out = {"scoring": scoring.to_json(), "tasks": results, "sources": sources, "num_wavs": len(wavs),
+           "length_bucket": bucket, "scoring_seconds": time.perf_counter() - tic}
+    if scores_dir is not None:
+        files = write_zerospeech(scores_dir, pairs, scores)
+        for task in sorted({p.task for p in pairs}):
+            write_manifest(scores_dir / "manifests" / f"{task}.jsonl", [p for p in pairs if p.task == task])
+        out["scores_files"] = [str(f) for f in files]
+        out["manifests"] = str(scores_dir / "manifests")
+        print(f"wrote ZeroSpeech-format scores and the manifests used to {scores_dir}")
+    else:
+        print("note: pass --scores_dir or --output_json to write the ZeroSpeech-format score files")
+    return out

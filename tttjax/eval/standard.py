@@ -8,14 +8,24 @@ from its start, cut or -1-padded to `num_frames`.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from tttjax.eval import memory
-from tttjax.eval.metrics import accumulate, make_terms_fn, standard_metrics, with_counts
+from tttjax import data as data_lib
+from tttjax import memory
+from tttjax.data.streams import NO_TOKEN
+from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
+from tttjax.model.moshi import initial_tokens
+from tttjax.parallel.sharding import replicated
+from tttjax.train.loss import model_terms
 
 
 def is_codes_file(spec: str) -> bool:
@@ -33,8 +43,6 @@ def codes_batches(codes: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def dataset_batches(spec: str, cfg, *, num_frames: int, batch_size: int, seed: int = 0) -> Iterator[np.ndarray]:
-    from tttjax import data as data_lib
-
     dataset = data_lib.make_dataset(spec, num_frames=num_frames, card=cfg.card, text_card=cfg.text_card,
                                     n_q=cfg.n_q, seed=seed)
     if len(dataset) == 0:
@@ -42,59 +50,66 @@ def dataset_batches(spec: str, cfg, *, num_frames: int, batch_size: int, seed: i
     return data_lib.make_eval_iterator(dataset, batch_size=batch_size)
 
 
-def evaluate(model, batches: Iterator[np.ndarray], *, text_padding_weight: float,
-             first_codebook_weight_multiplier: float, max_batches: int = 0, check_memory: bool = True,
-             progress=None) -> dict:
-    """Token-weighted standard metrics of `model` over `batches` (numpy [B, 17, T])."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+class Evaluator:
+    """Token-weighted standard metrics of a model over batches of codes [B, 17, T].
 
-    cfg = model.cfg
-    terms = make_terms_fn(cfg, text_padding_weight=text_padding_weight,
-                          first_codebook_weight_multiplier=first_codebook_weight_multiplier)
-    graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda s, c: terms(nnx.merge(graphdef, s), c))
-    compiled: dict[tuple, object] = {}
-    sequences = frames = 0
-    tic = time.perf_counter()
+    One compiled program per batch shape, kept across calls (the trainer evaluates every
+    eval_freq steps). `mesh`: the trainer's, whose global batches arrive batch-sharded; with
+    `check_memory` (the CLI) a batch that would not fit is refused before it runs.
+    """
 
-    def run() -> Iterator[dict]:
-        nonlocal sequences, frames
-        for i, batch in enumerate(batches):
-            if max_batches and i >= max_batches:
-                break
-            shape = tuple(batch.shape)
-            if shape not in compiled:
-                lowered = fn.lower(state, jax.ShapeDtypeStruct(shape, jnp.int32))
-                if check_memory:
-                    memory.check_batch(cfg, shape[0], shape[2])
-                compiled[shape] = lowered.compile()
-                if check_memory:
-                    memory.check_batch(cfg, shape[0], shape[2], compiled=compiled[shape])
-            try:
-                out = jax.device_get(compiled[shape](state, jnp.asarray(batch)))
-            except Exception as e:  # XlaRuntimeError has no stable import path
-                if memory.is_oom(e):
-                    raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
-                raise
-            real = np.any(batch != -1, axis=(1, 2))
-            sequences += int(real.sum())
-            frames += int(real.sum()) * shape[2]
-            if progress is not None:
-                progress(1)
-            yield out
+    def __init__(self, *, text_padding_weight: float, first_codebook_weight_multiplier: float, mesh=None,
+                 check_memory: bool = False):
+        self.weights = dict(text_padding_weight=text_padding_weight,
+                            first_codebook_weight_multiplier=first_codebook_weight_multiplier)
+        self.mesh, self.check_memory = mesh, check_memory
 
-    total = accumulate(run())
-    metrics = with_counts(standard_metrics(total), total)
-    elapsed = time.perf_counter() - tic
-    metrics["num_sequences"] = float(sequences)
-    metrics["frames_per_s"] = frames / max(elapsed, 1e-9)
-    return metrics
+        def terms(graphdef, state, codes):
+            out = model_terms(nnx.merge(graphdef, state), codes, **self.weights)
+            out["sequences"] = jnp.sum(jnp.any(codes != NO_TOKEN, axis=(1, 2))).astype(jnp.float32)
+            return out
 
+        self._terms = jax.jit(terms, static_argnums=0, out_shardings=None if mesh is None else replicated(mesh))
+        self._compiled: dict[tuple, object] = {}
 
-def load_codes_file(path: str | Path, cfg) -> np.ndarray:
-    from tttjax.forward import load_codes
-    from tttjax.model.moshi import initial_tokens
+    def _program(self, graphdef, state, cfg, shape: tuple):
+        key = (graphdef, shape)
+        if key not in self._compiled:
+            with contextlib.ExitStack() as stack:
+                if self.mesh is not None:
+                    stack.enter_context(jax.set_mesh(self.mesh))
+                lowered = self._terms.lower(graphdef, state, jax.ShapeDtypeStruct(shape, jnp.int32))
+            if self.check_memory:
+                memory.check_batch(cfg, shape[0], shape[2])
+            self._compiled[key] = lowered.compile()
+            if self.check_memory:
+                memory.check_batch(cfg, shape[0], shape[2], compiled=self._compiled[key])
+        return self._compiled[key]
 
-    return load_codes(path, initial_tokens(cfg))  # each stream's initial token = its vocab size
+    def __call__(self, model, batches: Iterable, *, max_batches: int = 0, progress=None) -> dict:
+        graphdef, state = nnx.split(model)
+        tic = time.perf_counter()
+        frames = 0
+
+        def run() -> Iterator[dict]:
+            nonlocal frames
+            for batch in itertools.islice(batches, max_batches or None):
+                shape = tuple(batch.shape)
+                program = self._program(graphdef, state, model.cfg, shape)
+                try:
+                    out = jax.device_get(program(state, jnp.asarray(batch, jnp.int32)))
+                except Exception as e:  # XlaRuntimeError has no stable import path
+                    if memory.is_oom(e):
+                        raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
+                    raise
+                frames += int(out["sequences"]) * shape[2]
+                if progress is not None:
+                    progress(1)
+                yield out
+
+        total = accumulate(run())
+        sequences = float(total.pop("sequences"))
+        metrics = with_counts(standard_metrics(total), total)
+        metrics["num_sequences"] = sequences
+        metrics["frames_per_s"] = frames / max(time.perf_counter() - tic, 1e-9)
+        return metrics

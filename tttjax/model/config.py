@@ -7,7 +7,9 @@ The moshi config is what moshi-finetune writes as `config.json`; keeping it verb
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
@@ -152,8 +154,6 @@ class ModelConfig:
         return parse_dtype(self.param_dtype)
 
     def raw_lm_kwargs(self) -> dict[str, Any]:
-        import json
-
         return {k: json.loads(v) for k, v in self.lm_kwargs}
 
     def ttt_dict(self) -> dict[str, Any]:
@@ -180,8 +180,6 @@ class ModelConfig:
 
 def from_lm_kwargs(lm_kwargs: dict[str, Any], *, source: str = "config.json", **overrides) -> ModelConfig:
     """Validate a moshi LM config and build a ModelConfig; `overrides` set LoRA/TTT/dtype fields."""
-    import json
-
     for key, expected in _REQUIRED_LM_OPTIONS.items():
         if key in lm_kwargs and lm_kwargs[key] != expected:
             raise ValueError(f"{source}: {key}={lm_kwargs[key]!r} is not supported (tttjax implements {expected!r})")
@@ -257,6 +255,9 @@ def validate(cfg: ModelConfig) -> ModelConfig:
 
 
 _ADAPTER_KEYS = ("lora", "lora_rank", "lora_scaling", "ttt")
+# The keys of config.json's "ttt" block (`ttt_dict` writes all but scan_remat_group, a training setting).
+TTT_KEYS = ("enable", "layers", "base_lr", "mini_batch_size", "causal", "initial_gating_alpha", "num_heads",
+            "scan_remat_group")
 
 
 def to_config_json(cfg: ModelConfig, *, lora: bool | None = None) -> dict[str, Any]:
@@ -281,8 +282,7 @@ def from_config_json(data: dict[str, Any], *, source: str = "config.json", lora_
         lora_rank = int(data.get("lora_rank", 0)) if data.get("lora") else 0
     fields: dict[str, Any] = dict(lora_rank=lora_rank, lora_scaling=float(data.get("lora_scaling", 2.0)))
     ttt = data.get("ttt") or {}
-    unknown = set(ttt) - {"enable", "layers", "base_lr", "mini_batch_size", "causal", "initial_gating_alpha",
-                          "num_heads", "scan_remat_group"}
+    unknown = set(ttt) - set(TTT_KEYS)
     if unknown:
         raise ValueError(f"{source}: unknown keys in the 'ttt' block: {sorted(unknown)}")
     if ttt.get("enable"):
@@ -296,3 +296,30 @@ def from_config_json(data: dict[str, Any], *, source: str = "config.json", lora_
         )
     fields.update(overrides)
     return from_lm_kwargs(lm_kwargs, source=source, **fields)
+
+
+def from_run_config(config) -> ModelConfig:
+    """The model a training config describes: `model` (or the moshi config.json at
+    moshi_paths.config_path) plus its lora / ttt blocks and precision settings."""
+    if config.moshi_paths.config_path:
+        path = Path(config.moshi_paths.config_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"moshi_paths.config_path: {path} not found")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"moshi_paths.config_path: {path}: invalid JSON ({e})") from None
+        lm_kwargs = {k: v for k, v in data.items() if k not in _ADAPTER_KEYS}
+        source = str(path)
+    else:
+        lm_kwargs, source = config.model.to_dict(), "config.model"
+    ttt = config.ttt
+    ttt_layers = parse_ttt_layers(ttt.layers, int(lm_kwargs["num_layers"])) if ttt.enable else ()
+    return from_lm_kwargs(
+        lm_kwargs, source=source,
+        lora_rank=config.lora.rank if config.lora.enable else 0, lora_scaling=config.lora.scaling,
+        ttt_layers=ttt_layers, ttt_num_heads=ttt.num_heads, ttt_base_lr=ttt.base_lr,
+        ttt_mini_batch_size=ttt.mini_batch_size, ttt_initial_gating_alpha=ttt.initial_gating_alpha,
+        ttt_causal=ttt.causal, ttt_scan_remat_group=ttt.scan_remat_group,
+        param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat,
+        unroll_layers=config.unroll_layers)

@@ -74,18 +74,12 @@ class Linear(nnx.Module):
             y = y + self.lora_scaling * b
         return y
 
-    def merged_kernel(self):
-        """kernel + scaling * A @ B, in fp32 (what a merged export writes)."""
-        kernel = self.kernel[...].astype(jnp.float32)
-        if self.lora_a is None:
-            return kernel
-        return kernel + self.lora_scaling * jnp.matmul(self.lora_a[...].astype(jnp.float32),
-                                                       self.lora_b[...].astype(jnp.float32))
-
-
-def merge_lora(model: nnx.Module) -> None:
-    """Fold every LoRA into its base kernel in place and zero B, so the function is unchanged."""
-    for _, module in nnx.iter_modules(model):
-        if isinstance(module, Linear) and module.lora_a is not None:
-            module.kernel[...] = module.merged_kernel().astype(module.kernel[...].dtype)
-            module.lora_b[...] = jnp.zeros_like(module.lora_b[...])
+    def at_step(self, step: int) -> "Linear":
+        """Weight set `step` of a per-step Linear as a Linear of its own (same arrays, sliced): a frame
+        of decoding runs one depformer slot, and slicing the stack inside the step would copy it."""
+        view = nnx.merge(*nnx.split(self))
+        for name in ("kernel", "lora_a", "lora_b"):
+            if getattr(self, name) is not None:
+                setattr(view, name, nnx.Param(getattr(self, name)[...][step]))
+        view.steps, view.broadcast_input = None, False
+        return view

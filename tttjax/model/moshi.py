@@ -17,7 +17,8 @@ from tttjax.model.config import ModelConfig
 from tttjax.model.lora import Linear
 from tttjax.model.transformer import (RMSNorm, TransformerLayer, apply_layer, create_stacked, layer_at,
                                       scan_layers)
-from tttjax.sharding import constrain
+from tttjax.model.ttt import TTTGatedBlock
+from tttjax.parallel.sharding import constrain
 
 ZERO_TOKEN = -1
 
@@ -127,8 +128,6 @@ class MoshiLM(nnx.Module):
             cfg.dim, cfg.num_heads, cfg.hidden, context=cfg.context, rope_max_period=cfg.max_period,
             steps=None, param_dtype=pdt, dtype=dt, rngs=r, **lora), rngs)
         if cfg.ttt_layers:
-            from tttjax.model.ttt import TTTGatedBlock
-
             self.ttt = create_stacked(len(cfg.ttt_layers), lambda r: TTTGatedBlock(
                 cfg.dim, cfg.ttt_heads, initial_gating_alpha=cfg.ttt_initial_gating_alpha,
                 mini_batch_size=cfg.ttt_mini_batch_size, base_lr=cfg.ttt_base_lr, causal=cfg.ttt_causal,
@@ -163,13 +162,17 @@ class MoshiLM(nnx.Module):
             if ttt_index is None:
                 x = scan_layers(self.transformer, x, start, stop, self.cfg.remat, self.cfg.unroll_layers)
             else:
-                x = apply_layer(layer_at(self.transformer, start), x, mid=layer_at(self.ttt, ttt_index),
+                x = apply_layer(layer_at(self.transformer, start), x, ttt=layer_at(self.ttt, ttt_index),
                                 remat=self.cfg.remat)
                 x = constrain(x, ("batch", None, None))
         return self.out_norm(x)
 
-    def depformer_logits(self, h, targets):
-        """Teacher-forced depformer: slot k sees depformer_in[k](h) + embedding of stream k-1."""
+    def depformer_logits(self, h, targets, layers=None):
+        """Teacher-forced depformer: slot k sees depformer_in[k](h) + embedding of stream k-1.
+
+        `layers`: the depformer's layers as separate modules (decoding's views), run one after the
+        other instead of the scan over the stack, whose per-layer slices XLA copies at every call.
+        """
         B, T, _ = h.shape
         dtype = self.cfg.jnp_dtype
         text = embed(self.depformer_text_emb[...], targets[:, :1], dtype)  # [B, 1, T, dd]
@@ -177,8 +180,12 @@ class MoshiLM(nnx.Module):
         tokens = jnp.concatenate([text, audio], axis=1).transpose(1, 0, 2, 3)  # [S, B, T, dd]
         # Steps-major ([S, B * T, dd]): every per-step projection is a plain batched matmul.
         x = (self.depformer_in(h) + tokens).reshape(self.cfg.dep_q, B * T, -1)
-        x = scan_layers(self.depformer, constrain(x, (None, "batch", None)), 0, self.cfg.depformer_num_layers,
-                        self.cfg.remat, self.cfg.unroll_layers, batch_axis=1)
+        if layers is None:
+            x = scan_layers(self.depformer, constrain(x, (None, "batch", None)), 0, self.cfg.depformer_num_layers,
+                            self.cfg.remat, self.cfg.unroll_layers, batch_axis=1)
+        else:
+            for layer in layers:
+                x = layer(x)[0]
         return self.linears(x).reshape(self.cfg.dep_q, B, T, -1)
 
     def _delayed_logits(self, codes):

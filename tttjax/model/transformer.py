@@ -1,23 +1,24 @@
 """Moshi transformer blocks: RMSNorm, interleaved RoPE, attention with a context window, SiLU-GLU.
 
 One layer class serves both stacks: the temporal transformer (RoPE, one weight set) and the
-depformer (no positional embedding, one weight set per codebook step, causal over the steps).
-Layers are created stacked (leading `layers` axis) and run with `jax.lax.scan`, so a 32-layer
-model traces one layer body.
+depformer (no positional embedding, one weight set per codebook step, causal over the steps), in
+training and in decoding (an optional cache). Layers are created stacked (leading `layers` axis)
+and run with `jax.lax.scan`, so a 32-layer model traces one layer body.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tttjax.model.attention import KVCache, cached_attention, full_attention
 from tttjax.model.lora import Linear
-from tttjax.sharding import constrain
+from tttjax.parallel.sharding import constrain
 
 
 class RMSNorm(nnx.Module):
@@ -46,17 +47,19 @@ def apply_rope(x, positions, max_period: float):
     return out.reshape(x.shape).astype(x.dtype)
 
 
-def attention_mask(num_q: int, num_k: int, context: int | None):
-    """Causal mask with moshi's window: key k visible from query q iff 0 <= q - k < context."""
-    delta = jnp.arange(num_q)[:, None] - jnp.arange(num_k)[None, :]
-    mask = delta >= 0
-    if context is not None:
-        mask &= delta < context
-    return mask
+class LayerCache(NamedTuple):
+    """What one temporal layer carries between chunks: its KV ring and, in a TTT layer, the TTT state."""
+
+    kv: KVCache
+    ttt: object | None  # ttt.TTTState, or None in a layer without TTT
 
 
 class Attention(nnx.Module):
-    """Multi-head self-attention; in_proj columns are laid out (q|k|v, head, head_dim) as moshi's rows."""
+    """Multi-head self-attention; in_proj columns are laid out (q|k|v, head, head_dim) as moshi's rows.
+
+    One module for training and decoding (as gemma's and moshi's): without a cache it attends over
+    the sequence it is given; with a `KVCache` it continues a stream at position `offset`.
+    """
 
     def __init__(self, dim: int, num_heads: int, *, context: int | None, rope_max_period: float | None,
                  steps: int | None, lora_rank: int, lora_scaling: float, param_dtype, dtype, rngs: nnx.Rngs):
@@ -68,8 +71,12 @@ class Attention(nnx.Module):
         self.in_proj = Linear(dim, 3 * dim, axes=("embed", "heads"), **common)
         self.out_proj = Linear(dim, dim, axes=("heads", "embed"), **common)
 
-    def __call__(self, x):
-        """x [..., T, D]; with per-step weights (the depformer) x is [T = steps, N, D], steps-major."""
+    def __call__(self, x, *, offset=0, cache: KVCache | None = None):
+        """x [..., T, D] at positions offset.. -> (out [..., T, D], cache).
+
+        With per-step weights (the depformer in training) x is [S, N, D], steps-major, and the
+        attention runs over the S steps. With a cache, x is [B, T, D] and the cache comes back updated.
+        """
         steps_major = self.in_proj.steps is not None
         qkv = self.in_proj(x)
         if steps_major:
@@ -79,15 +86,21 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(*lead, T, 3, H, D // H)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if self.rope_max_period is not None:
-            positions = jnp.arange(T)
+            positions = offset + jnp.arange(T)
             q = apply_rope(q, positions, self.rope_max_period)
             k = apply_rope(k, positions, self.rope_max_period)
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores / math.sqrt(D // H)
-        scores = jnp.where(attention_mask(T, T, self.context), scores, -jnp.inf)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("...hqk,...khd->...qhd", probs, v).reshape(*lead, T, D)
-        return self.out_proj(jnp.moveaxis(out, -2, 0) if steps_major else out)
+        if cache is None:
+            out = full_attention(q, k, v, self.context)
+        else:
+            out, cache = cached_attention(q, k, v, cache, offset, self.context)
+        out = out.reshape(*lead, T, D)
+        return self.out_proj(jnp.moveaxis(out, -2, 0) if steps_major else out), cache
+
+    def at_step(self, step: int) -> "Attention":
+        """The attention of depformer step `step` alone (its own weight set), for decoding slot by slot."""
+        view = nnx.merge(*nnx.split(self))
+        view.in_proj, view.out_proj = self.in_proj.at_step(step), self.out_proj.at_step(step)
+        return view
 
 
 class GatedMLP(nnx.Module):
@@ -105,9 +118,15 @@ class GatedMLP(nnx.Module):
         gate, up = jnp.split(h, 2, axis=-1)
         return self.linear_out(jax.nn.silu(gate) * up)
 
+    def at_step(self, step: int) -> "GatedMLP":
+        view = nnx.merge(*nnx.split(self))
+        view.linear_in, view.linear_out = self.linear_in.at_step(step), self.linear_out.at_step(step)
+        return view
+
 
 class TransformerLayer(nnx.Module):
-    """Pre-norm layer: x + attn(norm1 x) [+ mid(...)] then + ffn(norm2 x); norms shared across steps."""
+    """Pre-norm layer: x + attn(norm1 x) [+ the gated TTT branch] then + ffn(norm2 x); norms shared
+    across the depformer's steps."""
 
     def __init__(self, dim: int, num_heads: int, hidden: int, *, context: int | None,
                  rope_max_period: float | None, steps: int | None, lora_rank: int, lora_scaling: float,
@@ -119,11 +138,23 @@ class TransformerLayer(nnx.Module):
         self.norm2 = RMSNorm(dim, param_dtype=param_dtype)
         self.gating = GatedMLP(dim, hidden, **common)
 
-    def __call__(self, x, mid: Callable | None = None):
-        x = x + self.self_attn(self.norm1(x))
-        if mid is not None:  # the gated TTT branch sits between the two sub-blocks (DESIGN.md section 4)
-            x = mid(x)
-        return x + self.gating(self.norm2(x))
+    def __call__(self, x, *, ttt: nnx.Module | None = None, offset=0, cache: LayerCache | None = None):
+        """-> (y, cache). `ttt`: the layer's gated TTT branch (`ttt.TTTGatedBlock`), between the two
+        sub-blocks (DESIGN.md section 4). `cache` (decoding, chunked evaluation) carries the KV ring
+        and the TTT state from the previous chunk; it comes back updated."""
+        h, kv = self.self_attn(self.norm1(x), offset=offset, cache=None if cache is None else cache.kv)
+        x = x + h
+        ttt_state = None
+        if ttt is not None:
+            x, ttt_state = ttt(x, offset=offset, state=None if cache is None else cache.ttt)
+        x = x + self.gating(self.norm2(x))
+        return x, None if cache is None else LayerCache(kv, ttt_state)
+
+    def at_step(self, step: int) -> "TransformerLayer":
+        """Depformer step `step` of this layer (its own weight set, the shared norms)."""
+        view = nnx.merge(*nnx.split(self))
+        view.self_attn, view.gating = self.self_attn.at_step(step), self.gating.at_step(step)
+        return view
 
 
 def create_stacked(num: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
@@ -153,7 +184,7 @@ def scan_layers(stacked: nnx.Module, x, start: int, stop: int, remat: str = "non
     names = tuple("batch" if i == batch_axis else None for i in range(x.ndim))
 
     def body(h, layer_state):
-        return constrain(nnx.merge(graphdef, layer_state)(h), names), None
+        return constrain(nnx.merge(graphdef, layer_state)(h)[0], names), None
 
     if remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat])
@@ -177,16 +208,16 @@ def _split_layers(state, start: int, stop: int) -> list:
             for i in range(stop - start)]
 
 
-def apply_layer(layer: nnx.Module, x, mid: nnx.Module | None = None, remat: str = "none"):
-    """`layer(x, mid=mid)` for a layer run outside a scan (a TTT layer), rematerialised like the scan."""
+def apply_layer(layer: nnx.Module, x, ttt: nnx.Module | None = None, remat: str = "none"):
+    """`layer(x, ttt=ttt)` for a layer run outside a scan (a TTT layer), rematerialised like the scan."""
     if remat == "none":
-        return layer(x, mid=mid)
-    graphdef, state = nnx.split((layer, mid))
+        return layer(x, ttt=ttt)[0]
+    graphdef, state = nnx.split((layer, ttt))
 
     @functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[remat])
     def run(state, x):
-        layer, mid = nnx.merge(graphdef, state)
-        return layer(x, mid=mid)
+        layer, ttt = nnx.merge(graphdef, state)
+        return layer(x, ttt=ttt)[0]
 
     return run(state, x)
 

@@ -1,487 +1,26 @@
 """TTT-MLP layer (DESIGN.md section 4): the gated TTT branch inserted into temporal layers.
 
-The inner model per (batch element, head) is a 2-layer MLP `f(x) = x + LN(gelu(x W1 + b1) W2 + b2)`
-trained online on the sequence by gradient steps on `1/2 ||LN(f_res(XK)) - LNu(XV - XK)||^2`.
-Two forms of the same maths:
-
-* dual form (`ttt_mlp_dual`): one scan step per mini-batch of K tokens, every query of the
-  mini-batch in a few small matmuls without materialising per-token weights. Used for training
-  and prefill. The step has a hand-written VJP (fast matmul layouts on XLA CPU). With
-  `scan_remat_group` = 1 (default) the backward pass rebuilds each mini-batch's inner state from
-  the next one instead of storing it; with G > 1 the scan runs in jax.checkpoint-ed groups of G
-  mini-batches that keep only the state at group boundaries (see `_scan_minibatches`).
-* primal form (`primal_step`, `ttt_mlp_primal`): token by token with explicit weights; the
-  reference the dual form is tested against, and the step a streaming decoder runs.
-
-The inner loop always runs in fp32 (or wider, if the inputs are float64): bf16 inner-loop
-gradients drift (ttt-reference.md section 7).
+`TTTMLP` projects a layer's hidden states to per-head queries, keys, values and inner step
+sizes, runs the inner loop of every (sequence, head) (`ttt_inner`: the dual form for training,
+the primal form token by token for tests, the carried form for decoding and chunked
+evaluation), and projects back; `TTTGatedBlock` adds the result to its input through a tanh gate.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_CUBIC = 0.044715
-_L2_EPS = 1e-12  # torch F.normalize
-_TARGET_EPS = 1e-8  # added to the unbiased std of the reconstruction target (ttt-video-dit)
-_INNER_LN_EPS = 1e-8  # inside the sqrt of the inner-loop LayerNorm
+from tttjax.model.ttt_inner import (PrimalState, TTTToken, check_scan_args, compute_dtype, init_primal_state,
+                                    primal_step, ttt_mlp_chunk, ttt_mlp_dual, ttt_mlp_primal)
+
+__all__ = ["PrimalState", "TTTGatedBlock", "TTTMLP", "TTTToken", "init_primal_state", "primal_step",
+           "ttt_mlp_dual", "ttt_mlp_primal"]
+
 _POST_NORM_EPS = 1e-6
-
-
-# ----------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _check_scan_args(mini_batch_size: int, scan_remat_group: int) -> None:
-    if mini_batch_size < 1:
-        raise ValueError(f"ttt mini_batch_size={mini_batch_size} must be >= 1")
-    if scan_remat_group < 1:
-        raise ValueError(f"ttt scan_remat_group={scan_remat_group} must be >= 1")
-
-
-# ----------------------------------------------------------------------------------------------
-# Elementwise pieces shared by both forms (fp32 or wider)
-
-
-def _compute_dtype(dtype):
-    return jnp.promote_types(dtype, jnp.float32)
-
-
-def gelu_tanh(x):
-    return 0.5 * x * (1.0 + jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)))
-
-
-def gelu_tanh_grad(x):
-    t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
-    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
-
-
-def gelu_tanh_grad2(x):
-    """Second derivative of gelu_tanh (the backward of G1 = P * gelu'(Z1))."""
-    t = jnp.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x))
-    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
-    return (1.0 - t * t) * (du - x * t * du * du + 3.0 * _SQRT_2_OVER_PI * _GELU_CUBIC * x * x)
-
-
-def _safe_sqrt(x):
-    """sqrt with a zero (not NaN) gradient at 0, so all-zero rows stay differentiable."""
-    positive = x > 0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), 0.0)
-
-
-def l2_normalize(x):
-    """torch F.normalize over the last axis: x / max(||x||, 1e-12), finite gradient at x = 0."""
-    sumsq = jnp.sum(x * x, axis=-1, keepdims=True)
-    return x * jax.lax.rsqrt(jnp.maximum(sumsq, _L2_EPS * _L2_EPS))
-
-
-def reconstruction_target(xv, xk, norm_w, norm_b):
-    """LNu(XV - XK): mean, unbiased std, (v - mean) / (std + 1e-8), then the ttt_norm affine."""
-    v = xv - xk
-    centred = v - jnp.mean(v, axis=-1, keepdims=True)
-    std = _safe_sqrt(jnp.sum(centred * centred, axis=-1, keepdims=True) / (v.shape[-1] - 1))
-    return centred / (std + _TARGET_EPS) * norm_w + norm_b
-
-
-def _normalize(z):
-    centred = z - jnp.mean(z, axis=-1, keepdims=True)
-    std = jnp.sqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + _INNER_LN_EPS)
-    return centred / std, std
-
-
-def inner_layer_norm(z, norm_w, norm_b):
-    """The inner-loop LayerNorm: biased variance, eps 1e-8 inside the sqrt, ttt_norm affine."""
-    return _normalize(z)[0] * norm_w + norm_b
-
-
-def ln_l2_grad(z, target, norm_w, norm_b):
-    """d/dz 1/2 ||LN(z) - target||^2 in closed form (ttt-lm-pytorch `ln_fused_l2_bwd`)."""
-    n = z.shape[-1]
-    xhat, std = _normalize(z)
-    g = (xhat * norm_w + norm_b - target) * norm_w
-    return (n * g - jnp.sum(g, axis=-1, keepdims=True)
-            - xhat * jnp.sum(g * xhat, axis=-1, keepdims=True)) / (n * std)
-
-
-def _prepare(xq, xk, xv, norm_w, norm_b):
-    """Token-wise preprocessing shared by both forms: L2-normalised XQ, XK and the target."""
-    xq, xk = l2_normalize(xq), l2_normalize(xk)
-    return xq, xk, reconstruction_target(xv, xk, norm_w, norm_b)
-
-
-def _pad_time(arrays, multiple: int):
-    """Right-pad axis 0 with zeros to a multiple of `multiple` (padded tokens: lr = 0)."""
-    T = arrays[0].shape[0]
-    pad = -T % multiple
-    return [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in arrays]
-
-
-# ----------------------------------------------------------------------------------------------
-# Dual form
-
-
-def step_sizes(lr, causal: bool):
-    """Step-size matrix E[..., i, j] of a mini-batch from lr [..., K]: lr_j / i (j <= i) or lr_j / K."""
-    K = lr.shape[-1]
-    if causal:
-        rows = jnp.arange(1, K + 1, dtype=lr.dtype)[:, None]
-        return jnp.tril(lr[..., None, :] / rows)
-    return jnp.broadcast_to(lr[..., None, :] / K, lr.shape[:-1] + (K, K))
-
-
-def _mT(x):
-    return jnp.swapaxes(x, -1, -2)
-
-
-def _mean(x):
-    return jnp.mean(x, axis=-1, keepdims=True)
-
-
-# The mini-batch step has a hand-written VJP. Autodiff of it is correct but slow on XLA CPU: it
-# emits matmuls whose right operand is a transposed weight matrix (2-3x slower than the
-# untransposed layout), negates and accumulates weight-sized cotangents term by term, and (under
-# jax.checkpoint) recomputes the whole step.
-
-
-def _times_wt(x, w):
-    """x @ w^T for a weight w [out, in] and a small x [K, in], computed as (w @ x^T)^T.
-
-    XLA CPU runs a matmul whose big right operand contracts its last axis 2-3x slower than one
-    with the weight on the left; the barrier stops XLA from folding the transposes back into it.
-    """
-    return _mT(jax.lax.optimization_barrier(w @ _mT(x)))
-
-
-def _outer(a, b):
-    """a^T @ b over the K rows ([K, m], [K, n] -> [m, n]) with a materialised a^T (~1.4x faster)."""
-    return jax.lax.optimization_barrier(_mT(a)) @ b
-
-
-def _step_forward(state, mb, norm_w, norm_b):
-    """One mini-batch: ((new state, pre-LN output Z2b), activations kept for the backward pass).
-
-    The activations are the step's matmul outputs (about 1/5 of the state's size); everything
-    else the backward needs is elementwise in them.
-    """
-    w1, b1, w2, b2 = state
-    xq, xk, target, m1, e, last = mb
-    z1 = xk @ w1 + b1
-    x2 = gelu_tanh(z1)
-    z2 = x2 @ w2 + b2
-    xhat, std = _normalize(z2)
-    g = (xhat * norm_w + norm_b - target) * norm_w
-    g2 = (g - _mean(g) - xhat * _mean(g * xhat)) / std  # = ln_l2_grad(z2, target, ...)
-    p = _times_wt(g2, w2)
-    g1 = p * gelu_tanh_grad(z1)
-    z1b = xq @ w1 + b1 - m1 @ g1  # m1 = E * (XQ XK^T + 1): the "- E G1" bias term folded in
-    x2b = gelu_tanh(z1b)
-    a2 = x2b @ _mT(x2) + 1.0
-    z2b = x2b @ w2 + b2 - (e * a2) @ g2
-    u1, u2 = last[:, None] * g1, last[:, None] * g2
-    new_state = (w1 - _outer(xk, u1), b1 - jnp.sum(u1, axis=0, keepdims=True),
-                 w2 - _outer(x2, u2), b2 - jnp.sum(u2, axis=0, keepdims=True))
-    return (new_state, z2b), (z1, z1b, p, xhat, std, g2, a2)
-
-
-def _updates(mb, acts):
-    """The step's update factors: X2 and U1 = last * G1, U2 = last * G2 (W1' = W1 - XK^T U1, ...)."""
-    last = mb[5][:, None]
-    z1, _, p, _, _, g2, _ = acts
-    return gelu_tanh(z1), last * p * gelu_tanh_grad(z1), last * g2
-
-
-def _step_backward(w1, w2, mb, norm_w, norm_b, acts, cotangents):
-    """VJP of `_step_forward` given the step's starting weights and activations.
-
-    Returns (d state, d mb, d norm_w, d norm_b).
-    """
-    xq, xk, target, m1, e, last = mb
-    z1, z1b, p, xhat, std, g2, a2 = acts
-    (dw1_new, db1_new, dw2_new, db2_new), dz2b = cotangents
-    x2, u1, u2 = _updates(mb, acts)
-    gp, x2b = gelu_tanh_grad(z1), gelu_tanh(z1b)
-    g1 = p * gp
-    g = (xhat * norm_w + norm_b - target) * norm_w
-    # State update: W1' = W1 - XK^T U1, b1' = b1 - sum(U1), same for W2, b2.
-    r1 = xk @ dw1_new + db1_new
-    r2 = x2 @ dw2_new + db2_new
-    dlast = -jnp.sum(g1 * r1, axis=-1) - jnp.sum(g2 * r2, axis=-1)
-    dg1 = -last[:, None] * r1
-    dg2 = -last[:, None] * r2
-    dxk = -_times_wt(u1, dw1_new)
-    dx2 = -_times_wt(u2, dw2_new)
-    # Z2b = X2b W2 + b2 - (E * A2) G2, A2 = X2b X2^T + 1
-    dx2b = _times_wt(dz2b, w2)
-    dm2 = -(dz2b @ _mT(g2))
-    dg2 = dg2 - _mT(e * a2) @ dz2b
-    de = dm2 * a2
-    da2 = dm2 * e
-    dx2b = dx2b + da2 @ x2
-    dx2 = dx2 + _mT(da2) @ x2b
-    dz1b = dx2b * gelu_tanh_grad(z1b)
-    # Z1b = XQ W1 + b1 - M1 G1
-    dxq = _times_wt(dz1b, w1)
-    dm1 = -(dz1b @ _mT(g1))
-    dg1 = dg1 - _mT(m1) @ dz1b
-    # G1 = P * gelu'(Z1), P = G2 W2^T
-    dp = dg1 * gp
-    dz1 = dg1 * p * gelu_tanh_grad2(z1)
-    dg2 = dg2 + dp @ w2
-    # G2 = (g - mean(g) - xhat mean(g xhat)) / std, g = (xhat * w + b - target) * w, xhat = LN(Z2)
-    n = xhat.shape[-1]
-    c_xhat = _mean(dg2 * xhat)
-    dg = (dg2 - _mean(dg2) - xhat * c_xhat) / std
-    dxhat = dg * norm_w * norm_w - (_mean(g * xhat) * dg2 + c_xhat * g) / std
-    dstd = -jnp.sum(dg2 * g2, axis=-1, keepdims=True) / std
-    dz2 = (dxhat - _mean(dxhat) - xhat * _mean(dxhat * xhat)) / std + dstd * xhat / n
-    dtarget = -dg * norm_w
-    dnorm_w = jnp.sum(dg * (2.0 * norm_w * xhat + norm_b - target), axis=0)
-    dnorm_b = jnp.sum(dg * norm_w, axis=0)
-    # Z2 = X2 W2 + b2, X2 = gelu(Z1), Z1 = XK W1 + b1
-    dx2 = dx2 + _times_wt(dz2, w2)
-    dz1 = dz1 + dx2 * gp
-    dxk = dxk + _times_wt(dz1, w1)
-    dw1 = dw1_new + _outer(xq, dz1b) + _outer(xk, dz1)
-    db1 = db1_new + jnp.sum(dz1b + dz1, axis=0, keepdims=True)
-    dw2 = dw2_new + _outer(x2b, dz2b) + _outer(dp, g2) + _outer(x2, dz2)
-    db2 = db2_new + jnp.sum(dz2b + dz2, axis=0, keepdims=True)
-    return (dw1, db1, dw2, db2), (dxq, dxk, dtarget, dm1, de, dlast), dnorm_w, dnorm_b
-
-
-@jax.custom_vjp
-def _dual_step(state, mb, norm_w, norm_b):
-    """One mini-batch of the dual form, as a scan body with the hand-written VJP."""
-    return _step_forward(state, mb, norm_w, norm_b)[0]
-
-
-def _dual_step_fwd(state, mb, norm_w, norm_b):
-    out, acts = _step_forward(state, mb, norm_w, norm_b)
-    return out, (state[0], state[2], mb, norm_w, norm_b, acts)
-
-
-def _dual_step_bwd(residuals, cotangents):
-    w1, w2, mb, norm_w, norm_b, acts = residuals
-    return _step_backward(w1, w2, mb, norm_w, norm_b, acts, cotangents)
-
-
-_dual_step.defvjp(_dual_step_fwd, _dual_step_bwd)
-
-
-@jax.custom_vjp
-def _reversible_scan(state, xs, norm_w, norm_b):
-    """All mini-batches, with a backward pass that needs no stored inner state.
-
-    The backward walks the mini-batches in reverse and rebuilds each step's starting weights from
-    the next ones, W1 = W1' + XK^T U1 (W2 likewise), with U1, U2 from the kept activations.
-    Storing one state per mini-batch instead (a scan under jax.checkpoint) took 2.4x the layer's
-    memory at D=1024, T=2048 and 10-25% more time on XLA CPU, much of it zero-filling and copying
-    the stacked states. The rebuilt weights differ from the forward's by a few fp32 ulps: the
-    gradients move by ~2e-6 relative, as much as between two XLA fusion choices.
-    """
-    return jax.lax.scan(lambda s, mb: _step_forward(s, mb, norm_w, norm_b)[0], state, xs)
-
-
-def _reversible_scan_fwd(state, xs, norm_w, norm_b):
-    def body(s, mb):
-        (new_state, z2b), acts = _step_forward(s, mb, norm_w, norm_b)
-        return new_state, (z2b, acts)
-
-    final, (z2b, acts) = jax.lax.scan(body, state, xs)
-    return (final, z2b), (final[0], final[2], xs, norm_w, norm_b, acts)
-
-
-def _reversible_scan_bwd(residuals, cotangents):
-    w1, w2, xs, norm_w, norm_b, acts = residuals
-    dstate, dz2b = cotangents
-
-    def body(carry, step):
-        (w1, w2), dstate, dnorm_w, dnorm_b = carry
-        mb, act, dz = step
-        x2, u1, u2 = _updates(mb, act)
-        w1, w2 = w1 + _outer(mb[1], u1), w2 + _outer(x2, u2)  # this step's starting weights
-        dstate, dmb, dw, db = _step_backward(w1, w2, mb, norm_w, norm_b, act, (dstate, dz))
-        return ((w1, w2), dstate, dnorm_w + dw, dnorm_b + db), dmb
-
-    init = ((w1, w2), dstate, jnp.zeros_like(norm_w), jnp.zeros_like(norm_b))
-    (_, dstate, dnorm_w, dnorm_b), dxs = jax.lax.scan(body, init, (xs, acts, dz2b), reverse=True)
-    return dstate, dxs, dnorm_w, dnorm_b
-
-
-_reversible_scan.defvjp(_reversible_scan_fwd, _reversible_scan_bwd)
-
-
-def _scan_minibatches(state, xs, norm_w, norm_b, scan_remat_group: int):
-    """lax.scan over mini-batches (leading axis of xs) -> (final state, Z2b of every mini-batch).
-
-    scan_remat_group = 1: the reversible scan, which keeps only the step activations (~1/5 of a
-    state per mini-batch). G > 1: checkpointed groups of G mini-batches (jax.checkpoint on the
-    group body, an inner scan over its G steps) keep one state per group and no activations and
-    recompute each group in the backward pass: ~30% slower, and smaller only for large G (the
-    backward rebuilds a group's G states at once).
-    """
-    if scan_remat_group == 1:
-        return _reversible_scan(state, xs, norm_w, norm_b)
-    num = jax.tree.leaves(xs)[0].shape[0]
-    groups = num // scan_remat_group
-    xs = jax.tree.map(lambda a: a.reshape(groups, scan_remat_group, *a.shape[1:]), xs)
-    body = functools.partial(_dual_step, norm_w=norm_w, norm_b=norm_b)
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def group_body(carry, group_xs):
-        return jax.lax.scan(body, carry, group_xs)
-
-    state, ys = jax.lax.scan(group_body, state, xs)
-    return state, jax.tree.map(lambda a: a.reshape(num, *a.shape[2:]), ys)
-
-
-def ttt_mlp_dual(xq, xk, xv, lr, w1, b1, w2, b2, norm_w, norm_b, *,
-                 mini_batch_size: int, causal: bool = True, scan_remat_group: int = 1):
-    """TTT-MLP over one sequence and one head, dual form.
-
-    xq, xk, xv: [T, d] projections (before L2 normalisation); lr: [T] per-token inner step size
-    (base_lr * sigmoid(.) / d); w1 [d, 4d], b1 [1, 4d], w2 [4d, d], b2 [1, d]: initial state;
-    norm_w, norm_b: [d] ttt_norm affine. Returns (out [T, d], final state (w1, b1, w2, b2)), in
-    fp32 (float64 if the inputs are). The final state includes the zero-padded last mini-batch.
-    """
-    _check_scan_args(mini_batch_size, scan_remat_group)
-    dt = _compute_dtype(xq.dtype)
-    xq, xk, xv, lr, w1, b1, w2, b2, norm_w, norm_b = (
-        a.astype(dt) for a in (xq, xk, xv, lr, w1, b1, w2, b2, norm_w, norm_b))
-    T, d = xq.shape
-    K = mini_batch_size
-    xq, xk, target = _prepare(xq, xk, xv, norm_w, norm_b)
-    xq, xk, target, lr = _pad_time([xq, xk, target, lr], K * scan_remat_group)
-    num = xq.shape[0] // K
-    xq, xk, target = (a.reshape(num, K, d) for a in (xq, xk, target))
-    lr = lr.reshape(num, K)
-    # Everything that does not depend on the inner state is computed for all mini-batches at once.
-    e = step_sizes(lr, causal)
-    m1 = e * (xq @ jnp.swapaxes(xk, -1, -2) + 1.0)
-    last = lr / K  # E[K, :], the same in both modes
-    state, z2b = _scan_minibatches((w1, b1, w2, b2), (xq, xk, target, m1, e, last), norm_w, norm_b,
-                                   scan_remat_group)
-    out = xq + inner_layer_norm(z2b, norm_w, norm_b)
-    return out.reshape(num * K, d)[:T], state
-
-
-# ----------------------------------------------------------------------------------------------
-# Primal form
-
-
-class PrimalState(NamedTuple):
-    """Streaming state of one head: weights at the mini-batch start, sum_j lr_j grad_j, position."""
-
-    w1: jax.Array
-    b1: jax.Array
-    w2: jax.Array
-    b2: jax.Array
-    gw1: jax.Array
-    gb1: jax.Array
-    gw2: jax.Array
-    gb2: jax.Array
-    pos: jax.Array  # int32 scalar: tokens of the current mini-batch already absorbed
-
-
-class TTTToken(NamedTuple):
-    """One token's inputs: raw projections xq, xk, xv [d] and its inner step size lr (scalar)."""
-
-    xq: jax.Array
-    xk: jax.Array
-    xv: jax.Array
-    lr: jax.Array
-
-
-def init_primal_state(w1, b1, w2, b2) -> PrimalState:
-    dt = _compute_dtype(w1.dtype)
-    weights = [a.astype(dt) for a in (w1, b1, w2, b2)]
-    return PrimalState(*weights, *(jnp.zeros_like(a) for a in weights), jnp.zeros((), jnp.int32))
-
-
-def _absorb(state: PrimalState, token: TTTToken, norm_w, norm_b):
-    """Adds lr * grad of this token's loss (taken at the mini-batch start weights); returns xq too."""
-    dt = state.w1.dtype
-    xq, xk, xv = (a.astype(dt)[None, :] for a in (token.xq, token.xk, token.xv))
-    lr = token.lr.astype(dt)
-    xq, xk, target = _prepare(xq, xk, xv, norm_w, norm_b)
-    z1 = xk @ state.w1 + state.b1
-    x2 = gelu_tanh(z1)
-    g2 = ln_l2_grad(x2 @ state.w2 + state.b2, target, norm_w, norm_b)
-    g1 = (g2 @ state.w2.T) * gelu_tanh_grad(z1)
-    state = state._replace(gw1=state.gw1 + lr * (xk.T @ g1), gb1=state.gb1 + lr * g1,
-                           gw2=state.gw2 + lr * (x2.T @ g2), gb2=state.gb2 + lr * g2, pos=state.pos + 1)
-    return state, xq
-
-
-def _query(state: PrimalState, xq, count, norm_w, norm_b):
-    """xq + LN(f(xq)) under the weights W_start - (1 / count) sum_j lr_j grad_j.
-
-    x @ (W - G / count) is evaluated as x @ W - (x @ G) / count: no weight-sized temporaries,
-    which dominate a decode step otherwise.
-    """
-    z1 = xq @ state.w1 - (xq @ state.gw1) / count + state.b1 - state.gb1 / count
-    x2 = gelu_tanh(z1)
-    z2 = x2 @ state.w2 - (x2 @ state.gw2) / count + state.b2 - state.gb2 / count
-    return xq + inner_layer_norm(z2, norm_w, norm_b)
-
-
-def _commit(state: PrimalState, count) -> PrimalState:
-    """Starts the next mini-batch from W_start - (1 / count) sum_j lr_j grad_j."""
-    weights = [w - g / count for w, g in zip(state[:4], state[4:8])]
-    return init_primal_state(*weights)
-
-
-def primal_step(state: PrimalState, token: TTTToken, norm_w, norm_b, *, mini_batch_size: int):
-    """One causal token step: absorb the token, answer its query, commit at the mini-batch end.
-
-    Token i (1-based) of a mini-batch uses W_start - sum_{j<=i} (lr_j / i) grad_j. Returns
-    (state, out [d]). Shapes as `ttt_mlp_dual` for one token; vmap over batch and heads.
-    """
-    dt = state.w1.dtype
-    norm_w, norm_b = norm_w.astype(dt), norm_b.astype(dt)
-    state, xq = _absorb(state, token, norm_w, norm_b)
-    out = _query(state, xq, state.pos.astype(dt), norm_w, norm_b)[0]
-    state = jax.lax.cond(state.pos == mini_batch_size, lambda s: _commit(s, mini_batch_size), lambda s: s, state)
-    return state, out
-
-
-def ttt_mlp_primal(xq, xk, xv, lr, w1, b1, w2, b2, norm_w, norm_b, *,
-                   mini_batch_size: int, causal: bool = True):
-    """The same function as `ttt_mlp_dual`, token by token with explicit weights (tests, decode).
-
-    causal: a `lax.scan` of `primal_step`. Non-causal: per mini-batch, absorb every token, then
-    answer each query with the end-of-mini-batch weights (a query needs the future, so there is
-    no streaming step for this mode). The token scan is nested in a scan over mini-batches whose
-    body is checkpointed; otherwise the backward pass would keep per-token weights (MBs a token).
-    """
-    _check_scan_args(mini_batch_size, 1)
-    dt = _compute_dtype(xq.dtype)
-    K = mini_batch_size
-    T = xq.shape[0]
-    norm_w, norm_b = norm_w.astype(dt), norm_b.astype(dt)
-    tokens = TTTToken(*_pad_time([a.astype(dt) for a in (xq, xk, xv, lr)], K))
-
-    @functools.partial(jax.checkpoint, prevent_cse=False)
-    def minibatch(state, mb_tokens):
-        if causal:
-            step = functools.partial(primal_step, norm_w=norm_w, norm_b=norm_b, mini_batch_size=K)
-            return jax.lax.scan(step, state, mb_tokens)
-        state, xq = jax.lax.scan(lambda s, tok: _absorb(s, tok, norm_w, norm_b), state, mb_tokens)
-        out = jax.vmap(lambda q: _query(state, q, K, norm_w, norm_b))(xq)
-        return _commit(state, K), out[:, 0]
-
-    mbs = jax.tree.map(lambda a: a.reshape(-1, K, *a.shape[1:]), tokens)
-    state, out = jax.lax.scan(minibatch, init_primal_state(w1, b1, w2, b2), mbs)
-    return out.reshape(-1, out.shape[-1])[:T], tuple(state[:4])
-
-
-# ----------------------------------------------------------------------------------------------
-# NNX modules
 
 
 def _param(init, key, shape, dtype, names):
@@ -495,14 +34,14 @@ class TTTMLP(nnx.Module):
                  scan_remat_group: int = 1, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads < 1 or dim % num_heads:
             raise ValueError(f"ttt num_heads={num_heads} does not divide dim={dim}")
-        _check_scan_args(mini_batch_size, scan_remat_group)
+        check_scan_args(mini_batch_size, scan_remat_group)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mini_batch_size = mini_batch_size
         self.base_lr = base_lr
         self.causal = causal
         self.scan_remat_group = scan_remat_group
         self.dtype = dtype
-        self.inner_dtype = _compute_dtype(dtype)  # fp32, or float64 for float64 models (tests)
+        self.inner_dtype = compute_dtype(dtype)  # fp32, or float64 for float64 models (tests)
         H, d, D = num_heads, self.head_dim, dim
         normal = nnx.initializers.normal(0.02)
         zeros, ones = nnx.initializers.zeros, nnx.initializers.ones
@@ -537,25 +76,55 @@ class TTTMLP(nnx.Module):
         logits = logits + self.learnable_ttt_lr_bias[...][:, 0].astype(dt)
         return self.base_lr * jax.nn.sigmoid(logits) / self.head_dim
 
-    def __call__(self, h, *, form: str = "dual"):
-        """h [B, T, D] -> [B, T, D] in self.dtype. form: "dual" (default) or "primal" (tests, benchmarks)."""
+    def init_state(self, batch_size: int) -> PrimalState:
+        """The carried state of a stream of `batch_size` sequences: leaves [B, H, ...], every sequence
+        starting from this layer's W1, b1, W2, b2 (own buffers: decoding donates the state)."""
+        weights = [jnp.array(jnp.broadcast_to(p[...].astype(self.inner_dtype), (batch_size,) + p.shape), copy=True)
+                   for p in (self.W1, self.b1, self.W2, self.b2)]
+        return PrimalState(*weights, *(jnp.zeros_like(w) for w in weights),
+                           jnp.zeros((batch_size, self.num_heads), jnp.int32))
+
+    def __call__(self, h, *, offset=0, state: PrimalState | None = None, form: str = "dual"):
+        """h [B, T, D] -> (out [B, T, D] in self.dtype, state).
+
+        Without a state: the whole sequence from this layer's initial weights, in the dual form
+        (training, full forward) or, `form="primal"`, token by token (tests, benchmarks). With a
+        carried state (decoding, chunked evaluation; `init_state`): the T frames at positions
+        offset.. continue it, causal only, and the state comes back updated.
+        """
         B, T, D = h.shape
-        H, d = self.num_heads, self.head_dim
+        H, d, K = self.num_heads, self.head_dim, self.mini_batch_size
         xq, xk, xv = (proj(h).reshape(B, T, H, d) for proj in (self.wq, self.wk, self.wv))
-        lr = self.inner_lr(h)
-        if form == "dual":
-            core = functools.partial(ttt_mlp_dual, mini_batch_size=self.mini_batch_size, causal=self.causal,
-                                     scan_remat_group=self.scan_remat_group)
-        elif form == "primal":
-            core = functools.partial(ttt_mlp_primal, mini_batch_size=self.mini_batch_size, causal=self.causal)
+        lr = self.inner_lr(h)  # [B, T, H]
+        norm_w, norm_b = self.ttt_norm_weight[...], self.ttt_norm_bias[...]
+        if state is not None:
+            if not self.causal:
+                raise ValueError("ttt.causal=False: a frame reads future frames of its mini-batch, so the TTT "
+                                 "state cannot be carried frame by frame")
+            if T == 1:  # one frame: the primal step
+                step = jax.vmap(functools.partial(primal_step, mini_batch_size=K), in_axes=(0, TTTToken(0, 0, 0, 0), 0, 0))
+                batch = jax.vmap(step, in_axes=(0, TTTToken(0, 0, 0, 0), None, None))
+                state, out = batch(state, TTTToken(xq[:, 0], xk[:, 0], xv[:, 0], lr[:, 0]), norm_w, norm_b)
+                out = out[:, None]  # [B, 1, H, d]
+            else:
+                core = functools.partial(ttt_mlp_chunk, mini_batch_size=K, start=jnp.mod(offset, K))
+                heads = jax.vmap(core, in_axes=(0, 1, 1, 1, 1, 0, 0), out_axes=(0, 1))
+                state, out = jax.vmap(heads, in_axes=(0, 0, 0, 0, 0, None, None), out_axes=(0, 0))(
+                    state, xq, xk, xv, lr, norm_w, norm_b)
         else:
-            raise ValueError(f"TTTMLP form={form!r}: expected 'dual' or 'primal'")
-        per_head = jax.vmap(core, in_axes=(1, 1, 1, 1) + (0,) * 6, out_axes=(1, 0))
-        per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (None,) * 6, out_axes=(0, 0))
-        inner = [p[...] for p in (self.W1, self.b1, self.W2, self.b2, self.ttt_norm_weight, self.ttt_norm_bias)]
-        out, _ = per_batch(xq, xk, xv, lr, *inner)
+            if form == "dual":
+                core = functools.partial(ttt_mlp_dual, mini_batch_size=K, causal=self.causal,
+                                         scan_remat_group=self.scan_remat_group)
+            elif form == "primal":
+                core = functools.partial(ttt_mlp_primal, mini_batch_size=K, causal=self.causal)
+            else:
+                raise ValueError(f"TTTMLP form={form!r}: expected 'dual' or 'primal'")
+            per_head = jax.vmap(core, in_axes=(1, 1, 1, 1) + (0,) * 6, out_axes=(1, 0))
+            per_batch = jax.vmap(per_head, in_axes=(0, 0, 0, 0) + (None,) * 6, out_axes=(0, 0))
+            inner = [p[...] for p in (self.W1, self.b1, self.W2, self.b2)]
+            out, _ = per_batch(xq, xk, xv, lr, *inner, norm_w, norm_b)
         out = self.post_norm(out.reshape(B, T, D).astype(self.inner_dtype))
-        return self.wo(out.astype(self.dtype)).astype(self.dtype)
+        return self.wo(out.astype(self.dtype)).astype(self.dtype), state
 
 
 class TTTGatedBlock(nnx.Module):
@@ -568,7 +137,9 @@ class TTTGatedBlock(nnx.Module):
                           scan_remat_group=scan_remat_group, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.gating_alpha = nnx.Param(jnp.full((dim,), initial_gating_alpha, param_dtype), out_sharding=("embed",))
 
-    def __call__(self, h, *, form: str = "dual"):
+    def __call__(self, h, *, offset=0, state: PrimalState | None = None, form: str = "dual"):
+        """-> (h + tanh(alpha) * TTT(h), state); see `TTTMLP.__call__`."""
         dt = self.ttt.inner_dtype
         gate = jnp.tanh(self.gating_alpha[...].astype(dt))
-        return (h.astype(dt) + gate * self.ttt(h, form=form).astype(dt)).astype(h.dtype)
+        y, state = self.ttt(h, offset=offset, state=state, form=form)
+        return (h.astype(dt) + gate * y.astype(dt)).astype(h.dtype), state

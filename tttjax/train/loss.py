@@ -63,3 +63,12 @@ def objective(terms) -> tuple[jax.Array, jax.Array, jax.Array]:
     text = terms["text_weighted_sum"] / jnp.maximum(terms["text_weight"], 1e-12)
     audio = terms["audio_weighted_sum"] / jnp.maximum(terms["audio_weight"], 1e-12)
     return text + audio, text, audio
+
+
+def model_terms(model, codes, *, text_padding_weight: float, first_codebook_weight_multiplier: float):
+    """`loss_terms` of a model on codes [B, 17, T]: what the train step and the evaluations reduce."""
+    cfg = model.cfg
+    return loss_terms(model.predictions(codes),
+                      text_padding_ids=(cfg.existing_text_padding_id, cfg.existing_text_end_padding_id),
+                      text_padding_weight=text_padding_weight,
+                      first_codebook_weight_multiplier=first_codebook_weight_multiplier)

@@ -15,10 +15,6 @@ DIV_FACTOR = 25.0
 FINAL_DIV_FACTOR = 1e4
 BASE_MOMENTUM, MAX_MOMENTUM = 0.85, 0.95
 
-# Parameter groups: labels a path gets in `param_group`; each has its own LR multiplier.
-GROUPS = ("base", "ttt", "gate")
-
-
 def _cos_anneal(start, end, pct):
     return end + (start - end) / 2.0 * (jnp.cos(jnp.pi * pct) + 1.0)
 

@@ -9,21 +9,18 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tttjax.sharding import constrain
-from tttjax.train.loss import loss_terms, objective
+from tttjax.parallel.sharding import constrain
+from tttjax.train.loss import model_terms, objective
 
 
 def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_weight_multiplier: float):
     """loss(trainable fp32, frozen, codes) -> (total, aux); trainable is cast to param_dtype first."""
     param_dtype = cfg.jnp_param_dtype
-    pad_ids = (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id)
 
     def loss_fn(trainable, frozen, codes):
         model = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(param_dtype), trainable), frozen)
-        terms = loss_terms(model.predictions(codes), text_padding_ids=pad_ids,
-                           text_padding_weight=text_padding_weight,
-                           first_codebook_weight_multiplier=first_codebook_weight_multiplier)
-        total, text, audio = objective(terms)
+        total, text, audio = objective(model_terms(model, codes, text_padding_weight=text_padding_weight,
+                                                   first_codebook_weight_multiplier=first_codebook_weight_multiplier))
         return total, {"text_loss": text, "audio_loss": audio}
 
     return loss_fn

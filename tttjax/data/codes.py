@@ -1,0 +1,25 @@
+"""Codes arrays on disk: int .npy [B, K, T] (-1 = no token), checked row by row against each
+stream's vocabulary (forward, generate, eval and the long-context curve read them here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.ndarray:
+    """int codes [B, len(limits), T] from .npy; row r must hold ids in [-1, limits[r]) (-1 = no token)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    codes = np.load(path, allow_pickle=False)
+    if codes.ndim != 3 or codes.shape[1] != len(limits):
+        raise ValueError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{path}: {what} have dtype {codes.dtype}, expected integers")
+    bad = (codes < -1) | (codes >= np.asarray(limits)[None, :, None])
+    if bad.any():
+        row = int(np.argwhere(bad)[0][1])
+        raise ValueError(f"{path}: {what} row {row} has ids outside [-1, {limits[row]}) (-1 = no token)")
+    return codes.astype(np.int32)

@@ -1,0 +1,1 @@
+"""Parallelism: the device mesh, logical sharding rules and placement, multi-host start-up."""

@@ -1,0 +1,107 @@
+"""The on-disk names (DESIGN.md section 6) and what a weights path on disk is.
+
+Every name of the run directory, of a step directory's items, of a model directory and of a
+PyTorch export lives here, and so does the one answer to "what is this path?" (`weights_kind`).
+
+    runs/exp/args.yaml                                   the resolved run config (a record)
+    runs/exp/checkpoints/checkpoint_000100/state|data|consolidated
+    MODEL_DIR/config.json + MODEL_DIR/params/            a tttjax model dir (conversion.from_pytorch)
+    EXPORT_DIR/consolidated.safetensors | lora.safetensors + config.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import ml_collections
+import yaml
+
+ARGS_FILE = "args.yaml"
+LOGS = "logs"
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "checkpoint"
+STEP_DIGITS = 6
+STATE, DATA, CONSOLIDATED = "state", "data", "consolidated"  # the items of a step dir
+DATA_FILE = "position.json"  # the data item's file
+PARAMS_DIR = "params"  # a model dir's Orbax params
+CONFIG_FILE = "config.json"  # moshi LM config + lora keys + "ttt" block (model dirs and exports)
+FULL_FILE = "consolidated.safetensors"
+ADAPTERS_FILE = "lora.safetensors"
+EXPORT_FILES = (FULL_FILE, ADAPTERS_FILE)
+
+STEP, MODEL, PYTORCH = "step", "model", "pytorch"  # the kinds of weights path
+KINDS_HELP = ("a training step dir (runs/x/checkpoints/checkpoint_NNNNNN, with state/), a tttjax model dir "
+              f"({CONFIG_FILE} + {PARAMS_DIR}/, from conversion.from_pytorch) or a PyTorch .safetensors file")
+
+
+def checkpoints_dir(run_dir) -> Path:
+    return Path(run_dir).absolute() / CHECKPOINTS
+
+
+def step_dir(run_dir, step: int) -> Path:
+    """`<run_dir>/checkpoints/checkpoint_NNNNNN`: the committed directory of `step`."""
+    return checkpoints_dir(run_dir) / f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
+
+
+def run_dir_of(step: Path) -> Path:
+    """The run directory a step dir belongs to."""
+    return Path(step).absolute().parent.parent
+
+
+def weights_kind(path) -> str:
+    """STEP, MODEL or PYTORCH; FileNotFoundError naming the path and the accepted forms otherwise."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        return PYTORCH
+    if (path / STATE).is_dir():
+        return STEP
+    if (path / CONFIG_FILE).is_file() and (path / PARAMS_DIR).is_dir():
+        return MODEL
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory or weights file (expected {KINDS_HELP})")
+    raise FileNotFoundError(f"{path}: neither a training step dir ({STATE}/) nor a model dir ({CONFIG_FILE} + "
+                            f"{PARAMS_DIR}/) nor a PyTorch .safetensors file")
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`; one-line errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def write_config_json(directory: Path, config: dict) -> None:
+    """config.json of a model dir or an export."""
+    (Path(directory) / CONFIG_FILE).write_text(json.dumps(config, indent=4, sort_keys=True))
+
+
+def find_export(directory: Path) -> Path | None:
+    """The safetensors file of a step dir's consolidated/ export, if exactly one is there."""
+    found = [Path(directory) / CONSOLIDATED / n for n in EXPORT_FILES if (Path(directory) / CONSOLIDATED / n).is_file()]
+    return found[0] if len(found) == 1 else None
+
+
+def read_run_config(step: Path) -> ml_collections.ConfigDict:
+    """The resolved config of the run a step dir belongs to (its args.yaml)."""
+    args = run_dir_of(step) / ARGS_FILE
+    if not args.is_file():
+        raise FileNotFoundError(f"{args} not found: {step} is not a step dir of a tttjax run")
+    return ml_collections.ConfigDict(yaml.safe_load(args.read_text()))
+
+
+def write_run_config(run_dir: Path, config: dict, start: int) -> Path:
+    """args.yaml of a run; a resume with another config keeps the old file as args.before_step_N.yaml."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = run_dir / ARGS_FILE
+    text = yaml.safe_dump(config, sort_keys=True)
+    if start and args.exists() and args.read_text() != text:
+        args.rename(run_dir / f"args.before_step_{start:06d}.yaml")
+    args.write_text(text)
+    return args

@@ -1,0 +1,100 @@
+"""The run's program: model config, mesh, parameter split, shardings, optimizer and the jitted step.
+
+Built from the config alone, with abstract parameters (shapes, dtypes and shardings; nothing is
+allocated), so that the same object serves the trainer, which then materialises the weights on
+the mesh, and `python -m tttjax.compile`, which lowers the step for a TPU topology on any host.
+This is the one place that decides how a step is sharded, donated, microbatched and compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from tttjax.data.streams import num_frames
+from tttjax.model.config import ModelConfig, from_run_config
+from tttjax.model.moshi import abstract_model
+from tttjax.model.params import path_of, trainable_filter
+from tttjax.parallel.mesh import make_mesh
+from tttjax.parallel.sharding import (batch_sharding, check_batch, opt_state_shardings, replicated, state_shardings,
+                                      under_mesh)
+from tttjax.train import optimizer as optim_lib
+from tttjax.train.step import make_loss_fn, make_train_step
+
+
+def _abstract(tree, shardings, dtype=None):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), tree, shardings)
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    config: Any  # the run config (ml_collections)
+    cfg: ModelConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef  # the model's graph; params as (trainable, frozen) pure dicts
+    state: dict  # abstract {"step", "params" (fp32 masters), "opt_state"} in their shardings
+    frozen: dict  # abstract frozen params (param_dtype) in their shardings
+    batch: jax.ShapeDtypeStruct  # the global codes [batch_size, 17, T], batch-sharded
+    optimizer: optax.GradientTransformation
+    train_step: Any  # jitted (state, frozen, codes) -> (state, metrics); the state is donated
+
+    @property
+    def full_finetuning(self) -> bool:
+        return bool(self.config.full_finetuning)
+
+    @property
+    def state_shardings(self):
+        return jax.tree.map(lambda x: x.sharding, self.state)
+
+    def step(self, state, frozen, codes):
+        """One train step under the mesh (`constrain` sees it while tracing)."""
+        return under_mesh(self.mesh, self.train_step)(state, frozen, codes)
+
+    def lower(self):
+        """The train step lowered for the abstract state, frozen params and batch (nothing allocated)."""
+        with jax.set_mesh(self.mesh):
+            return self.train_step.lower(self.state, self.frozen, self.batch)
+
+
+def check_config(config) -> None:
+    if config.max_steps < 1:
+        raise ValueError(f"max_steps={config.max_steps} must be >= 1")
+    if config.batch_size % config.num_microbatches:
+        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
+                         f"num_microbatches={config.num_microbatches}")
+    if not config.full_finetuning and not config.lora.enable and not config.ttt.enable:
+        raise ValueError("nothing to train: enable lora, ttt or full_finetuning")
+
+
+def build_program(config, devices=None) -> TrainProgram:
+    """The program of `config` on `devices` (default: all of this job's; or a TPU topology's)."""
+    check_config(config)
+    cfg = from_run_config(config)
+    mesh = make_mesh(config.mesh.to_dict(), devices)
+    check_batch(mesh, config.batch_size, config.num_microbatches)
+    graphdef, trainable, frozen = nnx.split(abstract_model(cfg), trainable_filter(config.full_finetuning), ...)
+    masters = _abstract(nnx.to_pure_dict(trainable), nnx.to_pure_dict(state_shardings(trainable, mesh)), jnp.float32)
+    if not jax.tree.leaves(masters):
+        raise ValueError("no trainable parameters: enable lora, ttt or full_finetuning")
+    frozen = _abstract(nnx.to_pure_dict(frozen), nnx.to_pure_dict(state_shardings(frozen, mesh)))
+    labels = jax.tree_util.tree_map_with_path(lambda p, _: optim_lib.param_group(path_of(p)), masters)
+    optimizer = optim_lib.make_optimizer(config.optim, config.max_steps, labels)
+    opt_state = jax.eval_shape(optimizer.init, masters)
+    rep = replicated(mesh)
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), "params": masters,
+             "opt_state": _abstract(opt_state, opt_state_shardings(opt_state, masters, mesh))}
+    batch = jax.ShapeDtypeStruct((config.batch_size, cfg.num_codebooks, num_frames(config.duration_sec)), jnp.int32,
+                                 sharding=batch_sharding(mesh))
+    loss_fn = make_loss_fn(graphdef, cfg, text_padding_weight=config.text_padding_weight,
+                           first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.num_microbatches),
+                         in_shardings=(shardings(state), shardings(frozen), batch.sharding),
+                         out_shardings=(shardings(state), rep), donate_argnums=(0,))
+    return TrainProgram(config, cfg, mesh, graphdef, state, frozen, batch, optimizer, train_step)
