@@ -8,9 +8,10 @@ ring, so the per-frame cost does not depend on how far the stream is):
     sampling 8 codebooks), LMGen's default sampling (temp 0.8/0.7, top-k 250/25) for "sampled";
   * teacher-forced step: `forward_chunk` with 1 frame (the streaming path of `forward --streaming`);
   * chunk 64: `forward_chunk` with 64 frames (the long-context evaluation path), frames per second;
-  * gen sampled (paired), `small` only: tttjax against the PyTorch package's own `LMGen.step`
-    (eager, same config, same sampling; 2 and 1 torch threads), timed in alternating rounds so all
-    three see the same machine load (moshi has no TTT layers, hence no `tiny`/`small_ttt` rows).
+  * gen sampled (paired), `small` and `small_ttt`: tttjax against the PyTorch package's own
+    `LMGen.step` over the same config (eager; `small_ttt` with conversion/torch_ttt.py's streaming
+    TTT layers attached), same sampling, 2 and 1 torch threads, timed in alternating rounds so all
+    six see the same machine load.
 Per-frame times are medians over `--steps` timed calls after compilation; real-time factor =
 frames/s / 12.5. Configs: `tiny` = configs/tiny.py's model (dim 128, 4 layers, TTT in layers 1,3,
 K 8, LoRA rank 8); `small` = dim 512, 8 layers, 8 heads, depformer 256 x 2 layers (4 heads),
@@ -113,63 +114,81 @@ def bench_tttjax(name: str, steps: int) -> list[dict]:
     return rows
 
 
-def paired_vs_moshi(steps: int, rounds: int = 8) -> list[dict]:
-    """tttjax gen_step against moshi's LMGen.step on the `small` config, same sampling (LMGen's
-    defaults), timed in alternating rounds so that both see the same machine load; moshi with 2 and
-    with 1 torch threads (oversubscribed OpenMP threads can be much slower on a loaded VM)."""
+def torch_model(cfg):
+    """moshi's LMModel for a tttjax config, fp32, with streaming TTT layers where `cfg` has them
+    (inner weights ~ N(0, 0.02) as tttjax initialises them; the cost does not depend on values)."""
+    import torch
+    from moshi.models import loaders
+
+    from conversion.torch_ttt import TTTMLP, attach_ttt
+
+    torch.manual_seed(0)
+    lm = loaders.get_moshi_lm(None, lm_kwargs=cfg.raw_lm_kwargs(), device="cpu", dtype=torch.float32)
+    attach_ttt(lm, cfg.ttt_dict())
+    with torch.no_grad():
+        for m in lm.modules():
+            if isinstance(m, TTTMLP):
+                m.W1.normal_(0, 0.02)
+                m.W2.normal_(0, 0.02)
+    return lm.eval()
+
+
+def paired_vs_torch(steps: int, rounds: int = 8) -> list[dict]:
+    """tttjax gen_step against moshi's LMGen.step on `small` and `small_ttt`, same sampling (LMGen's
+    defaults), timed in alternating rounds so that all see the same machine load; torch with 2 and
+    with 1 threads (oversubscribed OpenMP threads can be much slower on a loaded VM)."""
     import contextlib
 
     import jax
     import jax.numpy as jnp
     import torch
-    from moshi.models import loaders
     from moshi.models.lm import LMGen
 
-    from tttjax.model.config import MOSHI_7B_LM_KWARGS
     from tttjax.model.moshi import create_model
     from tttjax.model.streaming import Sampling, StreamingLM
 
-    streamer = StreamingLM(create_model(model_config("small"), seed=0))
-    torch.manual_seed(0)
-    lm = loaders.get_moshi_lm(None, lm_kwargs=dict(MOSHI_7B_LM_KWARGS, **SMALL), device="cpu",
-                              dtype=torch.float32).eval()
     user_np = np.random.default_rng(0).integers(0, 2048, (1, 8))
+    impls, params, ttt_layers = {}, {}, {}
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
-        impls = {}
-        state = [streamer.init_gen_state(1, seed=0)]
-        user = jnp.asarray(user_np, jnp.int32)
+        for name in ("small", "small_ttt"):
+            cfg = model_config(name)
+            streamer = StreamingLM(create_model(cfg, seed=0))
+            state = [streamer.init_gen_state(1, seed=0)]
+            user = jnp.asarray(user_np, jnp.int32)
 
-        def jax_step():
-            state[0], out = streamer.step(state[0], user, Sampling())
-            jax.block_until_ready(out)
+            def jax_step(streamer=streamer, state=state, user=user):
+                state[0], out = streamer.step(state[0], user, Sampling())
+                jax.block_until_ready(out)
 
-        impls["tttjax"] = (jax_step, None)
-        gen = LMGen(lm)  # LMGen's default sampling; one stream, stepped with 2 or 1 threads
-        stack.enter_context(gen.streaming(1))
-        for threads in (2, 1):
-            impls[f"moshi (torch eager, {threads} thr)"] = (
-                functools.partial(gen.step, torch.from_numpy(user_np[:, :, None])), threads)
-        times = {name: [] for name in impls}
+            impls[name, "tttjax"] = (jax_step, None)
+            lm = torch_model(cfg)
+            params[name], ttt_layers[name] = sum(p.numel() for p in lm.parameters()), list(cfg.ttt_layers)
+            gen = LMGen(lm)  # LMGen's default sampling; one stream, stepped with 2 or 1 threads
+            stack.enter_context(gen.streaming(1))
+            for threads in (2, 1):
+                impls[name, f"torch LMGen (eager, {threads} thr)"] = (
+                    functools.partial(gen.step, torch.from_numpy(user_np[:, :, None])), threads)
+        times = {key: [] for key in impls}
         compile_s = {}
-        for name, (fn, threads) in impls.items():
+        for key, (fn, threads) in impls.items():
             if threads:
                 torch.set_num_threads(threads)
             t = time.perf_counter()
             fn()
-            compile_s[name] = time.perf_counter() - t
+            compile_s[key] = time.perf_counter() - t
         per_round = max(1, steps // rounds)
         for _ in range(rounds):
-            for name, (fn, threads) in impls.items():
+            for key, (fn, threads) in impls.items():
                 if threads:
                     torch.set_num_threads(threads)
                 for _ in range(per_round):
                     t = time.perf_counter()
                     fn()
-                    times[name].append(time.perf_counter() - t)
-    params = sum(p.numel() for p in lm.parameters())
-    return [dict(config="small", impl=name, what="gen sampled (paired)", frames_per_call=1,
-                 compile_s=compile_s[name], times=times[name], params=params, ttt_layers=[]) for name in impls]
+                    times[key].append(time.perf_counter() - t)
+    return [dict(config=name, impl=impl, what="gen sampled (paired)", frames_per_call=1,
+                 compile_s=compile_s[name, impl], times=times[name, impl], params=params[name],
+                 ttt_layers=ttt_layers[name]) for name, impl in impls]
 
 
 def summarise(row: dict) -> dict:
@@ -184,7 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=48, help="timed calls per row (after the compiling one)")
     parser.add_argument("--configs", default="tiny,small,small_ttt")
-    parser.add_argument("--no-torch", action="store_true", help="skip the moshi LMGen reference rows")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch LMGen rows")
     args = parser.parse_args()
 
     import jax
@@ -194,13 +213,13 @@ def main() -> None:
     t0 = time.perf_counter()
     for name in args.configs.split(","):
         rows += [summarise(r) for r in bench_tttjax(name, args.steps)]
-        if name == "small" and not args.no_torch:
-            rows += [summarise(r) for r in paired_vs_moshi(args.steps)]
-    header = f"{'config':10} {'impl':26} {'what':24} {'ms/call':>9} {'p90 ms':>8} {'frames/s':>9} {'x real time':>11} {'compile s':>9}"
+    if not args.no_torch:
+        rows += [summarise(r) for r in paired_vs_torch(args.steps)]
+    header = f"{'config':10} {'impl':28} {'what':24} {'ms/call':>9} {'p90 ms':>8} {'frames/s':>9} {'x real time':>11} {'compile s':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:10} {r['impl']:26} {r['what']:24} {r['median_ms']:9.2f} {r['p90_ms']:8.2f} "
+        print(f"{r['config']:10} {r['impl']:28} {r['what']:24} {r['median_ms']:9.2f} {r['p90_ms']:8.2f} "
               f"{r['frames_per_s']:9.1f} {r['real_time_factor']:11.2f} {r['compile_s']:9.1f}")
     meta = dict(cpus=os.cpu_count(), machine=platform.machine(), jax=jax.__version__, backend=jax.default_backend(),
                 batch=1, dtype="float32", context=3000, steps=args.steps, frame_rate=FRAME_RATE,

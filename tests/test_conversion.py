@@ -34,7 +34,7 @@ def test_round_trip_is_bitwise_and_loads_strictly(tmp_path, layout):
     with safe_open(str(out / "consolidated.safetensors"), "np") as f:
         assert f.metadata() == {"format": "pt"}
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["lora"] is False and cfg["ttt"]["enable"] is False
+    assert cfg["lora"] is False and "ttt" not in cfg  # stock moshi rejects a "ttt" key
     # Strict load into moshi's LMModel, same logits as the original.
     from moshi.models import loaders
 
@@ -62,6 +62,15 @@ def test_bf16_round_trip_is_exact_to_rounding(tmp_path):
         assert torch.equal(original[k], exported[k]), k
 
 
+def served(weights, config, lora=None):
+    """The LMModel `moshi.server` builds from these local files (its loader calls, fp32, LoRA fused)."""
+    from moshi.models import loaders
+
+    info = loaders.CheckpointInfo.from_hf_repo("unused/repo", str(weights), "unused-mimi", "unused-tokenizer",
+                                               config_path=str(config), lora_weights=lora and str(lora))
+    return info.get_moshi(device="cpu", dtype=torch.float32, fuse_lora=True)
+
+
 def test_adapters_plus_base_equal_merged(tmp_path):
     """lora.safetensors on the base gives the merged export's logits within bf16 rounding."""
     kwargs = ref.lm_kwargs()
@@ -80,14 +89,9 @@ def test_adapters_plus_base_equal_merged(tmp_path):
     assert adapters and all(".lora_A." in k or ".lora_B." in k for k in adapters)
     acfg = json.loads((tmp_path / "adapters" / "config.json").read_text())
     assert (acfg["lora"], acfg["lora_rank"], acfg["lora_scaling"]) == (True, 4, 2.0)
-    from moshi.models import loaders
-
-    merged = loaders.get_moshi_lm(str(tmp_path / "merged" / "consolidated.safetensors"), lm_kwargs=kwargs,
-                                  device="cpu", dtype=torch.float32)
-    with_lora = loaders.get_moshi_lm(str(weights), lm_kwargs=dict(kwargs, lora=True, lora_rank=4, lora_scaling=2.0),
-                                     device="cpu", dtype=torch.float32)
-    with_lora.load_state_dict({k: torch.from_numpy(v.astype(np.float32)) for k, v in adapters.items()},
-                              strict=False)
+    # Both load as stock `python -m moshi.server --moshi-weight W --config-path C [--lora-weight L]` loads.
+    merged = served(tmp_path / "merged" / "consolidated.safetensors", tmp_path / "merged" / "config.json")
+    with_lora = served(weights, tmp_path / "adapters" / "config.json", tmp_path / "adapters" / "lora.safetensors")
     codes = ref.random_codes(kwargs, batch=2, frames=9)
     a, b, want = ref.torch_forward(merged, codes), ref.torch_forward(with_lora, codes), ref.torch_forward(lm, codes)
     # bf16 storage: relative rounding 2^-8 of weights O(0.1-1); logits O(1-10) move by a few 1e-2.

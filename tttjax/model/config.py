@@ -261,14 +261,18 @@ TTT_KEYS = ("enable", "layers", "base_lr", "mini_batch_size", "causal", "initial
 
 
 def to_config_json(cfg: ModelConfig, *, lora: bool | None = None) -> dict[str, Any]:
-    """config.json as moshi-finetune writes it (LM config + lora keys) plus the `"ttt"` block.
+    """config.json as moshi-finetune writes it (LM config + lora keys) plus, with TTT layers, the
+    `"ttt"` block: stock moshi (`get_moshi_lm`, `moshi.server --config-path`) rejects that key, so a
+    model without TTT gets none and loads there.
 
     `lora=False` is for merged exports: moshi would otherwise wrap the merged weights in fresh LoRA
     layers with non-zero B.
     """
     has_lora = cfg.lora_rank > 0 if lora is None else lora
     out = cfg.raw_lm_kwargs()
-    out.update(lora=has_lora, ttt=cfg.ttt_dict())
+    out.update(lora=has_lora)
+    if cfg.ttt_layers:
+        out.update(ttt=cfg.ttt_dict())
     if has_lora:
         out.update(lora_rank=cfg.lora_rank, lora_scaling=cfg.lora_scaling)
     return out

@@ -1,0 +1,144 @@
+"""Talk to a TTT fine-tune: moshi's own server (web UI, `/api/chat` websocket, every `moshi.server`
+flag) serving a tttjax export with its TTT layers streaming.
+
+    python -m conversion.moshi_server --checkpoint_dir STEP_OR_EXPORT_DIR \\
+        --mimi-weight mimi.safetensors --tokenizer tokenizer_spm_32k_3.model \\
+        [--moshi-weight base.safetensors] [--device cpu] [--static none] [other moshi.server flags]
+
+STEP_OR_EXPORT_DIR is a training step dir (`runs/x/checkpoints/checkpoint_000100/`, whose
+`consolidated/` holds the export) or a `conversion.to_pytorch --out` dir: `config.json` with
+`consolidated.safetensors` (the full model), or with `lora.safetensors` (adapters: LoRA and TTT
+tensors) over the base weights given with `--moshi-weight`. Mimi and the tokenizer are local files.
+
+How: `moshi.server` runs its `main()` on import and gets its LM from
+`loaders.CheckpointInfo.from_hf_repo(...)` then `.get_moshi(...)`. This module replaces
+`from_hf_repo`, at run time and in this process only, by a function that checks the flags and
+returns a CheckpointInfo whose `get_moshi` builds the TTT model (`torch_ttt.load_ttt_moshi`), then
+runs `moshi.server` unmodified (its ServerState, LMGen, routes, flags and shutdown). Without CUDA
+it also makes `torch.cuda.synchronize` a no-op, because moshi.server's warm-up calls it
+unconditionally (stock moshi.server cannot start on a CPU-only torch). No file of the installed
+moshi package is changed. SIGTERM or Ctrl-C stops it with exit status 0 (aiohttp's graceful exit).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import runpy
+import sys
+from pathlib import Path
+
+import torch
+from moshi.models import loaders
+
+from conversion.torch_ttt import check_config_streamable, load_ttt_moshi
+from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, CONSOLIDATED, FULL_FILE, read_json
+
+
+def find_export(checkpoint_dir: str | Path) -> Path:
+    """The directory holding config.json and an export file: the dir itself or its `consolidated/`."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise ValueError(f"--checkpoint_dir {root}: no such directory")
+    for candidate in (root, root / CONSOLIDATED):
+        if (candidate / CONFIG_FILE).is_file() and any((candidate / f).is_file() for f in (FULL_FILE, ADAPTERS_FILE)):
+            return candidate
+    raise ValueError(f"--checkpoint_dir {root}: no {CONFIG_FILE} with {FULL_FILE} or {ADAPTERS_FILE} in it or in "
+                     f"its consolidated/ (export a tttjax checkpoint with python -m conversion.to_pytorch first)")
+
+
+def _local_file(flag: str, value, what: str) -> Path:
+    if value is None:
+        raise ValueError(f"{flag} is required: the local {what} file")
+    path = Path(value)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    return path
+
+
+@dataclasses.dataclass
+class TTTCheckpointInfo(loaders.CheckpointInfo):
+    """moshi's CheckpointInfo for a tttjax export: `get_moshi` attaches the TTT layers."""
+
+    config_file: Path | None = None
+
+    def get_mimi(self, device="cpu"):
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda (moshi.server's default): CUDA is not available here; "
+                             "pass --device cpu")
+        return super().get_mimi(device=device)
+
+    def get_moshi(self, device="cpu", dtype=torch.bfloat16, load_weight=True, fuse_lora=False, **_):
+        from moshi.modules.lora import replace_lora_with_linear
+
+        lm = load_ttt_moshi(self.moshi_weights, self.config_file, lora=self.lora_weights, device=device, dtype=dtype)
+        if fuse_lora:
+            replace_lora_with_linear(lm)
+        return lm
+
+
+def server_checkpoint(checkpoint_dir, *, moshi_weights=None, mimi_weights=None, tokenizer=None, config_path=None,
+                      lora_weights=None) -> TTTCheckpointInfo:
+    """What moshi.server loads for this export and these flags; ValueError names a bad flag."""
+    export = find_export(checkpoint_dir)
+    for flag, value in (("--config-path", config_path), ("--lora-weight", lora_weights)):
+        if value is not None:
+            raise ValueError(f"{flag}: the export in --checkpoint_dir {checkpoint_dir} provides it; drop the flag")
+    if (export / FULL_FILE).is_file():
+        if moshi_weights is not None:
+            raise ValueError(f"--moshi-weight: {export / FULL_FILE} is a full model; the flag is only for "
+                             f"adapters-only exports ({ADAPTERS_FILE})")
+        weights, lora = export / FULL_FILE, None
+    else:
+        if moshi_weights is None:
+            raise ValueError(
+                f"{export / ADAPTERS_FILE} holds only the adapters (LoRA/TTT): pass the base weights with "
+                f"--moshi-weight, or, for a run without a base file (random init), serve its full export: "
+                f"python -m conversion.to_pytorch --checkpoint_dir STEP_DIR --out DIR")
+        weights, lora = _local_file("--moshi-weight", moshi_weights, "base weights"), export / ADAPTERS_FILE
+    config = read_json(export / CONFIG_FILE)
+    check_config_streamable(config.get("ttt") or {})
+    mimi = _local_file("--mimi-weight", mimi_weights, "Mimi weights (safetensors)")
+    tokenizer = _local_file("--tokenizer", tokenizer, "sentencepiece text tokenizer")
+    import sentencepiece
+
+    try:
+        vocab = sentencepiece.SentencePieceProcessor(str(tokenizer)).vocab_size()
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"--tokenizer {tokenizer}: not a sentencepiece model ({e})") from None
+    if vocab < config["text_card"]:
+        raise ValueError(f"--tokenizer {tokenizer} has {vocab} pieces, fewer than the model's text_card "
+                         f"{config['text_card']}")
+    return TTTCheckpointInfo(weights, mimi, tokenizer, lm_config=config, raw_config=config, lora_weights=lora,
+                             config_file=export / CONFIG_FILE)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="All other flags are moshi.server's (python -m moshi.server --help).")
+    parser.add_argument("--checkpoint_dir", required=True, help="training step dir or conversion.to_pytorch output")
+    args, moshi_argv = parser.parse_known_args(argv)
+
+    def from_flags(hf_repo, moshi_weights=None, mimi_weights=None, tokenizer=None, config_path=None,
+                   mimi_config_path=None, lora_weights=None, revision=None):
+        try:
+            return server_checkpoint(args.checkpoint_dir, moshi_weights=moshi_weights, mimi_weights=mimi_weights,
+                                     tokenizer=tokenizer, config_path=config_path, lora_weights=lora_weights)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+
+    saved = sys.argv, loaders.CheckpointInfo.__dict__["from_hf_repo"], torch.cuda.synchronize
+    sys.argv = ["moshi.server", *moshi_argv]
+    loaders.CheckpointInfo.from_hf_repo = staticmethod(from_flags)
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda device=None: None
+    try:
+        runpy.run_module("moshi.server", run_name="__main__")
+    finally:
+        sys.argv, loaders.CheckpointInfo.from_hf_repo, torch.cuda.synchronize = saved
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""`python -m conversion.moshi_server`: moshi's server streaming a TTT export, spoken to through
+moshi's websocket protocol (handshake byte 0; kind 1 = opus audio, 2 = text), offline.
+
+The model: a random tttjax model (dim 64, 2 layers, TTT at layer 1, mini-batch 4; card 2048 and
+n_q 16 / dep_q 8 as Mimi needs; text_card = the test tokenizer's vocabulary), exported into a
+training step dir's `consolidated/`; a random Mimi with filled codebooks (DESIGN.md section 9) and a
+sentencepiece model trained here.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import torch_reference as ref
+from conversion.moshi_server import server_checkpoint
+from conversion.to_pytorch import main as to_pytorch_main
+from tttjax.data import toydata
+
+REPO = Path(__file__).resolve().parents[1]
+FRAME = 1920  # 80 ms at 24 kHz: one Mimi frame
+SECONDS = 2.0
+KWARGS = ref.lm_kwargs(card=2048, depformer_num_layers=1)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    import sentencepiece
+
+    from tttjax.checkpoint.model_dir import save_model
+    from tttjax.model.config import from_lm_kwargs
+    from tttjax.model.moshi import create_model
+
+    root = tmp_path_factory.mktemp("server")
+    tokenizer = toydata.train_tokenizer(root / "tok", ["hi yes abcdef go no ok", "the quick brown fox jumps over"])
+    vocab = sentencepiece.SentencePieceProcessor(str(tokenizer)).vocab_size()
+    cfg = from_lm_kwargs(KWARGS | dict(text_card=vocab), ttt_layers=(1,), ttt_mini_batch_size=4,
+                         ttt_base_lr=10.0, ttt_initial_gating_alpha=1.0)
+    save_model(root / "ckpt", create_model(cfg, seed=0))
+    step = root / "run" / "checkpoints" / "checkpoint_000100"
+    assert to_pytorch_main(["--checkpoint_dir", str(root / "ckpt"), "--out", str(step / "consolidated")]) == 0
+    adapters = root / "adapters"
+    assert to_pytorch_main(["--checkpoint_dir", str(root / "ckpt"), "--out", str(adapters), "--adapters_only"]) == 0
+    return dict(step=step, adapters=adapters, mimi=toydata.save_random_mimi(root / "mimi.safetensors"),
+                tokenizer=tokenizer, root=root)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def server_env():
+    # Offline (a download attempt fails the test), one torch thread (the 2-core machine is shared) and
+    # no torch.compile (moshi compiles its RMSNorm lazily: seconds at start-up, the same maths).
+    return dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", NO_TORCH_COMPILE="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+
+
+async def talk(port: int, pcm: np.ndarray, expected_frames: int, timeout: float = 90.0):
+    """moshi's client protocol: wait for the handshake, stream pcm as opus at real-time pace, collect
+    the replies until `expected_frames` frames of audio came back. Returns (pcm back, texts)."""
+    import aiohttp
+    import sphn
+
+    writer, reader = sphn.OpusStreamWriter(24000), sphn.OpusStreamReader(24000)
+    audio, texts = [], []
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(f"ws://localhost:{port}/api/chat") as ws:
+            assert await ws.receive_bytes(timeout=60) == b"\x00"
+
+            async def receive():
+                async for msg in ws:
+                    assert msg.type == aiohttp.WSMsgType.BINARY, msg
+                    kind, payload = msg.data[0], msg.data[1:]
+                    if kind == 1:
+                        audio.append(reader.append_bytes(payload))
+                        if sum(a.shape[-1] for a in audio) >= expected_frames * FRAME:
+                            return
+                    else:
+                        assert kind == 2, kind
+                        texts.append(payload.decode())
+
+            receiving = asyncio.create_task(receive())
+            for start in range(0, len(pcm) - FRAME + 1, FRAME):
+                data = writer.append_pcm(pcm[start:start + FRAME])
+                if data:
+                    await ws.send_bytes(b"\x01" + data)
+                await asyncio.sleep(FRAME / 24000)
+            await asyncio.wait_for(receiving, timeout)
+    return np.concatenate(audio), texts
+
+
+def test_server_talks_and_stops_cleanly(files, tmp_path):
+    port = free_port()
+    cmd = [sys.executable, "-m", "conversion.moshi_server", "--checkpoint_dir", str(files["step"]),
+           "--mimi-weight", str(files["mimi"]), "--tokenizer", str(files["tokenizer"]), "--device", "cpu",
+           "--static", "none", "--host", "localhost", "--port", str(port)]
+    with open(tmp_path / "out", "w") as stdout, open(tmp_path / "err", "w") as stderr:  # a full pipe would block it
+        proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(), stdout=stdout, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (tmp_path / "err").read_text()
+            try:
+                socket.create_connection(("localhost", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start listening in 120 s"
+                time.sleep(0.5)
+        pcm = toydata.speech_like(np.random.default_rng(0), SECONDS, channels=1)[0]
+        # The server skips the first input frame and LMGen emits nothing for its max_delay first steps.
+        expected = int(SECONDS * 12.5) - 2 - 2
+        back, texts = asyncio.run(talk(port, pcm, expected))
+        assert back.dtype == np.float32 and len(back) >= expected * FRAME and np.abs(back).max() > 0
+        assert texts and all(isinstance(t, str) for t in texts)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "Traceback" not in out, err
+    assert "Access the Web UI" in out and "text token" in out
+
+
+def test_bad_flags_are_one_line_errors(files):
+    from conversion.moshi_server import main
+
+    # In process (a subprocess costs seconds of imports): the error is a SystemExit whose code is the
+    # one line Python prints before exiting with status 1; moshi.server's own flags parse first.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--checkpoint_dir", str(files["step"]), "--tokenizer", str(files["tokenizer"]), "--device", "cpu",
+              "--static", "none"])
+    assert exit_info.value.code == "error: --mimi-weight is required: the local Mimi weights (safetensors) file"
+    from moshi.models import loaders
+
+    assert loaders.CheckpointInfo.from_hf_repo.__qualname__ == "CheckpointInfo.from_hf_repo"  # restored
+    good = dict(mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
+    root = files["root"]
+    for kwargs, message in (
+            (dict(good, tokenizer=root / "nope.model"), r"^--tokenizer .*nope.model: no such file$"),
+            (dict(good, mimi_weights=None), r"^--mimi-weight is required"),
+            (dict(good, config_path="c.json"), r"^--config-path: the export in --checkpoint_dir .* provides it"),
+            (dict(good, moshi_weights=files["mimi"]), r"^--moshi-weight: .*consolidated.safetensors is a full model"),
+            (dict(good, tokenizer=files["mimi"]), r"^--tokenizer .*mimi.safetensors: not a sentencepiece model")):
+        with pytest.raises(ValueError, match=message):
+            server_checkpoint(files["step"], **kwargs)
+    with pytest.raises(ValueError, match=r"--checkpoint_dir .*ckpt: no config.json with consolidated.safetensors "
+                                         r"or lora.safetensors .*conversion.to_pytorch"):
+        server_checkpoint(root / "ckpt", **good)
+    with pytest.raises(ValueError, match=r"lora.safetensors holds only the adapters \(LoRA/TTT\): pass the base "
+                                         r"weights with --moshi-weight, or, .* python -m conversion.to_pytorch"):
+        server_checkpoint(files["adapters"], **good)
+
+
+def test_checkpoint_layouts_load_the_same_model(files, tmp_path):
+    """Step dir, export dir and adapters + base weights give the same TTT model."""
+    import torch
+
+    info = server_checkpoint(files["step"], mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
+    assert info.moshi_weights == files["step"] / "consolidated" / "consolidated.safetensors"
+    full = info.get_moshi(device="cpu", dtype=torch.float32)
+    assert server_checkpoint(files["step"] / "consolidated", mimi_weights=files["mimi"],
+                             tokenizer=files["tokenizer"]).moshi_weights == info.moshi_weights
+    # The adapters' base: the full export without the TTT tensors (what a base moshi file holds).
+    from safetensors.torch import load_file, save_file
+
+    base = {k: v for k, v in load_file(str(info.moshi_weights)).items() if "seq_modeling_block" not in k}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    adapters = server_checkpoint(files["adapters"], moshi_weights=tmp_path / "base.safetensors",
+                                 mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
+    assert adapters.lora_weights == files["adapters"] / "lora.safetensors"
+    again = adapters.get_moshi(device="cpu", dtype=torch.float32)
+    codes = ref.random_codes(KWARGS | dict(text_card=info.lm_config["text_card"]), batch=1, frames=6)
+    a, b = ref.torch_forward(full, codes), ref.torch_forward(again, codes)
+    np.testing.assert_array_equal(a["logits"][a["mask"]], b["logits"][b["mask"]])
