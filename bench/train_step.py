@@ -16,7 +16,7 @@ Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table
 per step / the fp32 matmul rate measured in the same run (a 2048^3 jnp matmul). Writes
 bench/results/train_step.json.
 
-FLOP count (per frame, forward; a train step counts 3x; bench/flops.py): every matmul 2*in*out
+FLOP count (per frame, forward; a train step counts 3x; tttjax/flops.py): every matmul 2*in*out
 (temporal in/out projections, SiLU-GLU, text head; depformer_in, 8 slots of the depformer layers
 and heads), attention 4*D*(mean causal context) per layer; a TTT layer adds its 4 D x D
 projections and the inner loop H*(14*d*4d + 6*K*d + 6*K*4d) (ttt-reference.md).
@@ -33,7 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flops import layer_flops, matmul_rate, ttt_flops  # noqa: E402
+from flops import matmul_rate  # noqa: E402
+from tttjax.flops import forward_flops_per_frame  # noqa: E402
+from tttjax.model.config import from_lm_kwargs  # noqa: E402
 
 SMALL = dict(dim=512, num_layers=8, num_heads=8, hidden_scale=4.125, depformer_dim=256, depformer_num_layers=2,
              depformer_num_heads=4, depformer_dim_feedforward=int(4.125 * 256), card=2048, text_card=32000,
@@ -48,18 +50,6 @@ def lm_kwargs(changes):
     from tttjax.model.config import MOSHI_7B_LM_KWARGS
 
     return dict(MOSHI_7B_LM_KWARGS, **changes)
-
-
-def forward_flops_per_frame(cfg, ttt_layers: int, T: int) -> float:
-    """The temporal layers, text head, depformer_in, the depformer's dep_q slots and heads, TTT."""
-    from tttjax.model.config import ffn_hidden
-
-    D, S, dd = cfg["dim"], cfg["dep_q"], cfg["depformer_dim"]
-    temporal = cfg["num_layers"] * layer_flops(D, ffn_hidden(D, int(cfg["hidden_scale"] * D)), T, cfg["context"])
-    depformer = cfg["depformer_num_layers"] * S * layer_flops(
-        dd, ffn_hidden(dd, cfg["depformer_dim_feedforward"]), S, None)
-    heads = 2 * D * cfg["text_card"] + S * 2 * D * dd + S * 2 * dd * cfg["card"]
-    return temporal + depformer + heads + ttt_layers * ttt_flops(D, cfg["num_heads"])
 
 
 def jax_trainer(kwargs, ttt_layers: str, unroll: bool):
@@ -206,8 +196,9 @@ def main() -> None:
         kwargs = lm_kwargs(CONFIGS[name])
         frames = BATCH * FRAMES
         t_jax, t_scan, t_ttt, t_torch, t_torch_huge = (runs[name][w]["step_s"] for w in variants)
-        flops = 3 * frames * forward_flops_per_frame(kwargs, 0, FRAMES)
-        flops_ttt = 3 * frames * forward_flops_per_frame(kwargs, 1, FRAMES)
+        plain, one_ttt = from_lm_kwargs(kwargs), from_lm_kwargs(kwargs, ttt_layers=(1,))
+        flops = 3 * frames * forward_flops_per_frame(plain, FRAMES)
+        flops_ttt = 3 * frames * forward_flops_per_frame(one_ttt, FRAMES)
         rows.append({
             "config": name, "jax_frames_per_s": frames / t_jax, "jax_scan_frames_per_s": frames / t_scan,
             "jax_ttt_frames_per_s": frames / t_ttt,

@@ -145,12 +145,24 @@ def test_memory_estimate_7b():
     assert _estimate("dots", data=1, fsdp=8, tensor=1).total > h100.total
     data_parallel = _estimate("none", data=8, fsdp=1, tensor=1)
     assert data_parallel.total > 80e9  # does not fit an H100: the check says so
-    with pytest.raises(ValueError, match="exceeds device memory.*mesh.fsdp"):
-        memory.check_memory(data_parallel, 80 * 10**9, mode="error", what="8xH100 data-parallel")
-    assert "exceeds device memory" in memory.check_memory(data_parallel, 80 * 10**9, mode="warn", what="x")
-    assert memory.check_memory(h100, 80 * 10**9, mode="error", what="8xH100 fsdp") is None
+    est = dict(source="analytic estimate")
+    with pytest.raises(ValueError, match="analytic estimate.*does not fit.*mesh.fsdp"):
+        memory.check_memory(data_parallel.total, 80 * 10**9, mode="error", what="8xH100 data-parallel", **est)
+    assert "does not fit" in memory.check_memory(data_parallel.total, 80 * 10**9, mode="warn", what="x", **est)
+    assert memory.check_memory(h100.total, 80 * 10**9, mode="error", what="8xH100 fsdp", **est) is None
     with pytest.raises(ValueError, match="memory_check"):
-        memory.check_memory(h100, None, mode="typo", what="")
+        memory.check_memory(h100.total, None, mode="typo", what="", **est)
+
+
+def test_compile_oom_figures():
+    """XLA:TPU's compile-time refusals, in both forms it prints, give (needed, available) bytes."""
+    temps = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+                         "temporaries (48.79G) exceeds available HBM (15.75G).")
+    assert memory.compile_oom(temps) == (int(48.79 * memory.GiB), int(15.75 * memory.GiB))
+    used = RuntimeError("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 20.50G of "
+                        "15.48G hbm. Exceeded hbm capacity by 5.02G.")
+    assert memory.compile_oom(used) == (int(20.5 * memory.GiB), int(15.48 * memory.GiB))
+    assert memory.compile_oom(RuntimeError("INTERNAL: something else")) is None
 
 
 # ----------------------------------------------------------------------------------------------

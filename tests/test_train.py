@@ -159,6 +159,26 @@ def test_nan_loss_stops_without_saving(tmp_path):
     assert CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=1).all_steps() == []
 
 
+def test_startup_memory_check_uses_the_compiled_step(tmp_path, monkeypatch):
+    """Where the device reports its memory (TPU, GPU), the start-up check compiles the step and uses
+    the compiler's own figures; the trainer then runs that compiled program, bitwise as the jitted
+    step does. (On CPU the device reports no limit; the test gives it one.)"""
+    from tttjax import memory
+
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: 1 << 20)
+    with pytest.raises(ValueError, match=r"of 1.0 MiB \(the compiled step's memory_analysis\) does not fit"):
+        Trainer(micro_config(tmp_path / "small", max_steps=2))
+    monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: 1 << 40)
+    checked = Trainer(micro_config(tmp_path / "a", max_steps=2, ckpt_freq=0))
+    assert checked.program.compiled is not None
+    checked.run()
+    monkeypatch.undo()
+    plain = Trainer(micro_config(tmp_path / "b", max_steps=2, ckpt_freq=0))
+    assert plain.program.compiled is None
+    plain.run()
+    assert_trees_equal(checked.state["params"], plain.state["params"])
+
+
 def test_microbatches_average_gradients(tmp_path):
     """num_microbatches=2 == the mean of the two half-batch gradients (moshi-finetune's accumulation)."""
     import jax.numpy as jnp

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from typing import Mapping
 
 import jax
@@ -25,6 +26,11 @@ from tttjax.parallel.sharding import batch_parallelism, param_spec
 log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
+
+
+def format_bytes(n: float) -> str:
+    """GiB, or MiB below a tenth of one."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SINGLE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 
@@ -177,29 +183,64 @@ def free_bytes(device=None) -> int | None:
 # Checks
 
 
-def check_memory(estimate: MemoryEstimate, capacity: int | None, *, mode: str, what: str) -> str | None:
-    """Training start-up: compare the estimate with device memory; raise (mode "error") or warn when it
-    does not fit. Returns the warning text, if any. mode: "error" | "warn" | "off"."""
+ADVICE = ("raise mesh.fsdp (shards params and optimizer state), use remat=full, raise num_microbatches "
+          "or lower batch_size / duration_sec")
+
+
+def check_memory(need: int, capacity: int | None, *, mode: str, what: str, source: str, detail: str = "") -> str | None:
+    """Training start-up: compare a step's per-device bytes (`source` says whose figure: the compiler's
+    or the analytic estimate) with device memory; raise (mode "error") or warn when it does not fit.
+    Returns the warning text, if any. mode: "error" | "warn" | "off"."""
     if mode not in ("error", "warn", "off"):
         raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
     if mode == "off" or capacity is None:
         return None
-    text = (f"estimated per-device memory for {what}: {estimate.total / GiB:.1f} GiB of "
-            f"{capacity / GiB:.1f} GiB\n{estimate.table()}")
-    advice = ("raise mesh.fsdp (shards params and optimizer state), use remat=full, raise num_microbatches "
-              "or lower batch_size / duration_sec")
-    if estimate.total > capacity:
-        text += f"\nthe estimate exceeds device memory: {advice}"
+    text = f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} ({source})"
+    if need > capacity:
         if mode == "error":
-            raise ValueError(f"{text} (memory_check=warn runs anyway)")
-        log.warning("%s", text)
-        return text
-    if estimate.total > 0.9 * capacity:
+            raise ValueError(f"{text} does not fit: {ADVICE} (memory_check=warn runs anyway)")
+        text += f"\ndoes not fit: {ADVICE}"
+    elif need > 0.9 * capacity:
         text += "\nwithin 10% of device memory"
-        log.warning("%s", text)
-        return text
-    log.info("%s", text)
+    else:
+        log.info("%s%s", text, detail and "\n" + detail)
+        return None
+    log.warning("%s%s", text, detail and "\n" + detail)
+    return text
+
+
+_COMPILE_OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
+                re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
+_UNIT = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
+
+
+def compile_oom(error: BaseException) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) from XLA:TPU's compile-time out-of-memory error, else None.
+
+    XLA:TPU refuses at compile time a program whose buffers exceed HBM; it reports either its
+    temporaries or all it uses, against the HBM it can use (a little under the chip's)."""
+    for pattern in _COMPILE_OOM:
+        match = pattern.search(str(error))
+        if match:
+            need, unit, have, have_unit = match.groups()
+            return int(float(need) * _UNIT[unit]), int(float(have) * _UNIT[have_unit])
     return None
+
+
+def compiled_figures(compiled) -> dict | None:
+    """Per-device bytes of a compiled program as its `memory_analysis()` reports them (None where the
+    backend reports nothing). total = arguments + outputs + temporaries - what donation aliases."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    out = {"argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes),
+           "alias_bytes": int(m.alias_size_in_bytes), "temp_bytes": int(m.temp_size_in_bytes),
+           "generated_code_bytes": int(m.generated_code_size_in_bytes)}
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    return out
 
 
 class BatchTooLarge(ValueError):
@@ -214,12 +255,9 @@ def check_batch(cfg: ModelConfig, batch_size: int, frames: int, *, compiled=None
     if batch_size < 1:
         raise BatchTooLarge(f"--batch_size={batch_size} must be >= 1")
     need = estimate_memory(cfg, batch_size=batch_size, num_frames=frames, training=False).activations
-    if compiled is not None:
-        try:
-            stats = compiled.memory_analysis()
-            need = max(need, int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes))
-        except Exception:  # not every backend reports memory statistics
-            pass
+    figures = compiled_figures(compiled) if compiled is not None else None
+    if figures is not None:
+        need = max(need, figures["temp_bytes"] + figures["output_bytes"])
     free = free_bytes()
     if free is None or need <= margin * free:
         return

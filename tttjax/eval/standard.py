@@ -24,7 +24,7 @@ from tttjax import memory
 from tttjax.data.streams import NO_TOKEN
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
 from tttjax.model.moshi import initial_tokens
-from tttjax.parallel.sharding import replicated
+from tttjax.parallel.sharding import batch_sharding, replicated
 from tttjax.train.loss import model_terms
 
 
@@ -72,18 +72,24 @@ class Evaluator:
         self._terms = jax.jit(terms, static_argnums=0, out_shardings=None if mesh is None else replicated(mesh))
         self._compiled: dict[tuple, object] = {}
 
-    def _program(self, graphdef, state, cfg, shape: tuple):
+    def lower(self, model, shape: tuple):
+        """The metrics program for [B, 17, T] codes of `shape`, lowered (the model may be abstract)."""
+        graphdef, state = nnx.split(model)
+        sharding = None if self.mesh is None else batch_sharding(self.mesh)
+        with contextlib.ExitStack() as stack:
+            if self.mesh is not None:
+                stack.enter_context(jax.set_mesh(self.mesh))
+            return self._terms.lower(graphdef, state, jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding))
+
+    def _program(self, model, graphdef, shape: tuple):
         key = (graphdef, shape)
         if key not in self._compiled:
-            with contextlib.ExitStack() as stack:
-                if self.mesh is not None:
-                    stack.enter_context(jax.set_mesh(self.mesh))
-                lowered = self._terms.lower(graphdef, state, jax.ShapeDtypeStruct(shape, jnp.int32))
+            lowered = self.lower(model, shape)
             if self.check_memory:
-                memory.check_batch(cfg, shape[0], shape[2])
+                memory.check_batch(model.cfg, shape[0], shape[2])
             self._compiled[key] = lowered.compile()
             if self.check_memory:
-                memory.check_batch(cfg, shape[0], shape[2], compiled=self._compiled[key])
+                memory.check_batch(model.cfg, shape[0], shape[2], compiled=self._compiled[key])
         return self._compiled[key]
 
     def __call__(self, model, batches: Iterable, *, max_batches: int = 0, progress=None) -> dict:
@@ -95,7 +101,7 @@ class Evaluator:
             nonlocal frames
             for batch in itertools.islice(batches, max_batches or None):
                 shape = tuple(batch.shape)
-                program = self._program(graphdef, state, model.cfg, shape)
+                program = self._program(model, graphdef, shape)
                 try:
                     out = jax.device_get(program(state, jnp.asarray(batch, jnp.int32)))
                 except Exception as e:  # XlaRuntimeError has no stable import path

@@ -95,18 +95,32 @@ class Trainer:
         self.fingerprint = state_lib.fingerprint(self.frozen)
 
     def _check_memory(self) -> None:
-        """Start-up check: the per-device memory estimate against the device's memory."""
+        """Start-up check against the device's memory: the compiled step's own figures where the
+        backend reports them (TPU, GPU: exact), else the analytic estimate."""
         config = self.config
         capacity = memory.device_memory_bytes()
         if config.memory_check == "off" or capacity is None:
-            memory.check_memory(None, None, mode=config.memory_check, what="")  # validates the mode
+            memory.check_memory(0, None, mode=config.memory_check, what="", source="")  # validates the mode
+            return
+        what = f"mesh {dict(self.mesh.shape)}, remat={self.cfg.remat}"
+        try:
+            figures = memory.compiled_figures(self.program.compile())
+        except Exception as e:  # XlaRuntimeError has no stable import path
+            oom = memory.compile_oom(e)
+            if oom is None:
+                raise
+            raise ValueError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
+                             f"the {memory.format_bytes(oom[1])} it can use: {memory.ADVICE}") from None
+        if figures is not None:
+            memory.check_memory(figures["total_bytes"], capacity, mode=config.memory_check, what=what,
+                                source="the compiled step's memory_analysis")
             return
         estimate = memory.estimate_memory(
             self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
             num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
             mesh_axes=dict(self.mesh.shape))
-        memory.check_memory(estimate, capacity, mode=config.memory_check,
-                            what=f"mesh {dict(self.mesh.shape)}, remat={self.cfg.remat}")
+        memory.check_memory(estimate.total, capacity, mode=config.memory_check, what=what,
+                            source="analytic estimate", detail=estimate.table())
 
     def _cast(self, params):
         return jax.tree.map(lambda x: x.astype(self.cfg.jnp_param_dtype), params)

@@ -43,6 +43,7 @@ class TrainProgram:
     batch: jax.ShapeDtypeStruct  # the global codes [batch_size, 17, T], batch-sharded
     optimizer: optax.GradientTransformation
     train_step: Any  # jitted (state, frozen, codes) -> (state, metrics); the state is donated
+    compiled: Any = None  # the step compiled ahead of time (`compile`), which `step` then runs
 
     @property
     def full_finetuning(self) -> bool:
@@ -53,13 +54,28 @@ class TrainProgram:
         return jax.tree.map(lambda x: x.sharding, self.state)
 
     def step(self, state, frozen, codes):
-        """One train step under the mesh (`constrain` sees it while tracing)."""
+        """One train step: the ahead-of-time compiled program if there is one, else the jitted step
+        under the mesh (`constrain` sees it while tracing)."""
+        if self.compiled is not None:
+            return self.compiled(state, frozen, codes)
         return under_mesh(self.mesh, self.train_step)(state, frozen, codes)
 
     def lower(self):
         """The train step lowered for the abstract state, frozen params and batch (nothing allocated)."""
         with jax.set_mesh(self.mesh):
             return self.train_step.lower(self.state, self.frozen, self.batch)
+
+    def compile(self):
+        """Compile the step ahead of time (once), for its memory figures; `step` runs this program."""
+        if self.compiled is None:
+            self.compiled = self.lower().compile()
+        return self.compiled
+
+    def eval_model(self):
+        """The abstract model the trainer evaluates: trainable params cast to param_dtype, with the frozen."""
+        cast = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.cfg.jnp_param_dtype, sharding=x.sharding),
+                            self.state["params"])
+        return nnx.merge(self.graphdef, cast, self.frozen)
 
 
 def check_config(config) -> None:

@@ -1,0 +1,172 @@
+"""`python -m tttjax.compile`: the trainer's step compiled for TPU topologies on this CPU host (libtpu).
+
+Each TPU compile of these tiny steps takes ~30 s on 2 cores, so the tests compile as few as they can:
+one single-slice report (train + eval), one 2-slice report, one refusal.
+"""
+
+import importlib.util
+import json
+
+import pytest
+from jax.experimental import topologies
+
+from tttjax import aot, compile as compile_cli, run_config
+from tttjax.flops import train_step_flops
+from tttjax.train.program import build_program
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (.ci/run installs it)")
+
+# configs/tiny.py cut down (as test_train's micro_config), FSDP over the devices of one slice
+SMALL = ["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.batch_size=8",
+         "--config.duration_sec=1.28", "--config.model.dim=32", "--config.model.num_layers=3",
+         "--config.model.num_heads=2", "--config.model.card=16", "--config.model.text_card=24",
+         "--config.model.depformer_dim=16", "--config.model.depformer_num_layers=1",
+         "--config.model.depformer_num_heads=2", "--config.model.depformer_dim_feedforward=64",
+         "--config.lora.rank=2", "--config.ttt.layers=1", "--config.ttt.mini_batch_size=4"]
+REPORT_KEYS = {"topology", "num_devices", "mesh", "per_device", "hbm_bytes", "fits", "estimate_bytes",
+               "model_flops_per_step", "compiler_flops_per_device", "collectives", "compile_s"}
+PER_DEVICE_KEYS = {"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes",
+                   "total_bytes"}
+
+
+def _run(args, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    code = compile_cli.main(args + [f"--output_json={out}"])
+    captured = capsys.readouterr()
+    return code, json.loads(out.read_text()) if out.exists() and out.stat().st_size else None, captured
+
+
+@needs_libtpu
+def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys):
+    code, report, captured = _run(SMALL + ["--topology=v5e:2x2"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert REPORT_KEYS <= set(report) and PER_DEVICE_KEYS <= set(report["per_device"])
+    assert report["topology"] == "v5e-4" and report["num_devices"] == 4
+    assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+    assert report["hbm_bytes"] == 16 * aot.GiB and report["fits"] is True
+    assert report["eval"]["fits"] and report["eval"]["per_device"]["total_bytes"] > 0
+    # FSDP: weights all-gathered and gradients reduced over fsdp, nothing over DCN
+    c = report["collectives"]
+    assert c["all-gather"]["count"] > 0 and set(c["all-gather"]["by_axes"]) == {"fsdp"}
+    assert c["all-reduce"]["count"] + c["reduce-scatter"]["count"] > 0
+    assert sum(kind["dcn_count"] for kind in c.values()) == 0
+
+    # an independent AOT compile of the same step reports the same per-device figures
+    config = run_config.load("configs/tiny.py", run_config.split_config_args(SMALL)[1])
+    program = build_program(config, topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices)
+    m = program.lower().compile().memory_analysis()
+    figures = report["per_device"]
+    assert (figures["argument_bytes"], figures["output_bytes"], figures["alias_bytes"], figures["temp_bytes"],
+            figures["generated_code_bytes"]) == (m.argument_size_in_bytes, m.output_size_in_bytes,
+                                                 m.alias_size_in_bytes, m.temp_size_in_bytes,
+                                                 m.generated_code_size_in_bytes)
+    assert figures["total_bytes"] == (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                                      - m.alias_size_in_bytes)
+    assert report["model_flops_per_step"] == train_step_flops(program.cfg, 8, 16)
+    assert "headroom" in captured.out and captured.out.rstrip().endswith("fits")
+    assert "[compile]" in captured.err  # progress goes to stderr
+
+
+@needs_libtpu
+def test_two_slices_put_the_data_axis_over_dcn(tmp_path, capsys):
+    code, report, captured = _run(SMALL + ["--topology=v5e-4", "--num_slices=2", "--config.mesh.dcn_data=2",
+                                           "--no_eval"], tmp_path, capsys)
+    assert code == 0, captured.err
+    assert report["topology"] == "2 x v5e-4" and report["num_devices"] == 8
+    assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    gradients = report["collectives"]["all-reduce"]
+    assert gradients["by_axes"]["data"]["count"] > 0 and gradients["dcn_count"] >= gradients["by_axes"]["data"]["count"]
+    assert report["collectives"]["all-gather"]["dcn_count"] == 0  # FSDP gathers stay inside a slice (ICI)
+    assert "DCN" in captured.out
+
+
+@needs_libtpu
+def test_a_step_that_cannot_fit_exits_1_with_one_line(tmp_path, capsys):
+    # configs/tiny.py on 2000 s sequences without remat: XLA:TPU refuses it within a minute, needing
+    # tens of GiB of temporaries on a 16 GiB chip
+    code, report, captured = _run(["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                                   "--config.batch_size=4", "--config.duration_sec=2000", "--topology=v5e-4"],
+                                  tmp_path, capsys)
+    assert code == 1
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("error: v5e-4: the train step does not fit:")
+    assert "16.00 GiB" in errors[0] and "biggest in the estimate: saved activations" in errors[0]
+    assert "remat=full" in errors[0] and "duration_sec" in errors[0]
+    assert report["fits"] is False and report["headroom_bytes"] < 0
+
+
+def test_unknown_topology_is_one_line(capsys):
+    assert compile_cli.main(SMALL + ["--topology=v7x-8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'v7x-8'" in err and "v5p:2x2x1" in err and "v5e-16" in err
+
+
+@pytest.mark.parametrize("name,slices,generation,shape,chips", [
+    ("v5p-8", 1, "v5p", "2x2x1", 4), ("v5p-64", 1, "v5p", "2x4x4", 32), ("v5p:4x4x4", 1, "v5p", "4x4x4", 64),
+    ("v5e-256", 2, "v5e", "16x16", 512), ("v6e-8", 1, "v6e", "2x4", 8), ("v5litepod-16", 1, "v5e", "4x4", 16)])
+def test_topology_names(name, slices, generation, shape, chips):
+    topo = aot.topology(name, slices)
+    assert (topo.generation, topo.shape, topo.chips) == (generation, shape, chips)
+    assert aot.topology(topo.name.split(" x ")[-1]).shape == shape  # the printed name reads back
+
+
+def test_impossible_slice_sizes_are_named():
+    with pytest.raises(ValueError, match="no v5p slice of that size.*v5p-8"):
+        aot.topology("v5p-12")
+    with pytest.raises(ValueError, match="unknown TPU topology 'v5e:2x2x2'"):
+        aot.topology("v5e:2x2x2")
+
+
+@pytest.mark.parametrize("limit", [1, 37, 1250, 99_999])
+def test_longest_fit_search(limit):
+    """The bisection behind --find_max_duration: within its resolution below the true limit."""
+    probes = []
+
+    def fits(frames):
+        probes.append(frames)
+        return frames <= limit
+
+    found = compile_cli.longest_fit(fits, start=1250)
+    assert found <= limit and limit - found <= max(12.5, 0.02 * found)
+    assert len(probes) <= 30
+
+
+HLO = """HloModule step
+
+%cond (p: (s32[], bf16[1,256])) -> pred[] {
+  %p = (s32[]{:T(128)}, bf16[1,256]{1,0}) parameter(0)
+  %constant.1 = s32[]{:T(128)} constant(21)
+  %gte = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%gte, %constant.1), direction=LT
+}
+
+%body (p: (s32[], bf16[1,256])) -> (s32[], bf16[1,256]) {
+  %p = (s32[]{:T(128)}, bf16[1,256]{1,0}) parameter(0)
+  %x = bf16[1,256]{1,0} get-tuple-element(%p), index=1
+  %ag = bf16[2,256]{1,0:T(8,128)(2,1)} all-gather(bf16[1,256]{1,0} %x), channel_id=1, replica_groups=[2,2]<=[4], dimensions={0}
+  ROOT %t = (s32[]{:T(128)}, bf16[1,256]{1,0}) tuple(%i, %x)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %w = (s32[]{:T(128)}, bf16[1,256]{1,0}) while(%t0), condition=%cond, body=%body
+  ROOT %ar = f32[8]{0:T(256)} all-reduce(f32[8]{0} %a), channel_id=2, replica_groups=[2,2]<=[2,2]T(1,0), to_apply=%add
+}
+"""
+
+
+def test_collectives_count_loop_trips_axes_and_dcn():
+    """An all-gather inside a 21-trip loop (TPU-style layouts) counts 21 times over fsdp; the all-reduce
+    over data crosses the two slices: DCN."""
+    import types
+
+    import numpy as np
+
+    devices = np.array([types.SimpleNamespace(id=i, slice_index=i // 2) for i in range(4)]).reshape(2, 2)
+    mesh = types.SimpleNamespace(devices=devices, axis_names=("data", "fsdp"))
+    c = aot.collectives(HLO, mesh)
+    assert c["all-gather"]["count"] == 21 and c["all-gather"]["bytes"] == 21 * 2 * 256 * 2
+    assert set(c["all-gather"]["by_axes"]) == {"fsdp"} and c["all-gather"]["dcn_count"] == 0
+    assert c["all-reduce"]["count"] == 1 and c["all-reduce"]["bytes"] == 32
+    assert set(c["all-reduce"]["by_axes"]) == {"data"} and c["all-reduce"]["dcn_count"] == 1

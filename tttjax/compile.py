@@ -1,0 +1,299 @@
+"""Compile a run's train step for a TPU topology on any host, and say whether it fits:
+`python -m tttjax.compile --config=configs/moshi_7b_ttt.py --topology=v5p-64 [--num_slices=2] ...`.
+
+The step is the trainer's own (`build_program`: the same mesh, shardings, donation, microbatching,
+remat and dtypes), lowered for abstract parameters over the topology's abstract devices (libtpu's
+compiler, `jax.experimental.topologies`; nothing is allocated), as MaxText's train_compile does.
+It reports the compiler's per-device memory against the chip's HBM, the analytic estimate beside
+it, FLOPs and the collectives of one step (docs/distributed.md). A run that does not fit exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from tttjax import aot, memory, run_config
+from tttjax.memory import format_bytes
+from tttjax.data.streams import FRAME_RATE, num_frames
+from tttjax.eval.standard import Evaluator
+from tttjax.flops import train_step_flops
+from tttjax.parallel.sharding import batch_parallelism
+from tttjax.train.program import build_program
+
+USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-64 [--num_slices=N] "
+         "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--no_eval] "
+         "[--find_max_duration [--per_device_batch N]]")
+
+
+class CompileError(ValueError):
+    """The step cannot be compiled for the topology (not an out-of-memory refusal)."""
+
+
+def _progress(message: str) -> None:
+    print(f"[compile] {message}", file=sys.stderr, flush=True)
+
+
+def _compile(lowered, what: str):
+    """(compiled, None), or (None, (needed, available)) where XLA:TPU refuses the program for its HBM."""
+    try:
+        return lowered.compile(), None
+    except Exception as e:  # XlaRuntimeError has no stable import path
+        refused = memory.compile_oom(e)
+        if refused is None:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CompileError(f"compiling the {what} failed: {first}") from None
+        return None, refused
+
+
+def _fit(figures: dict | None, refused, hbm: int) -> dict:
+    """`fits` and `headroom_bytes` from the compiler's figures (or its refusal)."""
+    need = figures["total_bytes"] if figures else refused[0]
+    return {"fits": figures is not None and need <= hbm, "headroom_bytes": hbm - need}
+
+
+def compile_run(config, topo: aot.Topology, *, with_eval: bool = True, dump_hlo: Path | None = None,
+                log=_progress) -> dict:
+    """Compile `config`'s train step (and eval step) for `topo`; the report `--output_json` writes."""
+    devices = topo.devices()
+    program = build_program(config, devices)
+    cfg, mesh = program.cfg, dict(program.mesh.shape)
+    frames = program.batch.shape[2]
+    hbm = topo.hbm_per_device(len(devices))
+    log(f"{topo.name}: {len(devices)} devices ({devices[0].device_kind}), mesh {mesh}, "
+        f"batch {config.batch_size} x {frames} frames; lowering the train step")
+    tic = time.perf_counter()
+    lowered = program.lower()
+    log(f"lowered in {time.perf_counter() - tic:.0f} s; compiling (a 7B step takes minutes)")
+    compiled, refused = _compile(lowered, "train step")
+    compile_s = time.perf_counter() - tic
+    log(f"compiled in {compile_s:.0f} s" if compiled else f"the compiler refused it for HBM after {compile_s:.0f} s")
+    figures = memory.compiled_figures(compiled) if compiled else None
+    estimate = memory.estimate_memory(cfg, batch_size=config.batch_size, num_frames=frames,
+                                      num_microbatches=config.num_microbatches,
+                                      full_finetuning=program.full_finetuning, mesh_axes=mesh)
+    report = {
+        "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
+        "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
+        "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
+        "remat": cfg.remat, "full_finetuning": program.full_finetuning,
+        "per_device": figures, "hbm_bytes": hbm, "hbm_source": aot.HBM_SOURCE[topo.generation],
+        **_fit(figures, refused, hbm),
+        "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
+        "estimate_bytes": estimate.total, "estimate": dataclasses.asdict(estimate),
+        "model_flops_per_step": train_step_flops(cfg, config.batch_size, frames),
+        "compiler_flops_per_device": aot.compiler_flops(compiled) if compiled else None,
+        "collectives": aot.collectives(compiled.as_text(), program.mesh) if compiled else None,
+        "compile_s": compile_s, "eval": None,
+    }
+    if dump_hlo is not None and compiled:
+        (dump_hlo / "train_step.hlo.txt").write_text(compiled.as_text())
+    if with_eval and report["fits"]:
+        report["eval"] = _compile_eval(config, program, hbm, dump_hlo, log)
+        report["fits"] = report["eval"]["fits"]
+    return report
+
+
+def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict:
+    """The trainer's evaluation forward (the same `Evaluator`) at batch_size on the program's mesh."""
+    evaluator = Evaluator(text_padding_weight=config.text_padding_weight,
+                          first_codebook_weight_multiplier=config.first_codebook_weight_multiplier, mesh=program.mesh)
+    log("compiling the eval step")
+    tic = time.perf_counter()
+    compiled, refused = _compile(evaluator.lower(program.eval_model(), program.batch.shape), "eval step")
+    figures = memory.compiled_figures(compiled) if compiled else None
+    if dump_hlo is not None and compiled:
+        (dump_hlo / "eval_step.hlo.txt").write_text(compiled.as_text())
+    estimate = memory.estimate_memory(program.cfg, batch_size=config.batch_size, num_frames=program.batch.shape[2],
+                                      mesh_axes=dict(program.mesh.shape), training=False)
+    return {"per_device": figures, **_fit(figures, refused, hbm), "estimate_bytes": estimate.total,
+            "compile_s": time.perf_counter() - tic}
+
+
+def advice(report: dict) -> str:
+    tips = []
+    if report["remat"] != "full":
+        tips.append("remat=full")
+    if report["mesh"]["data"] > 1:
+        tips.append("mesh.fsdp in place of mesh.data")
+    tips.append("a shorter duration_sec or a smaller batch_size")
+    tips.append("a larger topology")
+    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
+
+
+def not_fit_message(report: dict) -> str:
+    """One line: the topology, the figures and the biggest contributors."""
+    hbm, step = report["hbm_bytes"], report
+    if report["fits"] is False and report["eval"] is not None:
+        step, what = report["eval"], "the eval step"
+    else:
+        what = "the train step"
+    if step["per_device"]:
+        m = step["per_device"]
+        figures = (f"{format_bytes(m['total_bytes'])} of {format_bytes(hbm)} per device (temporaries {format_bytes(m['temp_bytes'])}, "
+                   f"arguments {format_bytes(m['argument_bytes'])}, outputs {format_bytes(m['output_bytes'] - m['alias_bytes'])} "
+                   f"not aliased)")
+    else:
+        need, have = report["compiler_refused"]["needed_bytes"], report["compiler_refused"]["available_bytes"]
+        figures = (f"the compiler needs {format_bytes(need)} of temporaries per device, where {format_bytes(have)} of the "
+                   f"{format_bytes(hbm)} HBM is usable")
+    parts = sorted(((v, k) for k, v in report["estimate"].items() if k != "margin"), reverse=True)[:2]
+    biggest = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in parts)
+    return f"{report['topology']}: {what} does not fit: {figures}; biggest in the estimate: {biggest}; {advice(report)}"
+
+
+def format_report(report: dict) -> str:
+    lines = [f"topology     {report['topology']} ({report['shape']}, {report['num_devices']} devices, "
+             f"{report['device_kind']})",
+             f"mesh         {' '.join(f'{k}={v}' for k, v in report['mesh'].items())}",
+             f"step         batch {report['batch_size']} x {report['num_frames']} frames "
+             f"({report['duration_sec']:g} s), remat={report['remat']}, "
+             f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}; "
+             f"compile {report['compile_s']:.0f} s"]
+    hbm = report["hbm_bytes"]
+    m = report["per_device"]
+    if m:
+        lines.append(f"per device   arguments {format_bytes(m['argument_bytes'])}, outputs {format_bytes(m['output_bytes'])} "
+                     f"(aliased {format_bytes(m['alias_bytes'])}), temporaries {format_bytes(m['temp_bytes'])}, "
+                     f"code {format_bytes(m['generated_code_bytes'])}")
+        lines.append(f"             total {format_bytes(m['total_bytes'])} of {format_bytes(hbm)} HBM ({report['hbm_source']}): "
+                     f"headroom {format_bytes(report['headroom_bytes'])} ({report['headroom_bytes'] / hbm:.0%})")
+        lines.append(f"estimate     {format_bytes(report['estimate_bytes'])} "
+                     f"({report['estimate_bytes'] / max(m['total_bytes'], 1):.2f} x the compiler's total)")
+    else:
+        r = report["compiler_refused"]
+        lines.append(f"per device   refused by the compiler: {format_bytes(r['needed_bytes'])} of temporaries, "
+                     f"{format_bytes(r['available_bytes'])} usable ({format_bytes(hbm)} HBM, {report['hbm_source']})")
+        lines.append(f"estimate     {format_bytes(report['estimate_bytes'])}")
+    if report["compiler_flops_per_device"] is not None:
+        per_device = report["model_flops_per_step"] / report["num_devices"]
+        lines.append(f"flops        model {report['model_flops_per_step']:.3e} per step ({per_device:.3e} per device); "
+                     f"compiler {report['compiler_flops_per_device']:.3e} per device")
+    for kind, c in (report["collectives"] or {}).items():
+        if c["count"]:
+            axes = ", ".join(f"{a} {v['count']}x {format_bytes(v['bytes'])}" for a, v in c["by_axes"].items())
+            dcn = f"; DCN {c['dcn_count']}x {format_bytes(c['dcn_bytes'])}" if c["dcn_count"] else ""
+            lines.append(f"{kind:<19} {c['count']:>6}x {format_bytes(c['bytes']):>12}  over {axes}{dcn}")
+    if report["eval"]:
+        e = report["eval"]
+        total = format_bytes(e["per_device"]["total_bytes"]) if e["per_device"] else "refused by the compiler"
+        lines.append(f"eval step    {total} per device, estimate {format_bytes(e['estimate_bytes'])}, "
+                     f"compile {e['compile_s']:.0f} s")
+    lines.append("fits" if report["fits"] else "DOES NOT FIT")
+    return "\n".join(lines)
+
+
+def longest_fit(fits, *, start: int) -> int:
+    """The largest frame count n with fits(n) (0 if none), for a monotone `fits`: doubling or halving
+    from `start`, then bisection to within 2% (or one second) of the answer."""
+    if fits(start):
+        lo, hi = start, start * 2
+        while fits(hi):
+            lo, hi = hi, hi * 2
+    else:
+        lo, hi = 0, start
+        while hi > 1 and not fits(hi // 2):
+            hi //= 2
+        lo = hi // 2 if hi > 1 else 0
+    while hi - lo > max(FRAME_RATE, 0.02 * lo):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, log=_progress) -> dict:
+    """The longest duration_sec whose train step fits at `per_device_batch` sequences per batch shard;
+    each probe is one compile."""
+    probe = config.copy_and_resolve_references()
+    probe.batch_size = per_device_batch * batch_parallelism(build_program(probe, topo.devices()).mesh)
+    probes: dict[int, bool] = {}
+
+    def fits(frames: int) -> bool:
+        probe.duration_sec = frames / FRAME_RATE
+        log(f"probe: {frames} frames ({probe.duration_sec:g} s) at batch {probe.batch_size}")
+        probes[frames] = compile_run(probe, topo, with_eval=False, log=lambda _: None)["fits"]
+        log(f"  {'fits' if probes[frames] else 'does not fit'}")
+        return probes[frames]
+
+    frames = longest_fit(fits, start=num_frames(config.duration_sec))
+    return {"max_duration_sec": frames / FRAME_RATE, "max_frames": frames, "batch_size": probe.batch_size,
+            "per_device_batch": per_device_batch, "probes": {str(k): v for k, v in sorted(probes.items())}}
+
+
+def _writable_file(path: str) -> Path:
+    out = Path(path).absolute()
+    if not out.parent.is_dir():
+        raise run_config.ConfigError(f"--output_json {path}: no such directory {out.parent}")
+    try:
+        with open(out, "a"):
+            pass
+    except OSError as e:
+        raise run_config.ConfigError(f"--output_json {path}: cannot write it ({e.strerror})") from None
+    return out
+
+
+def _hlo_dir(path: str) -> Path:
+    out = Path(path).absolute()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise run_config.ConfigError(f"--dump_hlo {path}: cannot create it ({e.strerror})") from None
+    return out
+
+
+def parse_args(argv: list[str]):
+    spec, overrides, rest = run_config.split_config_args(argv)
+    parser = argparse.ArgumentParser(prog="python -m tttjax.compile", usage=USAGE, description=__doc__.split("\n")[0])
+    parser.add_argument("--topology", required=True, help=f"{aot.FORMS}")
+    parser.add_argument("--num_slices", type=int, default=1, help="TPU slices joined over DCN (default 1)")
+    parser.add_argument("--output_json", help="write the report here (keys in docs/distributed.md)")
+    parser.add_argument("--dump_hlo", help="write the optimized HLO of each step into this directory")
+    parser.add_argument("--no_eval", action="store_true", help="compile the train step only")
+    parser.add_argument("--find_max_duration", action="store_true",
+                        help="bisect duration_sec for the longest train step that fits")
+    parser.add_argument("--per_device_batch", type=int, default=1,
+                        help="with --find_max_duration: sequences per batch shard (default 1)")
+    args = parser.parse_args(rest)
+    if spec is None:
+        parser.error("--config is required")
+    return spec, overrides, args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec, overrides, args = parse_args(argv)
+    try:
+        config = run_config.load(spec, overrides)
+        topo = aot.topology(args.topology, args.num_slices)
+        output = _writable_file(args.output_json) if args.output_json else None
+        dump_hlo = _hlo_dir(args.dump_hlo) if args.dump_hlo else None
+    except ValueError as e:  # ConfigError is one
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.find_max_duration:
+            report = find_max_duration(config, topo, per_device_batch=args.per_device_batch)
+            report["topology"] = topo.name
+            print(f"{topo.name}: longest train step that fits at batch {report['batch_size']} "
+                  f"({args.per_device_batch} per batch shard): {report['max_duration_sec']:g} s = "
+                  f"{report['max_frames']} frames")
+        else:
+            report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo)
+            print(format_report(report))
+    except ValueError as e:  # CompileError, and a config the program refuses (mesh, batch)
+        print(f"error: {topo.name}: {e}", file=sys.stderr)
+        return 1
+    if output is not None:
+        output.write_text(json.dumps(report, indent=1) + "\n")
+    if not args.find_max_duration and not report["fits"]:
+        print(f"error: {not_fit_message(report)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
