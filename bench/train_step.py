@@ -174,13 +174,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--jax_only", action="store_true",
+                        help="skip PyTorch (on an accelerator machine: bench/device_suite.sh)")
     parser.add_argument("--worker", nargs=4, metavar=("WHAT", "CONFIG", "STEPS", "THREADS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         what, config, steps, threads = args.worker
         worker(what, config, int(steps), int(threads))
         return
-    variants = ("jax", "jax_scan", "jax_ttt", "torch", "torch_huge")
+    variants = ("jax", "jax_scan", "jax_ttt") + (() if args.jax_only else ("torch", "torch_huge"))
     names = args.configs.split(",")
     runs = {name: {} for name in names}
     peak = 0.0  # the fastest matmul of the run: a slow spell never inflates MFU
@@ -195,27 +197,30 @@ def main() -> None:
     for name in names:
         kwargs = lm_kwargs(CONFIGS[name])
         frames = BATCH * FRAMES
-        t_jax, t_scan, t_ttt, t_torch, t_torch_huge = (runs[name][w]["step_s"] for w in variants)
+        t_jax, t_scan, t_ttt = (runs[name][w]["step_s"] for w in variants[:3])
         plain, one_ttt = from_lm_kwargs(kwargs), from_lm_kwargs(kwargs, ttt_layers=(1,))
         flops = 3 * frames * forward_flops_per_frame(plain, FRAMES)
         flops_ttt = 3 * frames * forward_flops_per_frame(one_ttt, FRAMES)
-        rows.append({
-            "config": name, "jax_frames_per_s": frames / t_jax, "jax_scan_frames_per_s": frames / t_scan,
-            "jax_ttt_frames_per_s": frames / t_ttt,
-            "torch_frames_per_s": frames / t_torch, "jax_over_torch": t_torch / t_jax,
-            "torch_huge_frames_per_s": frames / t_torch_huge, "jax_over_torch_huge": t_torch_huge / t_jax,
-            "ttt_slowdown": 1 - t_jax / t_ttt, "jax_mfu": flops / t_jax / peak, "jax_ttt_mfu": flops_ttt / t_ttt / peak,
-            "torch_mfu": flops / t_torch / peak, "gflop_per_step": flops / 1e9,
-            "load": {w: r["load_before"] for w, r in runs[name].items()}})
+        row = {"config": name, "jax_frames_per_s": frames / t_jax, "jax_scan_frames_per_s": frames / t_scan,
+               "jax_ttt_frames_per_s": frames / t_ttt, "ttt_slowdown": 1 - t_jax / t_ttt,
+               "jax_mfu": flops / t_jax / peak, "jax_ttt_mfu": flops_ttt / t_ttt / peak, "gflop_per_step": flops / 1e9,
+               "load": {w: r["load_before"] for w, r in runs[name].items()}}
+        if not args.jax_only:
+            t_torch, t_torch_huge = runs[name]["torch"]["step_s"], runs[name]["torch_huge"]["step_s"]
+            row.update({"torch_frames_per_s": frames / t_torch, "jax_over_torch": t_torch / t_jax,
+                        "torch_huge_frames_per_s": frames / t_torch_huge, "jax_over_torch_huge": t_torch_huge / t_jax,
+                        "torch_mfu": flops / t_torch / peak})
+        rows.append(row)
     print(f"fp32 matmul rate (2048^3, jnp): {peak / 1e9:.0f} GFLOP/s; B={BATCH}, T={FRAMES}, full fine-tuning")
-    print(f"{'config':8} {'jax f/s':>9} {'jax scan f/s':>12} {'jax+ttt f/s':>12} {'torch f/s':>10} {'jax/torch':>10} "
-          f"{'torch huge f/s':>15} {'jax/torch huge':>15} {'ttt cost':>9} {'jax MFU':>8} {'torch MFU':>10}")
+    columns = [("jax f/s", "jax_frames_per_s", ".0f"), ("jax scan f/s", "jax_scan_frames_per_s", ".0f"),
+               ("jax+ttt f/s", "jax_ttt_frames_per_s", ".0f"), ("torch f/s", "torch_frames_per_s", ".0f"),
+               ("jax/torch", "jax_over_torch", ".2f"), ("torch huge f/s", "torch_huge_frames_per_s", ".0f"),
+               ("jax/torch huge", "jax_over_torch_huge", ".2f"), ("ttt cost", "ttt_slowdown", ".1%"),
+               ("jax MFU", "jax_mfu", ".1%"), ("torch MFU", "torch_mfu", ".1%")]
+    print(f"{'config':8} " + " ".join(f"{title:>{len(title) + 1}}" for title, _, _ in columns))
     for r in rows:
-        print(f"{r['config']:8} {r['jax_frames_per_s']:9.0f} {r['jax_scan_frames_per_s']:12.0f} "
-              f"{r['jax_ttt_frames_per_s']:12.0f} "
-              f"{r['torch_frames_per_s']:10.0f} {r['jax_over_torch']:10.2f} "
-              f"{r['torch_huge_frames_per_s']:15.0f} {r['jax_over_torch_huge']:15.2f} {r['ttt_slowdown']:9.1%} "
-              f"{r['jax_mfu']:8.1%} {r['torch_mfu']:10.1%}")
+        print(f"{r['config']:8} " + " ".join(f"{format(r[key], fmt) if key in r else '-':>{len(title) + 1}}"
+                                            for title, key, fmt in columns))
     out = Path(__file__).parent / "results" / "train_step.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"matmul_flops_per_s": peak, "batch": BATCH, "frames": FRAMES, "repeats": args.repeats,

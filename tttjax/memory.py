@@ -33,6 +33,9 @@ def format_bytes(n: float) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SINGLE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
+# What the formulas miss (XLA temporaries, fragmentation), as a share of their sum: set against
+# XLA:TPU's buffer assignment of the 7B TTT step (docs/distributed.md, section 7).
+MARGIN = 0.05
 
 
 @dataclasses.dataclass
@@ -44,8 +47,8 @@ class MemoryEstimate:
     gathered_weights: int  # FSDP all-gathered weights of ~2 layers in flight
     saved_activations: int  # what the backward pass keeps (depends on remat)
     layer_workspace: int  # one layer's full activations while it is (re)computed
-    logits: int  # text + audio logits, log-softmax and their gradients (fp32)
-    margin: int  # XLA temporaries, fragmentation, what the formulas miss: 15% of the above
+    logits: int  # text + audio logits and their gradients (fp32)
+    margin: int  # XLA temporaries, fragmentation, what the formulas miss: MARGIN of the above
 
     @property
     def total(self) -> int:
@@ -54,7 +57,7 @@ class MemoryEstimate:
     @property
     def activations(self) -> int:
         """What grows with the batch: activations, workspace and logits, with their share of the margin."""
-        return int((self.saved_activations + self.layer_workspace + self.logits) * 1.15)
+        return int((self.saved_activations + self.layer_workspace + self.logits) * (1 + MARGIN))
 
     def table(self) -> str:
         rows = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)] + [("total", self.total)]
@@ -123,25 +126,23 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_m
         groups = math.ceil(math.ceil(T / cfg.ttt_mini_batch_size) / cfg.ttt_scan_remat_group)
         ttt_extra = 2 * (4 * (8 * D + Ht) * T + 4 * groups * Ht * (8 * d * d + 5 * d))  # per sequence
     n_ttt = len(cfg.ttt_layers)
-    # The layers hosting a TTT branch run outside the layer scan; measured against XLA's buffer
-    # assignment, their activations stay live whatever the remat policy, so they count in full.
-    ttt_layers = b * n_ttt * (T * temporal_full + ttt_extra)
     if not training:
         saved = 0
     elif cfg.remat == "none":
-        saved = b * T * ((L - n_ttt) * temporal_full + Ld * depformer_full) + ttt_layers
+        saved = b * T * (L * temporal_full + Ld * depformer_full) + b * n_ttt * ttt_extra
         workspace = 0
     elif cfg.remat == "dots":
-        saved = b * T * ((L - n_ttt) * (layer_dots(D, hid) + act * D) + Ld * S * (layer_dots(dd, hid_d) + act * dd))
-        saved += ttt_layers
-    else:  # full: only each scanned layer's input survives
-        saved = b * T * act * ((L - n_ttt) * D + Ld * S * dd) + ttt_layers
-    # fp32 logits, their log-softmax and gradient, text and dep_q audio heads
-    logits = b * T * 4 * 3 * (cfg.text_card + S * cfg.card) // tp
+        saved = b * T * (L * (layer_dots(D, hid) + act * D) + Ld * S * (layer_dots(dd, hid_d) + act * dd))
+    else:  # full: only each layer's input survives (TTT layers are rematerialised like the scan's)
+        saved = b * T * act * (L * D + Ld * S * dd)
+    if workspace:  # the layer being (re)computed; a TTT layer adds its branch
+        workspace += b * ttt_extra
+    # fp32 logits and their gradient, text and dep_q audio heads (the log-softmax fuses into the loss)
+    logits = b * T * 4 * 2 * (cfg.text_card + S * cfg.card) // tp
     gathered = 2 * layer_gathered if mesh_axes["fsdp"] > 1 else 0
     parts = dict(frozen_params=frozen, trainable_state=trainable_state, gathered_weights=gathered,
                  saved_activations=saved, layer_workspace=workspace, logits=logits)
-    return MemoryEstimate(**{k: int(v) for k, v in parts.items()}, margin=int(0.15 * sum(parts.values())))
+    return MemoryEstimate(**{k: int(v) for k, v in parts.items()}, margin=int(MARGIN * sum(parts.values())))
 
 
 # ----------------------------------------------------------------------------------------------
