@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.resume_step = -1  # which step to resume from; -1 = latest
     c.checkpoint.init_state_dir = ""  # weights only (fresh optimizer, step 0): a step dir or an imported dir
     c.checkpoint.async_save = True  # write checkpoints in the background
+    c.checkpoint.allow_data_change = False  # resume although batch_size/duration_sec/data/seed changed (logged)
 
     c.model = ml_collections.ConfigDict(dict(MOSHI_7B_LM_KWARGS))  # moshi LM config (lm_kwargs)
     c.param_dtype = "bfloat16"  # stored parameter dtype (trainable params keep fp32 masters)

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tttjax.model.moshi import MoshiLM, abstract_model
 from tttjax.model.params import Path_, flat_params, path_of
+from tttjax.rundir import error_summary
 Index = tuple[int, ...]
 SLICE_BYTES = 64 << 20  # params larger than this are read in 2-D slices (one layer's matrix)
 
@@ -65,6 +66,8 @@ class OrbaxSource(ParamSource):
         try:
             with ocp.StandardCheckpointer() as ckptr:
                 tree = ckptr.metadata(self.directory).item_metadata
+        except Exception as e:  # Orbax raises many types for a damaged or missing directory
+            raise ValueError(f"{self.directory}: unreadable checkpoint metadata ({error_summary(e)})") from None
         finally:
             absl.setLevel(level)
         self.specs, self._names = {}, {}
@@ -85,7 +88,10 @@ class OrbaxSource(ParamSource):
             return ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True).result()
 
     def read(self, path: Path_, index: Index = ()) -> np.ndarray:
-        return np.asarray(self._array(path)[index].read().result())
+        try:
+            return np.asarray(self._array(path)[index].read().result())
+        except Exception as e:  # TensorStore: truncated, missing or corrupt data files
+            raise ValueError(f"{self.directory}: cannot read {self._names[path]} ({error_summary(e)})") from None
 
 
 class ModelSource(ParamSource):

@@ -18,6 +18,7 @@ import jax
 
 from conversion import layout
 from conversion.export import plan_export
+from tttjax import rundir
 from tttjax.weights import open_weights
 
 
@@ -31,11 +32,12 @@ def main(argv=None) -> int:
                         help="moshi: in-memory names (moshi-finetune); release: fused names")
     args = parser.parse_args(argv)
     try:
+        rundir.check_output_dir(args.out, "--out")
         weights = open_weights(args.checkpoint_dir)
         export = plan_export(weights.cfg, weights.source, layout_name=args.layout, dtype=args.dtype,
                              adapters_only=args.adapters_only)
         target = export.write(args.out, writer=jax.process_index() == 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {target} ({len(export.rows)} tensors, {args.dtype}, layout {args.layout})")

@@ -154,7 +154,7 @@ def test_refuses_other_architecture_and_existing_run(tmp_path):
 def test_nan_loss_stops_without_saving(tmp_path):
     trainer = Trainer(micro_config(tmp_path / "a", ckpt_freq=1))
     trainer.frozen["text_emb"] = trainer.frozen["text_emb"] * np.nan  # a corrupted base weight
-    with pytest.raises(TrainingError, match="non-finite loss .* at step 1; stopping without saving"):
+    with pytest.raises(TrainingError, match=r"non-finite loss, gradient norm or parameters at step 1 .*; stopping without saving"):
         trainer.run()
     assert CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=1).all_steps() == []
 

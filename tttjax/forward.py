@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax import rundir
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, chunked_forward
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        rundir.check_output_file(args.out, "--out")
         model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
         cfg = model.cfg
         codes = load_codes(args.codes, initial_tokens(cfg))  # each stream's initial token = its vocab size
@@ -52,7 +54,11 @@ def main(argv=None) -> int:
         out = chunked_forward(streamer, codes, args.chunk_size)
     else:
         out = nnx.jit(lambda m, c: m(c))(model, jnp.asarray(codes))
-    np.savez(args.out, **{k: np.asarray(v) for k, v in out._asdict().items()})
+    try:
+        np.savez(args.out, **{k: np.asarray(v) for k, v in out._asdict().items()})
+    except OSError as e:
+        print(f"error: --out={args.out}: cannot write it ([Errno {e.errno}] {e.strerror})", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: text_logits {out.text_logits.shape}, logits {out.logits.shape}")
     return 0
 

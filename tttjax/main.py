@@ -16,6 +16,7 @@ if __name__ == "__main__":
 from absl import logging  # noqa: E402
 
 from tttjax import run_config  # noqa: E402
+from tttjax.checkpoint import CheckpointError, RunDirError  # noqa: E402
 from tttjax.train.loop import Trainer, TrainingError  # noqa: E402
 
 USAGE = "usage: python -m tttjax.main --config=configs/x.py [--config.a.b=v ...]"
@@ -36,8 +37,8 @@ def main(argv=None) -> int:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
     try:
         return Trainer(config).run()
-    except (TrainingError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (TrainingError, CheckpointError, RunDirError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
 
 

@@ -4,7 +4,10 @@ Every name of the run directory, of a step directory's items, of a model directo
 PyTorch export lives here, and so does the one answer to "what is this path?" (`weights_kind`).
 
     runs/exp/args.yaml                                   the resolved run config (a record)
+    runs/exp/run.lock                                    the writer's lock (host and pid)
     runs/exp/checkpoints/checkpoint_000100/state|data|consolidated
+    runs/exp/checkpoints.broken/checkpoint_000200        a step that did not restore, moved aside
+    runs/exp/checkpoints.superseded/after_000100/...     later steps of a resume from step 100
     MODEL_DIR/config.json + MODEL_DIR/params/            a tttjax model dir (conversion.from_pytorch)
     EXPORT_DIR/consolidated.safetensors | lora.safetensors + config.json
 """
@@ -12,14 +15,19 @@ PyTorch export lives here, and so does the one answer to "what is this path?" (`
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import ml_collections
 import yaml
 
 ARGS_FILE = "args.yaml"
+LOCK_FILE = "run.lock"
 LOGS = "logs"
 CHECKPOINTS = "checkpoints"
+BROKEN = "checkpoints.broken"  # steps that did not restore (never deleted, never counted by retention)
+SUPERSEDED = "checkpoints.superseded"  # later steps set aside by a resume from an earlier step
 STEP_PREFIX = "checkpoint"
 STEP_DIGITS = 6
 STATE, DATA, CONSOLIDATED = "state", "data", "consolidated"  # the items of a step dir
@@ -42,6 +50,24 @@ def checkpoints_dir(run_dir) -> Path:
 def step_dir(run_dir, step: int) -> Path:
     """`<run_dir>/checkpoints/checkpoint_NNNNNN`: the committed directory of `step`."""
     return checkpoints_dir(run_dir) / f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
+
+
+def broken_dir(run_dir) -> Path:
+    return Path(run_dir).absolute() / BROKEN
+
+
+def superseded_dir(run_dir, resumed_step: int) -> Path:
+    """Where a resume from `resumed_step` moves the run's later steps."""
+    return Path(run_dir).absolute() / SUPERSEDED / f"after_{resumed_step:0{STEP_DIGITS}d}"
+
+
+def unused_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist (set-aside dirs never overwrite)."""
+    candidate, n = Path(path), 0
+    while candidate.exists():
+        n += 1
+        candidate = Path(f"{path}.{n}")
+    return candidate
 
 
 def run_dir_of(step: Path) -> Path:
@@ -75,6 +101,40 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
+
+
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """One line for an error from Orbax / TensorStore / the OS: the innermost cause (which names the
+    file or array), its first line, at most `limit` characters."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).strip().splitlines()[:1]) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def check_output_file(path, flag: str) -> None:
+    """Refuses an output file that cannot be written (one line naming `flag`, the path and the errno),
+    before any work is done; the file is not left behind."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+        if not existed:
+            os.unlink(path)
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
+
+
+def check_output_dir(path, flag: str) -> None:
+    """As `check_output_file`, for an output directory (created if missing)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ValueError(f"{flag}={path}: cannot write there ([Errno {e.errno}] {e.strerror})") from None
 
 
 def write_config_json(directory: Path, config: dict) -> None:

@@ -225,10 +225,21 @@ def main(argv=None) -> int:
                         help="compare with this PyTorch file instead of the step's consolidated/ export")
     parser.add_argument("--output_json", default=None, help="write the report as JSON")
     args = parser.parse_args(argv)
+    try:
+        if args.output_json:
+            rundir.check_output_file(args.output_json, "--output_json")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report = verify(args.checkpoint_dir, safetensors=args.safetensors)
     print(report.format())
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
+        try:
+            Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
+        except OSError as e:
+            print(f"error: --output_json={args.output_json}: cannot write it ([Errno {e.errno}] {e.strerror})",
+                  file=sys.stderr)
+            return 1
     return 0 if report.ok else 1
 
 

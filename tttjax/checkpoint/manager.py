@@ -1,11 +1,15 @@
 """Orbax CheckpointManager wrapper: one atomic step dir with `state/`, `data/`, `consolidated/`.
 
-Naming, cadence, retention and preemption follow the run-directory contract (DESIGN.md §6);
-everything else is Orbax's (async writes, tmp dir + rename commit, sharded restore).
+Naming, cadence, retention and preemption follow the run-directory contract (DESIGN.md §6, §10);
+everything else is Orbax's (async writes, tmp dir + rename commit, sharded restore). The
+uncommitted tmp dirs of a killed save are removed only under the run_dir's lock (`lock.py`), so a
+manager opened beside a live run never deletes its in-flight save. Failures come out as one line naming the step and the file:
+`BrokenCheckpoint` (a step that does not restore), `CheckpointError` (a save that failed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -16,8 +20,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tttjax.checkpoint import lock
 from tttjax.checkpoint.consolidated import ConsolidatedHandler, ConsolidatedSave
-from tttjax.rundir import CONSOLIDATED, DATA, DATA_FILE, STATE, STEP_DIGITS, STEP_PREFIX, checkpoints_dir
+from tttjax.rundir import (CONSOLIDATED, DATA, DATA_FILE, STATE, STEP_DIGITS, STEP_PREFIX, checkpoints_dir,
+                           error_summary, step_dir, unused_name)
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +31,22 @@ log = logging.getLogger(__name__)
 ASYNC_TIMEOUT_S = 3600
 
 
-def _remove_uncommitted(directory: Path) -> None:
-    """Deletes tmp step dirs left by a save that was killed; Orbax's own cleanup runs lazily."""
+class CheckpointError(RuntimeError):
+    """A save that failed (disk full, unwritable): the message names the step, the file and the errno."""
+
+
+class BrokenCheckpoint(CheckpointError):
+    """A committed step that does not restore; the message names the step dir and what is broken."""
+
+
+def _remove_uncommitted(run_dir) -> None:
+    """Deletes tmp step dirs left by a save that was killed, if the run_dir's lock is free or ours
+    (a live writer's tmp dir is its save in flight); Orbax's own cleanup runs lazily."""
     if jax.process_index() == 0:
-        for tmp in ocp.path.step.all_temporary_paths(directory):
-            log.warning("removing uncommitted checkpoint %s", tmp.get())
-            shutil.rmtree(tmp.get())
+        with lock.holding(run_dir) as held:
+            for tmp in ocp.path.step.all_temporary_paths(checkpoints_dir(run_dir)) if held else ():
+                log.warning("removing uncommitted checkpoint %s", tmp.get())
+                shutil.rmtree(tmp.get())
     ocp.multihost.sync_global_processes("tttjax_checkpoint_cleanup")
 
 
@@ -66,8 +82,9 @@ class _OrbaxManager(ocp.CheckpointManager):
 class CheckpointManager:
     """Saves and restores train steps under `<run_dir>/checkpoints`.
 
-    `metadata` (a JSON-able architecture description) is stored with every step and read back
-    by `restore_metadata`, so a resume can be refused with `check_compatible`.
+    `metadata` (a JSON-able description of the architecture and the data stream) is stored with
+    every step and read back by `restore_metadata`, so a resume can be refused with
+    `check_compatible`; it may be replaced before the first save.
     """
 
     def __init__(
@@ -83,10 +100,12 @@ class CheckpointManager:
             raise ValueError(f"ckpt_freq must be >= 0 (0 = only at the end), got {save_interval_steps}")
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"num_ckpt_keep must be >= 1 or None (keep all), got {max_to_keep}")
+        self.run_dir = run_dir
         self.directory = checkpoints_dir(run_dir)
         self._interval = save_interval_steps
-        self._metadata = json.loads(json.dumps(metadata or {}))  # fail now, not in a background thread
-        _remove_uncommitted(self.directory)
+        self.metadata = metadata or {}
+        self._saving: int | None = None  # the step of the last save started
+        _remove_uncommitted(run_dir)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
             step_prefix=STEP_PREFIX,
@@ -139,17 +158,27 @@ class CheckpointManager:
             return False
         if not force and not self.should_save(step):
             return False
-        try:  # the JSON item is written in the background: fail here, with the step, instead
+        try:  # the JSON items are written in the background: fail here, with the step, instead
             json.dumps(data_position)
         except TypeError as e:
             raise TypeError(f"data_position of step {step} is not JSON-able: {e}") from None
+        metadata = json.loads(json.dumps(self.metadata))
         items = {STATE: ocp.args.StandardSave(state, save_args=storage_save_args(state)),
                  DATA: ocp.args.JsonSave(data_position)}
         if consolidated is not None:
             items[CONSOLIDATED] = ConsolidatedSave(*consolidated)
-        return self._mngr.save(
-            step, args=ocp.args.Composite(**items), custom_metadata=self._metadata, force=True
-        )
+        with self._save_errors():  # also reports the previous async save's failure
+            self._saving = step
+            return self._mngr.save(step, args=ocp.args.Composite(**items), custom_metadata=metadata, force=True)
+
+    @contextlib.contextmanager
+    def _save_errors(self):
+        """An error of the save in flight as one line: step, file, errno; the committed steps are intact."""
+        try:
+            yield
+        except Exception as e:  # Orbax re-raises a background write's error of any type
+            raise CheckpointError(f"saving checkpoint step {self._saving} in {self.directory} failed: "
+                                  f"{error_summary(e)} (the committed steps {self.all_steps()} are intact)") from e
 
     def _resolve(self, step: int | None) -> int:
         """None or -1 -> the latest committed step; otherwise the step, which must exist."""
@@ -179,20 +208,44 @@ class CheckpointManager:
             items[DATA] = ocp.args.JsonRestore()
         if not items:
             raise ValueError("restore: nothing requested (abstract_state is None and data=False)")
-        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        with self._broken(step):
+            out = self._mngr.restore(step, args=ocp.args.Composite(**items))
         return (out[STATE] if STATE in items else None), (out[DATA] if data else None)
 
     def restore_metadata(self, step: int | None) -> dict:
         """The metadata dict saved with `step` (None/-1 = latest)."""
-        return dict(self._mngr.metadata(self._resolve(step)).custom_metadata or {})
+        step = self._resolve(step)
+        with self._broken(step):
+            return dict(self._mngr.metadata(step).custom_metadata or {})
+
+    @contextlib.contextmanager
+    def _broken(self, step: int):
+        try:
+            yield
+        except Exception as e:  # Orbax and TensorStore raise many types for a damaged step
+            raise BrokenCheckpoint(f"{step_dir(self.run_dir, step)} does not restore: {error_summary(e)}") from e
+
+    def set_aside(self, steps: list[int], target: Path) -> list[Path]:
+        """Moves committed `steps` into `target` (never overwriting), out of the step sequence and of
+        retention; returns where each went. All processes call it; process 0 moves."""
+        moved = [unused_name(target / step_dir(self.run_dir, s).name) for s in steps]
+        if jax.process_index() == 0:
+            for s, dest in zip(steps, moved):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                step_dir(self.run_dir, s).rename(dest)
+        ocp.multihost.sync_global_processes("tttjax_checkpoint_set_aside")
+        self._mngr.reload()
+        return moved
 
     def wait_until_finished(self) -> None:
-        """Blocks until the in-flight save is committed; re-raises its error if it failed."""
-        self._mngr.wait_until_finished()
+        """Blocks until the in-flight save is committed; CheckpointError if it failed."""
+        with self._save_errors():
+            self._mngr.wait_until_finished()
 
     def close(self) -> None:
         """Waits for the in-flight save, then releases Orbax's threads."""
-        self._mngr.close()
+        with self._save_errors():
+            self._mngr.close()
 
 
 def restore_trainables(step: Path, abstract_params):

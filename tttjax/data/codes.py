@@ -18,6 +18,8 @@ def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.n
         raise ValueError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
     if not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"{path}: {what} have dtype {codes.dtype}, expected integers")
+    if codes.shape[0] == 0 or codes.shape[2] == 0:
+        raise ValueError(f"{path}: {what} are empty (shape {codes.shape}); expected at least one row and one frame")
     bad = (codes < -1) | (codes >= np.asarray(limits)[None, :, None])
     if bad.any():
         row = int(np.argwhere(bad)[0][1])

@@ -5,8 +5,8 @@ Global example g (the j-th row of step s's global batch, g = s * B + j) is a pur
 per epoch (grain's index shuffle with seed + epoch), repeated, mixed by weight (grain's
 deterministic proportional mixing), and cut to a random `num_frames` segment drawn from
 (seed, g). Process p of P reads rows [p*B/P, (p+1)*B/P) of each global batch, and the iterator
-starts at `start_step` by slicing, so no iterator state has to be saved and the number of
-processes or workers can change between runs.
+starts at global example `start_step * B` (or `start_example`) by slicing, so no iterator state
+has to be saved and the number of processes or workers can change between runs.
 """
 
 import numpy as np
@@ -81,17 +81,21 @@ def _allow_grain_workers() -> None:
 
 
 def make_batch_iterator(dataset, *, global_batch_size: int, start_step: int, seed: int, shuffle: bool = True,
-                        process_index: int = 0, process_count: int = 1, num_workers: int = 0):
+                        process_index: int = 0, process_count: int = 1, num_workers: int = 0,
+                        start_example: int | None = None):
     """This process's np.int32 [global_batch_size // process_count, 17, T] slices for steps start_step, ...
 
-    The global batch of step s depends only on (dataset, seed, s, global_batch_size).
+    The global batch of step s depends only on (dataset, seed, s, global_batch_size). `start_example`
+    (default start_step * global_batch_size) starts elsewhere in the example sequence: a resume
+    whose batch size changed continues after the examples the run has seen.
     """
     local = _check_processes(global_batch_size, process_index, process_count)
     if start_step < 0:
         raise ValueError(f"start_step {start_step} < 0")
-    examples = _training_examples(_as_mixture(dataset), seed, shuffle)
+    first = start_step * global_batch_size if start_example is None else start_example
+    examples = _training_examples(_as_mixture(dataset), seed, shuffle)[first:]
     # Local batch k*P + p of size B/P is rows [p*B/P, (p+1)*B/P) of global batch k.
-    batches = examples.batch(local, batch_fn=np.stack)[process_index::process_count][start_step:]
+    batches = examples.batch(local, batch_fn=np.stack)[process_index::process_count]
     it = batches.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=8))
     if num_workers > 0:
         _allow_grain_workers()

@@ -5,6 +5,8 @@ segment's two channels are Mimi-encoded (batched, GPU when there is one) and its
 built from the words starting in it. An example is [17, F] codes with F = the segment's audio
 frames (the loader pads with -1). `--codes` takes pre-tokenized [17, T] / [N, 17, T] .npy arrays.
 
+`--verify DATA_DIR` checks every shard of a prepared dir against the sha256 in its metadata.json.
+
 Resumable: inputs are cut into shards of --files_per_shard files; a shard and its manifest are
 written atomically, so a rerun skips finished shards (after checking their sha256) and redoes the
 rest. Bad inputs are reported with the file name, counted and skipped (--strict: stop).
@@ -42,7 +44,9 @@ def parse_args(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--jsonl", type=Path, help="moshi-finetune jsonl; a.json beside each a.wav")
     src.add_argument("--codes", type=Path, nargs="+", help="pre-tokenized int .npy arrays [17, T] or [N, 17, T]")
-    p.add_argument("--out", type=Path, required=True, help="the DATA_DIR to write (or resume)")
+    src.add_argument("--verify", type=Path, metavar="DATA_DIR",
+                     help="check every shard of a prepared DATA_DIR against its sha256 in metadata.json")
+    p.add_argument("--out", type=Path, help="the DATA_DIR to write (or resume)")
     p.add_argument("--mimi_weight", default=DEFAULT_REPO, help="safetensors file, hf://org/repo/file or repo id")
     p.add_argument("--tokenizer", default=DEFAULT_REPO, help="sentencepiece .model file, hf:// path or repo id")
     p.add_argument("--duration_sec", type=float, default=100.0, help="segment (example) length")
@@ -54,6 +58,8 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
     args = p.parse_args(argv)
+    if args.verify is None and args.out is None:
+        p.error("--out is required with --jsonl / --codes")
     if args.duration_sec <= 0 or args.files_per_shard <= 0 or args.batch_size <= 0:
         p.error("--duration_sec, --files_per_shard and --batch_size must be positive")
     return args
@@ -324,10 +330,24 @@ def run(args) -> dict:
     return meta
 
 
+def verify(data_dir: Path) -> None:
+    """--verify: exits 1 listing each corrupt shard, one line each."""
+    try:
+        problems = shards.verify_shards(data_dir)
+    except ValueError as e:
+        raise SystemExit(f"prepare: {e}") from None
+    if problems:
+        raise SystemExit("\n".join(f"prepare: {p}" for p in problems))
+    log.info("%s: every shard matches its sha256", data_dir)
+
+
 def main(argv=None) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(parse_args(argv))
+    args = parse_args(argv)
+    if args.verify is not None:
+        return verify(args.verify)
+    run(args)
 
 
 if __name__ == "__main__":

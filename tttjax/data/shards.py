@@ -82,3 +82,13 @@ def read_metadata(data_dir: Path) -> dict:
         if not file.is_file() or file.stat().st_size != shard["num_bytes"]:
             raise ValueError(f"{file}: missing or truncated shard (expected {shard['num_bytes']} bytes)")
     return meta
+
+
+def verify_shards(data_dir: Path) -> list[str]:
+    """One line per shard of a prepared dir whose sha256 differs from metadata.json's (empty: all good).
+
+    `read_metadata` (run at every training start) checks presence and sizes only; hashing every
+    shard is this explicit check's job."""
+    meta = read_metadata(data_dir)
+    return [f"{Path(data_dir) / shard['file']}: sha256 differs from {METADATA} (the shard is corrupt)"
+            for shard in meta["shards"] if sha256_file(Path(data_dir) / shard["file"]) != shard["sha256"]]

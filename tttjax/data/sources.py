@@ -8,6 +8,7 @@ import numpy as np
 
 from tttjax.data import shards
 from tttjax.data.streams import NUM_STREAMS
+from tttjax.rundir import error_summary
 
 
 class PreparedSource:
@@ -16,16 +17,28 @@ class PreparedSource:
     def __init__(self, data_dir: str | Path):
         self.data_dir = Path(data_dir)
         self.metadata = shards.read_metadata(self.data_dir)
-        files = [str(self.data_dir / s["file"]) for s in self.metadata["shards"] if s["num_examples"]]
-        if not files:
+        used = [s for s in self.metadata["shards"] if s["num_examples"]]
+        if not used:
             raise ValueError(f"{self.data_dir}: prepared data dir holds no examples")
-        self._records = grain.sources.ArrayRecordDataSource(files)  # picklable, for grain workers
+        self._files = [self.data_dir / s["file"] for s in used]
+        self._starts = np.cumsum([0] + [s["num_examples"] for s in used])
+        try:
+            self._records = grain.sources.ArrayRecordDataSource([str(f) for f in self._files])  # picklable
+        except Exception as e:  # Riegeli raises RuntimeError for a damaged shard index
+            raise ValueError(f"{self.data_dir}: a shard does not open ({error_summary(e)}); find it with "
+                             f"python -m tttjax.data.prepare --verify {self.data_dir}") from None
 
     def __len__(self) -> int:
         return len(self._records)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return shards.decode_example(self._records[index])
+        try:
+            return shards.decode_example(self._records[index])
+        except Exception as e:  # Riegeli / numpy raise many types for a damaged shard
+            k = int(np.searchsorted(self._starts, index, side="right")) - 1
+            raise ValueError(f"{self._files[k]}: record {index - int(self._starts[k])} is unreadable "
+                             f"({error_summary(e)}); check every shard with python -m tttjax.data.prepare "
+                             f"--verify {self.data_dir}") from None
 
     def __repr__(self) -> str:
         return f"PreparedSource({str(self.data_dir)!r})"

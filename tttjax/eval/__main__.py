@@ -189,6 +189,8 @@ def evaluate(args) -> int:
     want_paper = args.eval_type in ("paper_metrics", "both")
     if args.batch_size < 1:
         raise EvalError(f"--batch_size={args.batch_size} must be >= 1")
+    if args.output_json:  # before the evaluation, not after it
+        rundir.check_output_file(args.output_json, "--output_json")
     if want_paper:  # fail on bad inputs before the (slow) model load
         pairs, sources = paper.collect_pairs(paper.parse_paper_data(args.paper_data), args.paper_split,
                                              args.max_pairs)
@@ -232,8 +234,11 @@ def evaluate(args) -> int:
 
 def _write_json(path, result) -> None:
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+        try:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
+        except OSError as e:
+            raise EvalError(f"--output_json={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
         print(f"wrote {path}")
 
 

@@ -43,6 +43,10 @@ class RunLogger:
         if self.enabled:
             self.log.info(message)
 
+    def warning(self, message: str) -> None:
+        if self.enabled:
+            self.log.warning(message)
+
     def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return

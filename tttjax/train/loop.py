@@ -1,12 +1,14 @@
 """The training loop: build or resume the state, step, log, evaluate, checkpoint, handle preemption.
 
 Checkpoint N holds the state after N optimizer steps and the data position N; resuming from it
-replays exactly the batches an uninterrupted run would have seen from step N.
+replays exactly the batches an uninterrupted run would have seen from step N. The run holds its
+run_dir's lock throughout, saves only steps whose loss, gradient norm and parameters are finite,
+and on resume skips (moves aside) a step that does not restore, sets aside the steps after an
+explicit earlier `resume_step`, and refuses a changed data stream unless it is allowed.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from conversion.sources import ModelSource, copy_into
 from tttjax import data as data_lib
 from tttjax import memory
 from tttjax import rundir
-from tttjax.checkpoint import CheckpointManager, check_compatible
+from tttjax.checkpoint import BrokenCheckpoint, CheckpointManager, check_compatible, lock
 from tttjax.checkpoint.manager import restore_trainables
 from tttjax.eval.standard import Evaluator
 from tttjax.model.params import is_adapter, trainable, trainable_filter
@@ -31,6 +33,7 @@ from tttjax.train import optimizer as optim_lib
 from tttjax.train import state as state_lib
 from tttjax.train.logger import RunLogger
 from tttjax.train.program import build_program
+from tttjax.train.step import all_finite
 from tttjax.weights import open_weights
 
 
@@ -42,15 +45,31 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+# What decides the examples each step trains on and how they are averaged; saved with every step.
+DATA_STREAM_KEYS = ("seed", "batch_size", "num_microbatches", "duration_sec", "data.train_data", "data.shuffle")
+
+
+def data_stream(config) -> dict:
+    """{key: value} of DATA_STREAM_KEYS in `config`."""
+    out = {}
+    for key in DATA_STREAM_KEYS:
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
 class Trainer:
     def __init__(self, config):
         if config.checkpoint.resume not in ("auto", "never"):
             raise ValueError(f"checkpoint.resume={config.checkpoint.resume!r}: expected 'auto' or 'never'")
         initialize_distributed()
         self.config = config
+        self.run_dir = Path(config.run_dir).absolute()
+        lock.acquire(self.run_dir)  # first: a second writer is refused before anything is built
         self.program = program = build_program(config)
         self.cfg, self.mesh, self.graphdef = program.cfg, program.mesh, program.graphdef
-        self.run_dir = Path(config.run_dir).absolute()
         self.full = program.full_finetuning
         self._check_memory()
 
@@ -65,6 +84,9 @@ class Trainer:
         self.metadata = {"architecture": self.cfg.architecture(),
                          "trainable": "full" if self.full else "adapters"}
         self.fingerprint = state_lib.fingerprint(self.frozen)
+        self.data_stream = data_stream(config)
+        self.start_example = 0  # the first global example the run reads (set by a resume)
+        self.notes: list[str] = []  # what the resume set aside or accepted, logged by `run`
         self.step_fn = program.step
         self.lr_at = optim_lib.one_cycle_lr(config.optim.lr, config.max_steps, config.optim.pct_start)
         self.num_frames = data_lib.num_frames(config.duration_sec)
@@ -73,7 +95,7 @@ class Trainer:
             self.manager = CheckpointManager(
                 self.run_dir, max_to_keep=config.num_ckpt_keep, save_interval_steps=config.ckpt_freq,
                 enable_async=config.checkpoint.async_save,
-                metadata={**self.metadata, "frozen_fingerprint": self.fingerprint})
+                metadata={**self.metadata, "frozen_fingerprint": self.fingerprint, "data_stream": self.data_stream})
         self._evaluator = self._eval_data = None
 
     # -- construction --------------------------------------------------------------------------
@@ -126,7 +148,15 @@ class Trainer:
         return jax.tree.map(lambda x: x.astype(self.cfg.jnp_param_dtype), params)
 
     def _resume_or_init(self) -> int:
-        """Restore the latest/chosen checkpoint if any, else apply init_state_dir; returns the step."""
+        """Restore the latest restorable / chosen checkpoint if any, else apply init_state_dir; returns
+        the step.
+
+        Auto-resume tries the steps newest first; the ones newer than the first that restores move to
+        checkpoints.broken/ (they are recomputed); if none restores, nothing moves and the resume is
+        refused. An explicit resume_step to a step that does not restore is refused. Steps
+        after the restored one (an earlier resume_step) move to checkpoints.superseded/, so the new
+        run saves its own. What was moved is in `self.notes`.
+        """
         config = self.config
         steps = self.manager.all_steps() if self.manager else []
         if steps and config.checkpoint.resume == "never":
@@ -136,15 +166,60 @@ class Trainer:
             if config.checkpoint.init_state_dir:
                 self._load_init_state(config.checkpoint.init_state_dir)
             return 0
-        step = config.checkpoint.resume_step
+        wanted = config.checkpoint.resume_step
+        if wanted != -1:
+            try:
+                step, position = wanted, self._restore(wanted)
+            except BrokenCheckpoint as e:
+                raise TrainingError(f"checkpoint.resume_step={wanted}: {e}") from None
+        else:
+            broken = {}
+            for step in reversed(steps):
+                try:
+                    position = self._restore(step)
+                    break
+                except BrokenCheckpoint as e:
+                    broken[step] = e
+            else:  # nothing moves: a config that no step fits must not look like damage to all of them
+                raise TrainingError(f"no checkpoint of {self.run_dir} restores (newest: {broken[steps[-1]]}); "
+                                    f"nothing was moved") from None
+            for bad, error in sorted(broken.items()):
+                [moved] = self.manager.set_aside([bad], rundir.broken_dir(self.run_dir))
+                self.notes.append(f"skipped checkpoint step {bad} ({error}); moved it to {moved}")
+        later = [s for s in self.manager.all_steps() if s > step]
+        if later:
+            moved = self.manager.set_aside(later, rundir.superseded_dir(self.run_dir, step))
+            self.notes.append(f"resuming from step {step}: moved the later steps {later} to {moved[0].parent}; "
+                              f"this run saves its own")
+        return int(position["next_step"])
+
+    def _restore(self, step: int) -> dict:
+        """Restores `step` into self.state (and self.start_example); returns its data position.
+
+        BrokenCheckpoint if it does not restore completely (unreadable, or non-finite params);
+        a changed architecture, base or data stream is refused (those are not damage)."""
         saved = self.manager.restore_metadata(step)
         check_compatible({k: saved.get(k) for k in self.metadata}, self.metadata,
                          source=f"checkpoint in {self.run_dir}")
         if not state_lib.same_fingerprint(saved["frozen_fingerprint"], self.fingerprint):
             raise TrainingError(f"the frozen base weights differ from those checkpoint {self.run_dir} was "
                                 f"trained on (moshi_paths / seed changed?)")
-        self.state, position = self.manager.restore(step, _abstract(self.state))
-        return int(position["next_step"])
+        saved_stream = saved.get("data_stream") or self.data_stream  # older checkpoints did not record it
+        try:
+            check_compatible(saved_stream, self.data_stream, source=f"the data stream of checkpoint step {step}")
+        except ValueError as e:
+            if not self.config.checkpoint.allow_data_change:
+                raise TrainingError(f"{e}; set checkpoint.allow_data_change=true to resume with the new "
+                                    f"one") from None
+            self.notes.append(f"{e}; accepted (checkpoint.allow_data_change): the run continues after the "
+                              f"examples it has seen")
+        state, position = self.manager.restore(step, _abstract(self.state))
+        if not bool(all_finite(state["params"])):
+            raise BrokenCheckpoint(f"{rundir.step_dir(self.run_dir, step)} holds non-finite parameters")
+        self.state = state
+        self.start_example = int(position.get("next_example",
+                                              position["next_step"] * saved_stream["batch_size"]))
+        return position
 
     # -- checkpoint contents -------------------------------------------------------------------
     def _consolidated(self):
@@ -157,10 +232,11 @@ class Trainer:
         tensors = {name: value for name, value in export.tensors() if keep}
         return tensors, export.config, export.filename
 
-    def _save(self, step: int, force: bool) -> bool:
+    def _save(self, step: int, next_example: int, force: bool) -> bool:
         if self.manager is None or (not force and not self.manager.should_save(step)):
             return False
-        return self.manager.save(step, self.state, {"next_step": step}, self._consolidated(), force=True)
+        position = {"next_step": step, "next_example": next_example}
+        return self.manager.save(step, self.state, position, self._consolidated(), force=True)
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -191,8 +267,17 @@ class Trainer:
     def run(self) -> int:
         """Train to max_steps (or until preempted); returns the process exit code."""
         config = self.config
+        try:
+            return self._run()
+        finally:
+            lock.release(self.run_dir)
+
+    def _run(self) -> int:
+        config = self.config
         start = self._resume_or_init()
         logger = RunLogger(self.run_dir, config.wandb, config.to_dict())
+        for note in self.notes:
+            logger.warning(note)
         self._write_args(start)
         logger.info(f"start at step {start}/{config.max_steps}; model {self.cfg.dim}d x {self.cfg.num_layers} "
                     f"layers, lora_rank={self.cfg.lora_rank}, ttt_layers={list(self.cfg.ttt_layers)}, "
@@ -206,7 +291,7 @@ class Trainer:
         batches = data_lib.make_batch_iterator(
             train_data, global_batch_size=config.batch_size, start_step=start, seed=config.seed,
             shuffle=config.data.shuffle, process_index=index, process_count=count,
-            num_workers=config.data.num_workers)
+            num_workers=config.data.num_workers, start_example=self.start_example)
         progress = _progress(start, config.max_steps)
         frames_per_step = config.batch_size * self.num_frames
         tic = time.perf_counter()
@@ -215,11 +300,9 @@ class Trainer:
             for step in range(start, config.max_steps):
                 self.state, metrics = self.step_fn(self.state, self.frozen, self._global_batch(next(batches)))
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not math.isfinite(metrics["loss"]):
-                    raise TrainingError(f"non-finite loss {metrics['loss']} at step {step + 1}; stopping without "
-                                        f"saving (last good checkpoint: "
-                                        f"{self.manager.latest_step() if self.manager else None})")
                 done = step + 1
+                if not metrics.pop("all_finite"):
+                    raise self._diverged(done, metrics)
                 elapsed = time.perf_counter() - tic
                 tic = time.perf_counter()
                 metrics.update(lr=float(self.lr_at(step)), frames_per_s=frames_per_step / max(elapsed, 1e-9))
@@ -234,7 +317,8 @@ class Trainer:
                     logger.info(f"eval step {done} train_objective={results['train_objective']:.4f} "
                                 f"text_ce={results['text_ce']:.4f} audio_ce={results['audio_ce']:.4f}")
                 preempted = self.manager is not None and self.manager.reached_preemption(done)
-                self._save(done, force=preempted or done == config.max_steps)
+                next_example = self.start_example + (done - start) * config.batch_size
+                self._save(done, next_example, force=preempted or done == config.max_steps)
                 if preempted:
                     self.manager.wait_until_finished()
                     logger.info(f"preempted: saved step {done}, exiting")
@@ -245,6 +329,16 @@ class Trainer:
                 self.manager.close()
             logger.close()
         return 0
+
+    def _diverged(self, step: int, metrics: dict) -> TrainingError:
+        """The error of a step whose loss, gradient norm or parameters are not finite (never saved)."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()  # the last finite step may still be in flight
+        last = self.manager.latest_step() if self.manager else None
+        return TrainingError(f"non-finite loss, gradient norm or parameters at step {step} (loss "
+                             f"{metrics['loss']:.4g}, grad_norm {metrics['grad_norm']:.4g}); stopping without "
+                             f"saving it; last checkpoint (finite): {last} in {self.run_dir}, where a re-run "
+                             f"resumes (lower optim.lr or check the data first)")
 
     def _write_args(self, start: int) -> None:
         if jax.process_index() == 0:

@@ -13,6 +13,11 @@ from tttjax.parallel.sharding import constrain
 from tttjax.train.loss import model_terms, objective
 
 
+def all_finite(tree) -> jax.Array:
+    """Whether every value of `tree` is finite, as one boolean (cheap: one reduction per leaf)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_weight_multiplier: float):
     """loss(trainable fp32, frozen, codes) -> (total, aux); trainable is cast to param_dtype first."""
     param_dtype = cfg.jnp_param_dtype
@@ -30,7 +35,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     """step(state, frozen, codes) -> (state, metrics); state = {"step", "params", "opt_state"}.
 
     With num_microbatches n the batch is split in n and gradients are averaged, as
-    moshi-finetune does (each microbatch's loss is a mean over its own tokens).
+    moshi-finetune does (each microbatch's loss is a mean over its own tokens). metrics["all_finite"]
+    says whether the loss, the gradient norm and every updated parameter are finite: the loop never
+    saves a step without it (one fused reduction, so the check costs next to nothing).
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -51,8 +58,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, aux, grads = jax.tree.map(lambda x: x / num_microbatches, (loss, aux, grads))
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-                     "opt_state": opt_state}
-        return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+        new_params = optax.apply_updates(params, updates)
+        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        grad_norm = optax.global_norm(grads)
+        finite = all_finite((loss, grad_norm, new_params))
+        return new_state, {"loss": loss, "grad_norm": grad_norm, "all_finite": finite, **aux}
 
     return step
