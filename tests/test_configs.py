@@ -13,7 +13,9 @@ from tttjax.model.moshi import abstract_model
 from tttjax.model.config import from_run_config as model_config
 from tttjax.parallel.sharding import LOGICAL_RULES, logical_to_spec
 
-CONFIGS = ["base", "tiny", "moshi_7b_ttt"]
+CONFIGS = ["base", "tiny", "moshi_7b_ttt", "moshi_7b_ttt_v5p8", "moshi_7b_ttt_v5e16"]
+# per-pod configs -> the TPU slice they are proven on (docs/distributed.md, section 7)
+POD_CONFIGS = {"moshi_7b_ttt_v5p8": "v5p-8", "moshi_7b_ttt_v5e16": "v5e-16"}
 
 
 def test_every_base_key_has_a_comment():
@@ -48,3 +50,16 @@ def test_7b_ttt_config_sizes():
     ttt = 4 * D * D + 4 * D + H * (2 * d * 4 * d + 4 * d + d) + H * D + H + 2 * H * d + 3 * D
     lora = total - 7_687_729_152 - 3 * ttt
     assert abs(lora - 387.9e6) < 0.1e6, lora
+
+
+@pytest.mark.parametrize("name,topology", sorted(POD_CONFIGS.items()))
+def test_pod_config_mesh_spans_its_slice(name, topology):
+    """A per-pod config names its mesh exactly: every device of its slice, the batch split evenly."""
+    from tttjax.aot import topology as parse_topology
+    from tttjax.parallel.mesh import resolve_mesh
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    topo = parse_topology(topology)
+    ici, dcn = resolve_mesh(config.mesh.to_dict(), topo.chips)
+    assert -1 not in ici and np.prod(ici) * np.prod(dcn) == topo.chips
+    assert config.batch_size % (ici[0] * ici[1]) == 0

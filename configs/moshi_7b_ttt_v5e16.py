@@ -1,0 +1,16 @@
+"""configs/moshi_7b_ttt.py on a TPU v5e-16 (16 chips, 16 GiB each): FSDP over the 16 chips, one
+sequence of 100 s per chip.
+
+Proven by `python -m tttjax.compile --config=configs/moshi_7b_ttt_v5e16.py --topology=v5e-16`
+(docs/distributed.md, section 7): 5.28 GiB of 16 GiB per chip at B=16 x 100 s, remat=full.
+"""
+
+from configs import moshi_7b_ttt
+
+
+def get_config():
+    c = moshi_7b_ttt.get_config()
+    c.run_dir = "runs/moshi_7b_ttt_v5e16"
+    c.mesh.data = 1
+    c.mesh.fsdp = 16  # every chip of the slice
+    return c
