@@ -11,6 +11,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -67,7 +68,8 @@ class CheckpointManager:
     """Saves and restores train steps under `<run_dir>/checkpoints`.
 
     `metadata` (a JSON-able architecture description) is stored with every step and read back
-    by `restore_metadata`, so a resume can be refused with `check_compatible`.
+    by `restore_metadata`, so a resume can be refused with `check_compatible`. `on_commit` is
+    called (in Orbax's background thread) after each async save is committed.
     """
 
     def __init__(
@@ -78,6 +80,7 @@ class CheckpointManager:
         save_interval_steps: int,
         enable_async: bool = True,
         metadata: dict | None = None,
+        on_commit: Callable[[], None] | None = None,
     ):
         if save_interval_steps < 0:
             raise ValueError(f"ckpt_freq must be >= 0 (0 = only at the end), got {save_interval_steps}")
@@ -92,7 +95,7 @@ class CheckpointManager:
             step_prefix=STEP_PREFIX,
             step_format_fixed_length=STEP_DIGITS,
             enable_async_checkpointing=enable_async,
-            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_TIMEOUT_S),
+            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_TIMEOUT_S, post_finalization_callback=on_commit),
         )
         handlers = {
             STATE: ocp.StandardCheckpointHandler(),
