@@ -8,6 +8,10 @@ frames (the loader pads with -1). `--codes` takes pre-tokenized [17, T] / [N, 17
 Resumable: inputs are cut into shards of --files_per_shard files; a shard and its manifest are
 written atomically, so a rerun skips finished shards (after checking their sha256) and redoes the
 rest. Bad inputs are reported with the file name, counted and skipped (--strict: stop).
+
+`--format tfds` also writes the examples as a TFDS ArrayRecord dataset (--tfds_name, version
+1.0.0, split train) under OUT/tfds, without TensorFlow: train on it with
+`--config.data.train_data=tfds:NAME` and TFDS_DATA_DIR=OUT/tfds.
 """
 
 import argparse
@@ -35,6 +39,7 @@ from tttjax.data.streams import (
 
 log = logging.getLogger("tttjax.data.prepare")
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+TFDS_DIR = "tfds"  # --format tfds: the TFDS data_dir inside OUT
 
 
 def parse_args(argv):
@@ -53,6 +58,9 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=8, help="segments per Mimi call")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--format", choices=("prepared", "tfds"), default="prepared",
+                   help="tfds: also write OUT/tfds/NAME/1.0.0, a TFDS ArrayRecord dataset of the examples")
+    p.add_argument("--tfds_name", default="moshi_codes", help="--format tfds: the dataset name (tfds:NAME)")
     args = p.parse_args(argv)
     if args.duration_sec <= 0 or args.files_per_shard <= 0 or args.batch_size <= 0:
         p.error("--duration_sec, --files_per_shard and --batch_size must be positive")
@@ -321,6 +329,12 @@ def run(args) -> dict:
     for s in meta["sources"]:
         if s["status"] != "ok":
             log.info("  skipped %s: %s", s["name"], s["reason"])
+    if args.format == "tfds":
+        from tttjax.data.sources import PreparedSource
+        from tttjax.data.tfds_writer import write_tfds
+
+        written = write_tfds(PreparedSource(out), out / TFDS_DIR, args.tfds_name)
+        log.info("%s: TFDS dataset tfds:%s (TFDS_DATA_DIR=%s)", written, args.tfds_name, out / TFDS_DIR)
     return meta
 
 
