@@ -16,6 +16,7 @@ if __name__ == "__main__":
 
 from absl import logging  # noqa: E402
 
+from configs import base  # noqa: E402
 from tttjax import run_config  # noqa: E402
 from tttjax.train.loop import Trainer, TrainingError  # noqa: E402
 
@@ -25,8 +26,6 @@ USAGE = "usage: python -m tttjax.main --config=configs/x.py|x.yaml [--config.a.b
 def _help(spec: str | None, overrides) -> str:
     """The usage line and every key of `spec` (default configs/base.py) with its value and comment."""
     if spec is None:
-        from configs import base
-
         config, source = base.get_config(), "configs/base.py"
     else:
         config, source = run_config.load(spec, overrides), spec

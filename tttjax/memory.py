@@ -195,7 +195,7 @@ def check_memory(estimate: MemoryEstimate, capacity: int | None, *, mode: str, w
         if mode == "error":
             log.info("%s", text)
             raise ValueError(f"estimated per-device memory for {what}: {estimate.total / GiB:.1f} GiB exceeds "
-                             f"the {capacity / GiB:.1f} GiB of {where}: {advice} (memory_check=warn runs anyway)")
+                             f"{where} ({capacity / GiB:.1f} GiB): {advice} (memory_check=warn runs anyway)")
         log.warning("%s", text)
         return text
     if estimate.total > 0.9 * capacity:

@@ -21,6 +21,8 @@ from pathlib import Path
 import ml_collections
 import yaml
 
+from configs import base
+
 log = logging.getLogger(__name__)
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -179,8 +181,6 @@ def _leaves(data: dict, config, prefix: str = ""):
 def load_yaml_file(path: Path) -> ml_collections.ConfigDict:
     """configs/base.py's config with the keys of a YAML file set: our own keys (a run's args.yaml)
     and moshi-finetune / TTT-Moshi TrainArgs keys, mapped onto ours."""
-    from configs import base
-
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
@@ -224,8 +224,6 @@ def load_yaml_file(path: Path) -> ml_collections.ConfigDict:
 # -- key listing (--help) -------------------------------------------------------------------------
 def base_key_comments() -> dict[str, str]:
     """The one-line comment of each key of configs/base.py, by dotted key."""
-    from configs import base
-
     pattern = re.compile(r"^\s+c\.([\w.]+) = .*?  # (.*)$")
     return {m[1]: m[2] for m in map(pattern.match, inspect.getsource(base).splitlines()) if m}
 

@@ -27,6 +27,7 @@ import tqdm
 from tttjax.data import shards
 from tttjax.data.inputs import BadInput, parse_jsonl_line, read_alignments, read_stereo
 from tttjax.data.interleave import segment_words, text_stream, tokenize_alignments
+from tttjax.data.sources import PreparedSource
 from tttjax.data.streams import (
     FRAME_RATE,
     MIMI_CARD,
@@ -36,6 +37,7 @@ from tttjax.data.streams import (
     STREAM_NAMES,
     num_frames,
 )
+from tttjax.data.tfds_writer import write_tfds
 
 log = logging.getLogger("tttjax.data.prepare")
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
@@ -330,9 +332,6 @@ def run(args) -> dict:
         if s["status"] != "ok":
             log.info("  skipped %s: %s", s["name"], s["reason"])
     if args.format == "tfds":
-        from tttjax.data.sources import PreparedSource
-        from tttjax.data.tfds_writer import write_tfds
-
         written = write_tfds(PreparedSource(out), out / TFDS_DIR, args.tfds_name)
         log.info("%s: TFDS dataset tfds:%s (TFDS_DATA_DIR=%s)", written, args.tfds_name, out / TFDS_DIR)
     return meta
