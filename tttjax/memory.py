@@ -177,21 +177,25 @@ def free_bytes(device=None) -> int | None:
 # Checks
 
 
-def check_memory(estimate: MemoryEstimate, capacity: int | None, *, mode: str, what: str) -> str | None:
-    """Training start-up: compare the estimate with device memory; raise (mode "error") or warn when it
-    does not fit. Returns the warning text, if any. mode: "error" | "warn" | "off"."""
+def check_memory(estimate: MemoryEstimate, capacity: int | None, *, mode: str, what: str,
+                 where: str = "device memory") -> str | None:
+    """Training start-up: compare the estimate with `capacity` bytes of `where`; raise (mode "error",
+    one line; the table goes to the log) or warn when it does not fit. Returns the warning text, if
+    any. mode: "error" | "warn" | "off"."""
     if mode not in ("error", "warn", "off"):
         raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
     if mode == "off" or capacity is None:
         return None
     text = (f"estimated per-device memory for {what}: {estimate.total / GiB:.1f} GiB of "
-            f"{capacity / GiB:.1f} GiB\n{estimate.table()}")
-    advice = ("raise mesh.fsdp (shards params and optimizer state), use remat=full, raise num_microbatches "
-              "or lower batch_size / duration_sec")
+            f"{capacity / GiB:.1f} GiB of {where}\n{estimate.table()}")
+    advice = ("lower batch_size / duration_sec, use remat=full, raise num_microbatches or mesh.fsdp (shards params "
+              "and optimizer state)")
     if estimate.total > capacity:
-        text += f"\nthe estimate exceeds device memory: {advice}"
+        text += f"\nthe estimate exceeds {where}: {advice}"
         if mode == "error":
-            raise ValueError(f"{text} (memory_check=warn runs anyway)")
+            log.info("%s", text)
+            raise ValueError(f"estimated per-device memory for {what}: {estimate.total / GiB:.1f} GiB exceeds "
+                             f"{where} ({capacity / GiB:.1f} GiB): {advice} (memory_check=warn runs anyway)")
         log.warning("%s", text)
         return text
     if estimate.total > 0.9 * capacity:
