@@ -18,7 +18,7 @@ from tttjax.checkpoint.model_dir import save_model
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m conversion.from_pytorch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="PyTorch safetensors (moshi or release layout)")
     parser.add_argument("--config", required=True, help="moshi LM config.json (lm_kwargs, + lora/ttt keys)")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")

@@ -115,8 +115,8 @@ def server_checkpoint(checkpoint_dir, *, moshi_weights=None, mimi_weights=None, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="All other flags are moshi.server's (python -m moshi.server --help).")
+        prog="python -m conversion.moshi_server", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="All other flags are moshi.server's (python -m moshi.server --help).")
     parser.add_argument("--checkpoint_dir", required=True, help="training step dir or conversion.to_pytorch output")
     args, moshi_argv = parser.parse_known_args(argv)
 

@@ -51,7 +51,7 @@ def parse(argv):
     p.add_argument("--no_requeue", action="store_true", help="do not let the scheduler requeue a preempted job")
     p.add_argument("--max_restarts", type=int, default=0, help="re-run srun in the same allocation after a failure")
     p.add_argument("--chain", type=int, default=1, help="submit N jobs, each after the previous one ends")
-    p.add_argument("--port", type=int, default=0, help="coordinator port; 0 = 61440 + job id % 4096 (as JAX)")
+    p.add_argument("--port", type=int, default=0, help="coordinator port; 0 = 61440 + job id %% 4096 (as JAX)")
     p.add_argument("--python", default="python", help="interpreter on the compute nodes")
     p.add_argument("--setup", action="append", default=[],
                    help="shell line run before training, e.g. 'source ~/venv/bin/activate' (repeatable)")

@@ -76,11 +76,11 @@ def test_standard_metrics_equal_moshi_pytorch(imported, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "text (non-pad" in printed and "audio semantic (q0)" in printed and "train_objective" in printed
     result = json.loads(out.read_text())
-    assert result["loss_weights_source"] == "moshi-finetune defaults"
+    assert result["loss_weights_source"] == "configs/base.py defaults"
     std = result["standard"]
-    assert std["loss_weights"] == {"first_codebook_weight_multiplier": 1.0, "text_padding_weight": 0.5}
+    assert std["loss_weights"] == {"first_codebook_weight_multiplier": 100.0, "text_padding_weight": 0.5}
     assert std["metrics"]["num_sequences"] == 3 and std["rows"] == 3
-    want = torch_metrics(imported["lm"], imported["codes"], first_codebook_weight_multiplier=1.0,
+    want = torch_metrics(imported["lm"], imported["codes"], first_codebook_weight_multiplier=100.0,
                          text_padding_weight=0.5)
     assert 0 < want["text_tokens"] < 36 and want["audio_tokens"] < 3 * 8 * 12
     assert_matches(std["metrics"], want)

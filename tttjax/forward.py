@@ -19,15 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from conversion.sources import materialize
 from tttjax import rundir
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, chunked_forward
-from tttjax.weights import load_model
+from tttjax.weights import open_weights
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tttjax.forward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
     parser.add_argument("--codes", required=True, help=".npy int array [B, 17, T]")
     parser.add_argument("--out", required=True, help="output .npz")
@@ -40,12 +41,12 @@ def main(argv=None) -> int:
 
     try:
         rundir.check_output_file(args.out, "--out")
-        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
-        cfg = model.cfg
-        codes = load_codes(args.codes, initial_tokens(cfg))  # each stream's initial token = its vocab size
+        if args.streaming and args.chunk_size < 1:
+            raise ValueError(f"--chunk_size={args.chunk_size} must be >= 1")
+        weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32")  # config only: cheap
+        codes = load_codes(args.codes, initial_tokens(weights.cfg))  # each stream's initial token = its vocab size
+        model = materialize(weights.cfg, weights.source, source_name=str(weights.path))
         if args.streaming:
-            if args.chunk_size < 1:
-                raise ValueError(f"--chunk_size={args.chunk_size} must be >= 1")
             streamer = StreamingLM(model)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

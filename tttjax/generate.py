@@ -20,13 +20,14 @@ import time
 
 import numpy as np
 
+from conversion.sources import materialize
 from tttjax.data.codes import load_codes
 from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
-from tttjax.weights import load_model
+from tttjax.weights import open_weights
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tttjax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
     parser.add_argument("--user_codes", required=True, help=".npy int array [B, n_q - dep_q, T]")
     parser.add_argument("--out", required=True, help="output .npy [B, 1 + dep_q, T]")
@@ -42,9 +43,10 @@ def main(argv=None) -> int:
     try:
         if args.top_k < 0 or args.top_k_text < 0:
             raise ValueError("--top_k and --top_k_text must be >= 0 (0: no cut)")
-        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
-        cfg = model.cfg
+        weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32")  # config only: cheap
+        cfg = weights.cfg
         user = load_codes(args.user_codes, [cfg.card] * (cfg.n_q - cfg.dep_q), what="user codes")
+        model = materialize(cfg, weights.source, source_name=str(weights.path))
         streamer = StreamingLM(model)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

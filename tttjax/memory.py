@@ -184,21 +184,25 @@ def free_bytes(device=None) -> int | None:
 # Checks
 
 
-ADVICE = ("raise mesh.fsdp (shards params and optimizer state), use remat=full, raise num_microbatches "
-          "or lower batch_size / duration_sec")
+ADVICE = ("lower batch_size / duration_sec, use remat=full, raise num_microbatches or mesh.fsdp (shards params "
+          "and optimizer state)")
 
 
-def check_memory(need: int, capacity: int | None, *, mode: str, what: str, source: str, detail: str = "") -> str | None:
-    """Training start-up: compare a step's per-device bytes (`source` says whose figure: the compiler's
-    or the analytic estimate) with device memory; raise (mode "error") or warn when it does not fit.
-    Returns the warning text, if any. mode: "error" | "warn" | "off"."""
+def check_memory(need: int, capacity: int | None, *, mode: str, what: str, source: str,
+                 where: str = "device memory", detail: str = "") -> str | None:
+    """Training start-up: compare a step's per-device bytes (`source` says whose figure: the compiled
+    step's or the analytic estimate; `detail` its breakdown, logged) with `capacity` bytes of
+    `where`; raise (mode "error", one line) or warn when it does not fit. Returns the warning text,
+    if any. mode: "error" | "warn" | "off"."""
     if mode not in ("error", "warn", "off"):
         raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
     if mode == "off" or capacity is None:
         return None
-    text = f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} ({source})"
+    text = (f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} of {where} "
+            f"({source})")
     if need > capacity:
         if mode == "error":
+            log.info("%s%s", text, detail and "\n" + detail)
             raise ValueError(f"{text} does not fit: {ADVICE} (memory_check=warn runs anyway)")
         text += f"\ndoes not fit: {ADVICE}"
     elif need > 0.9 * capacity:

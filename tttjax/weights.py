@@ -38,9 +38,10 @@ class Weights:
 def open_weights(path, config_path: str | Path | None = None, **overrides) -> Weights:
     """The weights at `path`; `config_path` is the moshi config.json a PyTorch file needs.
 
-    `overrides` change ModelConfig fields that do not alter the parameters (dtype, remat).
+    `overrides` change ModelConfig fields that do not alter the parameters (dtype, remat). A relative
+    path is taken from the current directory (Orbax itself wants absolute ones).
     """
-    path = Path(path)
+    path = Path(path).absolute()
     kind = rundir.weights_kind(path)
     if kind == rundir.PYTORCH:
         if not config_path:

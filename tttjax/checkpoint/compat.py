@@ -38,3 +38,30 @@ def check_compatible(saved_meta: dict, current_meta: dict, *, source: str = "che
     ]
     if diffs:
         raise ValueError(f"{source} does not match the config: " + "; ".join(diffs))
+
+
+# TTT knobs that mean nothing in a model without TTT layers (and LoRA's in one without LoRA).
+_TTT_KNOBS = ("ttt_num_heads", "ttt_base_lr", "ttt_mini_batch_size", "ttt_initial_gating_alpha", "ttt_causal")
+
+
+def effective_architecture(cfg) -> dict:
+    """`cfg.architecture()` without the TTT / LoRA knobs of a model that has no TTT layers / no LoRA."""
+    arch = cfg.architecture()
+    if not cfg.ttt_layers:
+        for k in _TTT_KNOBS:
+            arch.pop(k, None)
+    if not cfg.lora_rank:
+        arch.pop("lora_scaling", None)
+    return arch
+
+
+def check_base_compatible(source_cfg, cfg, *, source: str) -> None:
+    """Weights of `source_cfg` into a model of `cfg`: everything must match, except that a source
+    without TTT layers / LoRA fits any TTT / LoRA of `cfg` (those start fresh)."""
+    saved, current = effective_architecture(source_cfg), effective_architecture(cfg)
+    fresh = (["ttt_layers", *_TTT_KNOBS] if not source_cfg.ttt_layers else []) + \
+        (["lora_rank", "lora_scaling"] if not source_cfg.lora_rank else [])
+    for key in fresh:
+        saved.pop(key, None)
+        current.pop(key, None)
+    check_compatible(saved, current, source=source)

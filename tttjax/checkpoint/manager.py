@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -84,7 +85,8 @@ class CheckpointManager:
 
     `metadata` (a JSON-able description of the architecture and the data stream) is stored with
     every step and read back by `restore_metadata`, so a resume can be refused with
-    `check_compatible`; it may be replaced before the first save.
+    `check_compatible`; it may be replaced before the first save. `on_commit` is called (in
+    Orbax's background thread) after each async save is committed.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class CheckpointManager:
         save_interval_steps: int,
         enable_async: bool = True,
         metadata: dict | None = None,
+        on_commit: Callable[[], None] | None = None,
     ):
         if save_interval_steps < 0:
             raise ValueError(f"ckpt_freq must be >= 0 (0 = only at the end), got {save_interval_steps}")
@@ -111,7 +114,7 @@ class CheckpointManager:
             step_prefix=STEP_PREFIX,
             step_format_fixed_length=STEP_DIGITS,
             enable_async_checkpointing=enable_async,
-            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_TIMEOUT_S),
+            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_TIMEOUT_S, post_finalization_callback=on_commit),
         )
         handlers = {
             STATE: ocp.StandardCheckpointHandler(),

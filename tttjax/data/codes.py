@@ -13,7 +13,12 @@ def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.n
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    codes = np.load(path, allow_pickle=False)
+    try:
+        codes = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError):  # not an .npy array (np.load says "pickled data" of any other bytes)
+        raise ValueError(f"{path}: not a .npy array file (expected int {what} saved with numpy.save)") from None
+    if not isinstance(codes, np.ndarray):
+        raise ValueError(f"{path}: an .npz archive, expected a .npy array of {what}")
     if codes.ndim != 3 or codes.shape[1] != len(limits):
         raise ValueError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
     if not np.issubdtype(codes.dtype, np.integer):

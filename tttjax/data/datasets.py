@@ -57,6 +57,9 @@ def _source(item: str, *, num_frames: int, card: int, text_card: int, n_q: int, 
         )
     if item.startswith("tfds:"):
         return TfdsSource(*parse_tfds_spec(item[len("tfds:"):]))
+    if item.endswith(".jsonl"):
+        raise ValueError(f"{item}: a moshi-finetune jsonl; prepare it first (python -m tttjax.data.prepare "
+                         f"--jsonl {item} --out DATA_DIR) and train on DATA_DIR")
     if not Path(item).is_dir():
         raise ValueError(
             f"{item}: no such data dir (expected a prepared DATA_DIR, synthetic[:N] or tfds:name[:split])"

@@ -10,6 +10,10 @@ frames (the loader pads with -1). `--codes` takes pre-tokenized [17, T] / [N, 17
 Resumable: inputs are cut into shards of --files_per_shard files; a shard and its manifest are
 written atomically, so a rerun skips finished shards (after checking their sha256) and redoes the
 rest. Bad inputs are reported with the file name, counted and skipped (--strict: stop).
+
+`--format tfds` also writes the examples as a TFDS ArrayRecord dataset (--tfds_name, version
+1.0.0, split train) under OUT/tfds, without TensorFlow: train on it with
+`--config.data.train_data=tfds:NAME` and TFDS_DATA_DIR=OUT/tfds.
 """
 
 import argparse
@@ -25,6 +29,7 @@ import tqdm
 from tttjax.data import shards
 from tttjax.data.inputs import BadInput, parse_jsonl_line, read_alignments, read_stereo
 from tttjax.data.interleave import segment_words, text_stream, tokenize_alignments
+from tttjax.data.sources import PreparedSource
 from tttjax.data.streams import (
     FRAME_RATE,
     MIMI_CARD,
@@ -34,9 +39,11 @@ from tttjax.data.streams import (
     STREAM_NAMES,
     num_frames,
 )
+from tttjax.data.tfds_writer import write_tfds
 
 log = logging.getLogger("tttjax.data.prepare")
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
+TFDS_DIR = "tfds"  # --format tfds: the TFDS data_dir inside OUT
 
 
 def parse_args(argv):
@@ -57,6 +64,9 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=8, help="segments per Mimi call")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     p.add_argument("--strict", action="store_true", help="stop at the first bad input instead of skipping it")
+    p.add_argument("--format", choices=("prepared", "tfds"), default="prepared",
+                   help="tfds: also write OUT/tfds/NAME/1.0.0, a TFDS ArrayRecord dataset of the examples")
+    p.add_argument("--tfds_name", default="moshi_codes", help="--format tfds: the dataset name (tfds:NAME)")
     args = p.parse_args(argv)
     if args.verify is None and args.out is None:
         p.error("--out is required with --jsonl / --codes")
@@ -327,6 +337,9 @@ def run(args) -> dict:
     for s in meta["sources"]:
         if s["status"] != "ok":
             log.info("  skipped %s: %s", s["name"], s["reason"])
+    if args.format == "tfds":
+        written = write_tfds(PreparedSource(out), out / TFDS_DIR, args.tfds_name)
+        log.info("%s: TFDS dataset tfds:%s (TFDS_DATA_DIR=%s)", written, args.tfds_name, out / TFDS_DIR)
     return meta
 
 

@@ -1,5 +1,6 @@
 """Random-access sources of [17, T] code arrays: a prepared DATA_DIR, or a TFDS ArrayRecord dataset."""
 
+import os
 import re
 from pathlib import Path
 
@@ -70,10 +71,13 @@ class TfdsSource:
                 f"tfds:{name}: needs tensorflow-datasets (pip install tensorflow-datasets; not TensorFlow)"
             ) from None
         self.name, self.split = name, split
+        data_dir = data_dir or os.environ.get("TFDS_DATA_DIR")  # read now: tfds reads it once, at import
         try:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises many types for a missing or non-ArrayRecord dataset
-            raise ValueError(f"tfds:{name}:{split}: cannot open as an ArrayRecord data source ({e})") from None
+            where = data_dir or "~/tensorflow_datasets (set TFDS_DATA_DIR)"
+            raise ValueError(f"tfds:{name}:{split}: cannot open it as an ArrayRecord data source in {where} "
+                             f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
 
     def __len__(self) -> int:
         return len(self._source)

@@ -9,7 +9,7 @@ DIR: a training step dir (runs/x/checkpoints/checkpoint_000100) or an imported c
 (python -m conversion.from_pytorch). DATA: a dataset spec (prepared DATA_DIR, synthetic:N,
 tfds:..., mixtures; default: the run's data.eval_data) or a codes.npy [N, 17, T] evaluated row by
 row as given. Loss weights of train_objective: --config if given, else the run's args.yaml (step
-dir), else moshi-finetune's defaults (first_codebook_weight_multiplier 1, text_padding_weight 0.5).
+dir), else configs/base.py's (first_codebook_weight_multiplier 100, text_padding_weight 0.5).
 See docs/eval.md.
 """
 
@@ -26,8 +26,9 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from configs import base as base_config  # noqa: E402
 from tttjax import rundir, run_config  # noqa: E402
-from tttjax.checkpoint.compat import check_compatible  # noqa: E402
+from tttjax.checkpoint.compat import check_compatible, effective_architecture  # noqa: E402
 from tttjax.data import num_frames  # noqa: E402
 from tttjax.data.codes import load_codes  # noqa: E402
 from tttjax.data.streams import MIMI_CARD  # noqa: E402
@@ -39,8 +40,8 @@ from tttjax.verify import verify  # noqa: E402
 from tttjax.weights import open_weights  # noqa: E402
 from conversion.sources import materialize  # noqa: E402
 
-# moshi-finetune's TrainArgs defaults.
-DEFAULT_WEIGHTS = {"first_codebook_weight_multiplier": 1.0, "text_padding_weight": 0.5}
+# The project's defaults (configs/base.py), for a checkpoint without a run config.
+DEFAULT_WEIGHTS = {k: base_config.get_config()[k] for k in ("first_codebook_weight_multiplier", "text_padding_weight")}
 DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
 
 
@@ -98,20 +99,6 @@ def parse_args(argv):
 
 
 # -- configuration -------------------------------------------------------------------------------
-_IRRELEVANT_WITHOUT_TTT = ("ttt_num_heads", "ttt_base_lr", "ttt_mini_batch_size", "ttt_initial_gating_alpha",
-                           "ttt_causal")
-
-
-def _architecture(cfg) -> dict:
-    arch = cfg.architecture()
-    if not cfg.ttt_layers:
-        for k in _IRRELEVANT_WITHOUT_TTT:
-            arch.pop(k, None)
-    if not cfg.lora_rank:
-        arch.pop("lora_scaling", None)
-    return arch
-
-
 def loss_weights(config, spec: str | None, weights) -> tuple[dict, str]:
     """The loss weights of train_objective and where they came from: `config` (--config=spec), which
     must describe the checkpoint's model, else the run's args.yaml, else moshi-finetune's defaults."""
@@ -121,7 +108,7 @@ def loss_weights(config, spec: str | None, weights) -> tuple[dict, str]:
         except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
             raise EvalError(f"--config={spec}: not a tttjax training config ({e})") from None
         try:
-            check_compatible(_architecture(weights.cfg), _architecture(config_cfg),
+            check_compatible(effective_architecture(weights.cfg), effective_architecture(config_cfg),
                              source=f"checkpoint {weights.path}")
         except ValueError as e:
             raise EvalError(f"--config={spec} describes another model: {e}") from None
@@ -129,7 +116,7 @@ def loss_weights(config, spec: str | None, weights) -> tuple[dict, str]:
     elif weights.run_config is not None:
         config, source = weights.run_config, str(rundir.run_dir_of(weights.path) / rundir.ARGS_FILE)
     else:
-        return dict(DEFAULT_WEIGHTS), "moshi-finetune defaults"
+        return dict(DEFAULT_WEIGHTS), "configs/base.py defaults"
     try:
         return {k: float(config[k]) for k in DEFAULT_WEIGHTS}, source
     except (KeyError, AttributeError, TypeError, ValueError) as e:

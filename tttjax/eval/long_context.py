@@ -224,7 +224,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tttjax.eval.long_context", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
     parser.add_argument("--codes", required=True, nargs="+", help=".npy int arrays [B, 17, T]")
     parser.add_argument("--out_dir", required=True, help="where the CSV / JSON / PNG go")

@@ -1,4 +1,5 @@
-"""Run logging: logs/train.log (text), logs/metrics.jsonl, TensorBoard events, optional wandb.
+"""Run logging: logs/train.log (text), logs/metrics.jsonl, TensorBoard events, optional wandb
+(`pip install -e .[wandb]`; its files go to run_dir/wandb/, offline by default).
 
 Only process 0 writes.
 """
@@ -7,9 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import jax
+
+
+def check_wandb(wandb_config) -> None:
+    """At start-up, before anything compiles: wandb.project set needs the wandb package."""
+    if not wandb_config.project:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ValueError(f"wandb.project={wandb_config.project}: wandb is not installed "
+                         f"(pip install -e .[wandb]), or set wandb.project=''") from None
 
 
 class RunLogger:
@@ -22,6 +35,7 @@ class RunLogger:
         logs = run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.log.setLevel(logging.INFO)
+        self.log.propagate = False  # the terminal shows the progress bar and the summary, not every line
         handler = logging.FileHandler(logs / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.addHandler(handler)
@@ -30,13 +44,11 @@ class RunLogger:
 
         self._tb = SummaryWriter(str(logs))
         if wandb_config is not None and wandb_config.project:
-            import os
-
             import wandb
 
             if wandb_config.offline:
                 os.environ["WANDB_MODE"] = "offline"
-            self._wandb = wandb.init(project=wandb_config.project, dir=str(logs),
+            self._wandb = wandb.init(project=wandb_config.project, dir=str(run_dir),
                                      name=wandb_config.run_name or run_dir.name, config=run_config)
 
     def info(self, message: str) -> None:

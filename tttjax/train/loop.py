@@ -9,6 +9,8 @@ explicit earlier `resume_step`, and refuses a changed data stream unless it is a
 
 from __future__ import annotations
 
+import collections
+import math
 import time
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tttjax import data as data_lib
 from tttjax import memory
 from tttjax import rundir
 from tttjax.checkpoint import BrokenCheckpoint, CheckpointManager, check_compatible, lock
+from tttjax.checkpoint.compat import check_base_compatible
 from tttjax.checkpoint.manager import restore_trainables
 from tttjax.eval.standard import Evaluator
 from tttjax.model.params import is_adapter, trainable, trainable_filter
@@ -31,7 +34,7 @@ from tttjax.parallel.distributed import initialize_distributed
 from tttjax.parallel.sharding import global_batch, process_batch_slice
 from tttjax.train import optimizer as optim_lib
 from tttjax.train import state as state_lib
-from tttjax.train.logger import RunLogger
+from tttjax.train.logger import RunLogger, check_wandb
 from tttjax.train.program import build_program
 from tttjax.train.step import all_finite
 from tttjax.weights import open_weights
@@ -63,7 +66,8 @@ def data_stream(config) -> dict:
 class Trainer:
     def __init__(self, config):
         if config.checkpoint.resume not in ("auto", "never"):
-            raise ValueError(f"checkpoint.resume={config.checkpoint.resume!r}: expected 'auto' or 'never'")
+            raise ValueError(f"checkpoint.resume={config.checkpoint.resume!r}: expected auto|true or never|false")
+        check_wandb(config.wandb)
         initialize_distributed()
         self.config = config
         self.run_dir = Path(config.run_dir).absolute()
@@ -71,6 +75,9 @@ class Trainer:
         self.program = program = build_program(config)
         self.cfg, self.mesh, self.graphdef = program.cfg, program.mesh, program.graphdef
         self.full = program.full_finetuning
+        self.metadata = {"architecture": self.cfg.architecture(),
+                         "trainable": "full" if self.full else "adapters"}
+        self._init_weights = self._open_init_state(config.checkpoint.init_state_dir)
         self._check_memory()
 
         masters, self.frozen = state_lib.initial_weights(program)
@@ -81,8 +88,6 @@ class Trainer:
         self.state = jax.jit(lambda m: {"step": jnp.zeros((), jnp.int32), "params": m,
                                         "opt_state": self.optimizer.init(m)},
                              out_shardings=program.state_shardings)(masters)
-        self.metadata = {"architecture": self.cfg.architecture(),
-                         "trainable": "full" if self.full else "adapters"}
         self.fingerprint = state_lib.fingerprint(self.frozen)
         self.data_stream = data_stream(config)
         self.start_example = 0  # the first global example the run reads (set by a resume)
@@ -91,24 +96,44 @@ class Trainer:
         self.lr_at = optim_lib.one_cycle_lr(config.optim.lr, config.max_steps, config.optim.pct_start)
         self.num_frames = data_lib.num_frames(config.duration_sec)
         self.manager = None
+        self.logger = None
+        self._saving = collections.deque()  # (step, start time) of saves not yet committed, oldest first
         if config.do_ckpt:
             self.manager = CheckpointManager(
                 self.run_dir, max_to_keep=config.num_ckpt_keep, save_interval_steps=config.ckpt_freq,
                 enable_async=config.checkpoint.async_save,
-                metadata={**self.metadata, "frozen_fingerprint": self.fingerprint, "data_stream": self.data_stream})
+                metadata={**self.metadata, "frozen_fingerprint": self.fingerprint, "data_stream": self.data_stream},
+                on_commit=self._log_commit)
         self._evaluator = self._eval_data = None
 
     # -- construction --------------------------------------------------------------------------
-    def _load_init_state(self, directory: str) -> None:
+    def _open_init_state(self, directory: str):
+        """checkpoint.init_state_dir's weights (None if unset), refused by name, before anything compiles,
+        unless they fit: a step dir's trainables must be exactly ours (as on resume); a model dir
+        must match where it has params (LoRA / TTT it lacks start fresh). Never loaded by position."""
+        if not directory:
+            return None
+        source = f"checkpoint.init_state_dir={directory}"
+        weights = open_weights(directory)
+        if weights.kind == rundir.STEP:
+            saved = {"architecture": weights.cfg.architecture(),
+                     "trainable": "full" if weights.run_config.full_finetuning else "adapters"}
+            check_compatible(saved, self.metadata, source=source)
+        else:
+            check_base_compatible(weights.cfg, self.cfg, source=source)
+        return weights
+
+    def _load_init_state(self) -> None:
         """checkpoint.init_state_dir: weights only, from a step dir (trainables) or a model dir."""
-        path = Path(directory)
-        if rundir.weights_kind(path) == rundir.STEP:
-            params = restore_trainables(path, _abstract(self.state["params"]))
+        weights = self._init_weights
+        source = f"checkpoint.init_state_dir={self.config.checkpoint.init_state_dir}"
+        if weights.kind == rundir.STEP:
+            params = restore_trainables(weights.path, _abstract(self.state["params"]))
             self.state["params"] = params
             self.state["opt_state"] = self._init_opt(params)
             return
         model = nnx.merge(self.graphdef, self._cast(self.state["params"]), self.frozen)
-        copy_into(model, open_weights(path).source, source_name=f"checkpoint.init_state_dir={directory}",
+        copy_into(model, weights.source, source_name=source,
                   allow_missing=lambda p: is_adapter(p) or not trainable(p, self.full))
         _, trainable_state, frozen = nnx.split(model, trainable_filter(self.full), ...)
         self.frozen = nnx.to_pure_dict(frozen)
@@ -117,31 +142,38 @@ class Trainer:
         self.fingerprint = state_lib.fingerprint(self.frozen)
 
     def _check_memory(self) -> None:
-        """Start-up check against the device's memory: the compiled step's own figures where the
-        backend reports them (TPU, GPU: exact), else the analytic estimate."""
+        """Start-up check of the step's per-device memory: on an accelerator (TPU, GPU) the compiled
+        step's own figures where the backend reports them (exact), against the device's memory; on
+        CPU the analytic estimate against the host's available memory shared by its devices, before
+        anything compiles."""
         config = self.config
-        capacity = memory.device_memory_bytes()
-        if config.memory_check == "off" or capacity is None:
+        if config.memory_check == "off":
             memory.check_memory(0, None, mode=config.memory_check, what="", source="")  # validates the mode
             return
-        what = f"mesh {dict(self.mesh.shape)}, remat={self.cfg.remat}"
-        try:
-            figures = memory.compiled_figures(self.program.compile())
-        except Exception as e:  # XlaRuntimeError has no stable import path
-            oom = memory.compile_oom(e)
-            if oom is None:
-                raise
-            raise ValueError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
-                             f"the {memory.format_bytes(oom[1])} it can use: {memory.ADVICE}") from None
-        if figures is not None:
-            memory.check_memory(figures["total_bytes"], capacity, mode=config.memory_check, what=what,
-                                source="the compiled step's memory_analysis")
-            return
+        what = (f"batch_size={config.batch_size}, duration_sec={config.duration_sec}, remat={self.cfg.remat}, "
+                f"mesh {dict(self.mesh.shape)}")
+        capacity, where = memory.device_memory_bytes(), "device memory"
+        if capacity is not None:
+            try:
+                figures = memory.compiled_figures(self.program.compile())
+            except Exception as e:  # XlaRuntimeError has no stable import path
+                oom = memory.compile_oom(e)
+                if oom is None:
+                    raise
+                raise ValueError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
+                                 f"the {memory.format_bytes(oom[1])} it can use: {memory.ADVICE}") from None
+            if figures is not None:
+                memory.check_memory(figures["total_bytes"], capacity, mode=config.memory_check, what=what,
+                                    source="the compiled step's memory_analysis")
+                return
+        elif jax.default_backend() == "cpu":
+            free = memory.free_bytes()
+            capacity, where = (free // jax.local_device_count() if free else None), "available host memory"
         estimate = memory.estimate_memory(
             self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
             num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
             mesh_axes=dict(self.mesh.shape))
-        memory.check_memory(estimate.total, capacity, mode=config.memory_check, what=what,
+        memory.check_memory(estimate.total, capacity, mode=config.memory_check, what=what, where=where,
                             source="analytic estimate", detail=estimate.table())
 
     def _cast(self, params):
@@ -163,8 +195,8 @@ class Trainer:
             raise TrainingError(f"{self.run_dir} already has checkpoints {steps}; set checkpoint.resume=auto "
                                 f"to continue it or choose a new run_dir")
         if not steps:
-            if config.checkpoint.init_state_dir:
-                self._load_init_state(config.checkpoint.init_state_dir)
+            if self._init_weights is not None:
+                self._load_init_state()
             return 0
         wanted = config.checkpoint.resume_step
         if wanted != -1:
@@ -235,8 +267,21 @@ class Trainer:
     def _save(self, step: int, next_example: int, force: bool) -> bool:
         if self.manager is None or (not force and not self.manager.should_save(step)):
             return False
+        self._saving.append((step, time.perf_counter()))
         position = {"next_step": step, "next_example": next_example}
-        return self.manager.save(step, self.state, position, self._consolidated(), force=True)
+        if not self.manager.save(step, self.state, position, self._consolidated(), force=True):
+            self._saving.pop()
+            return False
+        if not self.config.checkpoint.async_save:
+            self._log_commit()
+        return True
+
+    def _log_commit(self) -> None:
+        """The oldest pending save was committed (called from Orbax's finalize thread when async)."""
+        if self._saving and self.logger is not None:
+            step, started = self._saving.popleft()
+            self.logger.info(f"checkpoint {step} committed: {rundir.step_dir(self.run_dir, step)} "
+                             f"({time.perf_counter() - started:.1f} s)")
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
@@ -275,7 +320,7 @@ class Trainer:
     def _run(self) -> int:
         config = self.config
         start = self._resume_or_init()
-        logger = RunLogger(self.run_dir, config.wandb, config.to_dict())
+        self.logger = logger = RunLogger(self.run_dir, config.wandb, config.to_dict())
         for note in self.notes:
             logger.warning(note)
         self._write_args(start)
@@ -294,15 +339,25 @@ class Trainer:
             num_workers=config.data.num_workers, start_example=self.start_example)
         progress = _progress(start, config.max_steps)
         frames_per_step = config.batch_size * self.num_frames
-        tic = time.perf_counter()
-        step = start
+        tic = began = time.perf_counter()
+        done, last_loss, finished = start, math.nan, False
         try:
             for step in range(start, config.max_steps):
-                self.state, metrics = self.step_fn(self.state, self.frozen, self._global_batch(next(batches)))
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                try:
+                    self.state, metrics = self.step_fn(self.state, self.frozen, self._global_batch(next(batches)))
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                except Exception as e:  # XLA's RESOURCE_EXHAUSTED (compile or run) is the user's sizes
+                    if not memory.is_oom(e):
+                        raise
+                    raise TrainingError(
+                        f"out of memory at step {step + 1} with batch_size={config.batch_size}, "
+                        f"duration_sec={config.duration_sec}, remat={self.cfg.remat}, num_microbatches="
+                        f"{config.num_microbatches}, mesh {dict(self.mesh.shape)}: lower batch_size / duration_sec, "
+                        f"use remat=full, raise num_microbatches or mesh.fsdp") from None
                 done = step + 1
                 if not metrics.pop("all_finite"):
                     raise self._diverged(done, metrics)
+                last_loss = metrics["loss"]
                 elapsed = time.perf_counter() - tic
                 tic = time.perf_counter()
                 metrics.update(lr=float(self.lr_at(step)), frames_per_s=frames_per_step / max(elapsed, 1e-9))
@@ -322,11 +377,15 @@ class Trainer:
                 if preempted:
                     self.manager.wait_until_finished()
                     logger.info(f"preempted: saved step {done}, exiting")
+                    finished = True
                     return 0
+            finished = True
         finally:
             progress.close()
             if self.manager is not None:
                 self.manager.close()
+            if finished:
+                self._summarize(start, done, time.perf_counter() - began, last_loss)
             logger.close()
         return 0
 
@@ -340,6 +399,15 @@ class Trainer:
                              f"saving it; last checkpoint (finite): {last} in {self.run_dir}, where a re-run "
                              f"resumes (lower optim.lr or check the data first)")
 
+    def _summarize(self, start: int, done: int, seconds: float, last_loss: float) -> None:
+        """The run's last log line (also printed): steps, wall time, last loss, where the checkpoints are."""
+        summary = (f"finished: steps {start}->{done} of {self.config.max_steps} in {seconds:.1f} s, last loss "
+                   f"{last_loss:.4f}; checkpoints " + (f"{self.manager.all_steps()} in {self.manager.directory}"
+                                                      if self.manager else "off (do_ckpt=false)"))
+        self.logger.info(summary)
+        if jax.process_index() == 0:
+            print(summary)
+
     def _write_args(self, start: int) -> None:
         if jax.process_index() == 0:
             rundir.write_run_config(self.run_dir, self.config.to_dict(), start)
@@ -347,4 +415,4 @@ class Trainer:
 
 def _progress(start: int, total: int):
     return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
-                dynamic_ncols=True)
+                dynamic_ncols=True, leave=False)  # cleared at the end: the summary (or an error) is the last line
