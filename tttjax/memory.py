@@ -111,7 +111,7 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_m
         """Bytes per token of one layer's forward (everything autodiff would keep without remat)."""
         return (act * (dim * 10 + 3 * dim // tp + 4 * hidden // tp + 8 * r)  # norms, qkv, attn, mlp, lora
                 + 4 * 4 * dim  # fp32 norms and rope temporaries
-                + (4 + 4 + act) * heads // tp * min(length, ctx_len))  # scores, softmax (fp32), probs
+                + (4 + act) * heads // tp * min(length, ctx_len))  # fp32 scores (softmax fused in), probs
 
     def layer_dots(dim, hidden):
         """Bytes per token kept by the `dots` policy: outputs of the weight matmuls."""
