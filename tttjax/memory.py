@@ -35,7 +35,7 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SINGLE_DEVICE = {"data": 1, "fsdp": 1, "tensor": 1}
 # What the formulas miss (XLA temporaries, fragmentation), as a share of their sum: set against
 # XLA:TPU's buffer assignment of the 7B TTT step (docs/distributed.md, section 7).
-MARGIN = 0.05
+MARGIN = 0.02
 
 
 @dataclasses.dataclass
