@@ -166,7 +166,7 @@ def test_startup_memory_check_uses_the_compiled_step(tmp_path, monkeypatch):
     from tttjax import memory
 
     monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: 1 << 20)
-    with pytest.raises(ValueError, match=r"of 1.0 MiB \(the compiled step's memory_analysis\) does not fit"):
+    with pytest.raises(ValueError, match=r"of 1.0 MiB of device memory \(the compiled step's memory_analysis\) does not fit"):
         Trainer(micro_config(tmp_path / "small", max_steps=2))
     monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: 1 << 40)
     checked = Trainer(micro_config(tmp_path / "a", max_steps=2, ckpt_freq=0))

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -47,8 +48,23 @@ def _remove_uncommitted(run_dir) -> None:
         with lock.holding(run_dir) as held:
             for tmp in ocp.path.step.all_temporary_paths(checkpoints_dir(run_dir)) if held else ():
                 log.warning("removing uncommitted checkpoint %s", tmp.get())
-                shutil.rmtree(tmp.get())
+                _remove_tree(tmp.get())
     ocp.multihost.sync_global_processes("tttjax_checkpoint_cleanup")
+
+
+def _remove_tree(path, attempts: int = 5) -> None:
+    """shutil.rmtree, retried: after a failed save in this process, Orbax's writer threads of its
+    other items may still be finishing files in the tmp dir ("Directory not empty")."""
+    for attempt in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def storage_save_args(tree):

@@ -26,7 +26,7 @@ def write_tfds(examples, data_dir: str | Path, name: str, split: str = "train") 
         raise ValueError("--format tfds needs tensorflow-datasets and importlib_resources "
                          "(pip install tensorflow-datasets importlib_resources; not TensorFlow)") from None
 
-    class CodesBuilder(tfds.core.GeneratorBasedBuilder):
+    class CodesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # one per call
         VERSION = tfds.core.Version(globals()["VERSION"])
 
         def _info(self):
