@@ -10,6 +10,8 @@ import json
 import pytest
 from jax.experimental import topologies
 
+import micro
+
 from tttjax import aot, compile as compile_cli, run_config
 from tttjax.flops import train_step_flops
 from tttjax.train.program import build_program
@@ -17,13 +19,8 @@ from tttjax.train.program import build_program
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (.ci/run installs it)")
 
-# configs/tiny.py cut down (as test_train's micro_config), FSDP over the devices of one slice
-SMALL = ["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--config.batch_size=8",
-         "--config.duration_sec=1.28", "--config.model.dim=32", "--config.model.num_layers=3",
-         "--config.model.num_heads=2", "--config.model.card=16", "--config.model.text_card=24",
-         "--config.model.depformer_dim=16", "--config.model.depformer_num_layers=1",
-         "--config.model.depformer_num_heads=2", "--config.model.depformer_dim_feedforward=64",
-         "--config.lora.rank=2", "--config.ttt.layers=1", "--config.ttt.mini_batch_size=4"]
+# the micro model (tests/micro.py), FSDP over the devices of one slice
+SMALL = micro.cli(mesh__data=1, mesh__fsdp=-1, batch_size=8, duration_sec=1.28)
 REPORT_KEYS = {"topology", "num_devices", "mesh", "per_device", "hbm_bytes", "fits", "estimate_bytes",
                "model_flops_per_step", "compiler_flops_per_device", "collectives", "compile_s"}
 PER_DEVICE_KEYS = {"argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes",
@@ -101,6 +98,14 @@ def test_unknown_topology_is_one_line(capsys):
     assert compile_cli.main(SMALL + ["--topology=v7x-8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'v7x-8'" in err and "v5p:2x2x1" in err and "v5e-16" in err
+
+
+def test_missing_libtpu_is_one_line(capsys, monkeypatch):
+    real = aot.importlib.util.find_spec
+    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None if name == "libtpu" else real(name))
+    assert compile_cli.main(SMALL + ["--topology=v5e-4"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == 'error: v5e-4: compiling for TPU needs libtpu: pip install "jax[tpu]==<the installed jax version>"'
 
 
 @pytest.mark.parametrize("name,slices,generation,shape,chips", [

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 
+import micro
 from conversion.sources import OrbaxSource
 from test_train import assert_trees_equal, micro_config
 from tttjax import rundir
@@ -280,30 +281,27 @@ def test_unwritable_outputs_and_empty_codes_are_one_line_before_any_work(trained
 
 
 # acceptance ---------------------------------------------------------------------------------
-MICRO_CLI = ["--config=configs/tiny.py", f"--config.max_steps={STEPS}", "--config.batch_size=4",
-             "--config.duration_sec=1.28", "--config.log_freq=1", "--config.ckpt_freq=1", "--config.num_ckpt_keep=None",
-             "--config.model.dim=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-             "--config.model.card=16", "--config.model.text_card=24", "--config.model.depformer_dim=16",
-             "--config.model.depformer_num_layers=1", "--config.model.depformer_num_heads=2",
-             "--config.model.depformer_dim_feedforward=64", "--config.lora.rank=2", "--config.ttt.layers=1",
-             "--config.ttt.mini_batch_size=4", "--config.data.train_data=synthetic:64",
-             "--config.data.eval_data=synthetic:8", "--config.eval_freq=0"]  # = micro_config, ckpt every step
+MICRO_CLI = micro.cli(max_steps=STEPS, batch_size=4, duration_sec=1.28, log_freq=1, ckpt_freq=1, num_ckpt_keep=None,
+                      data__train_data="synthetic:64", data__eval_data="synthetic:8", eval_freq=0)  # ckpt every step
 
 
 def test_chaos_kill_term_and_truncation_end_bitwise_equal(trained, tmp_path):
     """SIGKILL, then SIGTERM, at random committed steps; between restarts the latest step's largest
     files are truncated. The run skips it, recomputes it and ends as the uninterrupted run."""
-    rng = np.random.default_rng(int(time.time()))
+    seed = int(time.time())
+    rng = np.random.default_rng(seed)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "tttjax.main", *MICRO_CLI, f"--config.run_dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     for sig in (signal.SIGKILL, signal.SIGTERM):
         before = max(steps_of(run_dir), default=0)
-        target = min(before + int(rng.integers(1, 3)), STEPS)
+        # at least two new steps: the damaged latest one always has an intact step before it (with
+        # none, the run refuses rather than start over: TrainingError "no checkpoint ... restores")
+        target = min(before + int(rng.integers(2, 4)), STEPS)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240
         while not rundir.step_dir(run_dir, target).is_dir():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            assert proc.poll() is None, f"seed {seed}: " + proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(sig)

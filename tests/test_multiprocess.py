@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+import micro
 from tttjax.checkpoint import CheckpointManager
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # as tests/test_sharding.py: every run here uses it
@@ -19,14 +20,9 @@ FAST_COMPILE = "--xla_backend_optimization_level=0"  # as tests/test_sharding.py
 REPO = Path(__file__).resolve().parents[1]
 MAX_STEPS = 16  # = tests/test_sharding.py MAX_STEPS: its 1-process (1,4,2) programs are then in the compile cache
 
-# tests/test_train.py micro_config, as command-line overrides of configs/tiny.py
-MICRO = ["--config=configs/tiny.py", f"--config.max_steps={MAX_STEPS}", "--config.batch_size=8",
-         "--config.duration_sec=1.28", "--config.log_freq=1", "--config.ckpt_freq=0", "--config.eval_freq=0",
-         "--config.model.dim=32", "--config.model.num_layers=3", "--config.model.num_heads=2",
-         "--config.model.card=16", "--config.model.text_card=24", "--config.model.depformer_dim=16",
-         "--config.model.depformer_num_layers=1", "--config.model.depformer_num_heads=2",
-         "--config.model.depformer_dim_feedforward=64", "--config.lora.rank=2", "--config.ttt.layers=1",
-         "--config.ttt.mini_batch_size=4", "--config.data.train_data=synthetic:64", "--config.export_dtype=float32"]
+# the micro model (tests/micro.py) as command-line overrides of configs/tiny.py
+MICRO = micro.cli(max_steps=MAX_STEPS, batch_size=8, duration_sec=1.28, log_freq=1, ckpt_freq=0, eval_freq=0,
+                  data__train_data="synthetic:64", export_dtype="float32")
 
 
 def mesh(data, fsdp, tensor, dcn_data=1):

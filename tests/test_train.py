@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+import micro
 from configs import tiny
 from tttjax import data as data_lib
 from tttjax.checkpoint import CheckpointManager
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def micro_config(run_dir, **changes):
-    """configs/tiny.py shrunk so a Trainer compiles and steps in seconds."""
+    """configs/tiny.py shrunk to the micro model (tests/micro.py), with `changes` by dotted key."""
     c = tiny.get_config()
     c.run_dir = str(run_dir)
     c.max_steps = 6
@@ -29,16 +30,11 @@ def micro_config(run_dir, **changes):
     c.log_freq = 1
     c.ckpt_freq = 2
     c.num_ckpt_keep = None
-    c.model.update(dim=32, num_layers=3, num_heads=2, card=16, text_card=24, depformer_dim=16,
-                   depformer_num_layers=1, depformer_num_heads=2, depformer_dim_feedforward=64)
-    c.lora.rank = 2
-    c.ttt.layers = "1"
-    c.ttt.mini_batch_size = 4
     c.data.train_data = "synthetic:64"
     c.data.eval_data = "synthetic:8"
     c.eval_freq = 0
     c.checkpoint.async_save = True
-    for key, value in changes.items():
+    for key, value in {**micro.MODEL, **changes}.items():
         target = c
         *parents, leaf = key.split(".")
         for p in parents:

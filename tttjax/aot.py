@@ -12,6 +12,7 @@ the mesh axes each runs over and whether it crosses TPU slices (DCN). Memory fig
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import re
 from collections import defaultdict
@@ -54,18 +55,17 @@ class Topology:
 
     def devices(self) -> list:
         """The topology's abstract devices; ValueError where libtpu is missing or held by another process."""
+        if importlib.util.find_spec("libtpu") is None:
+            raise ValueError("compiling for TPU needs libtpu: pip install \"jax[tpu]==<the installed jax version>\"")
         kwargs = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
         try:
             return list(topologies.get_topology_desc(topology_name=f"{self.generation}:{self.shape}", platform="tpu",
                                                      **kwargs).devices)
         except Exception as e:  # XlaRuntimeError has no stable import path
-            if "libtpu_lockfile" in str(e):
-                raise ValueError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
-                                 "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
-            if "TPU" in str(e) and "not found" in str(e).lower() or "platform" in str(e).lower():
-                raise ValueError(f"cannot compile for TPU here ({str(e).splitlines()[0]}): "
-                                 f"install libtpu with pip install 'jax[tpu]==<this jax version>'") from None
-            raise
+            if "libtpu_lockfile" not in str(e):
+                raise
+            raise ValueError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
+                             "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
 
     def hbm_per_device(self, num_devices: int) -> int:
         return HBM_PER_CHIP[self.generation] * self.chips // num_devices

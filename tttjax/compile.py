@@ -17,11 +17,11 @@ import sys
 import time
 from pathlib import Path
 
-from tttjax import aot, memory, run_config
-from tttjax.memory import format_bytes
+from tttjax import aot, memory, run_config, rundir
 from tttjax.data.streams import FRAME_RATE, num_frames
 from tttjax.eval.standard import Evaluator
 from tttjax.flops import train_step_flops
+from tttjax.memory import format_bytes
 from tttjax.parallel.sharding import batch_parallelism
 from tttjax.train.program import build_program
 
@@ -224,27 +224,6 @@ def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, 
             "per_device_batch": per_device_batch, "probes": {str(k): v for k, v in sorted(probes.items())}}
 
 
-def _writable_file(path: str) -> Path:
-    out = Path(path).absolute()
-    if not out.parent.is_dir():
-        raise run_config.ConfigError(f"--output_json {path}: no such directory {out.parent}")
-    try:
-        with open(out, "a"):
-            pass
-    except OSError as e:
-        raise run_config.ConfigError(f"--output_json {path}: cannot write it ({e.strerror})") from None
-    return out
-
-
-def _hlo_dir(path: str) -> Path:
-    out = Path(path).absolute()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise run_config.ConfigError(f"--dump_hlo {path}: cannot create it ({e.strerror})") from None
-    return out
-
-
 def parse_args(argv: list[str]):
     spec, overrides, rest = run_config.split_config_args(argv)
     parser = argparse.ArgumentParser(prog="python -m tttjax.compile", usage=USAGE, description=__doc__.split("\n")[0])
@@ -269,8 +248,12 @@ def main(argv=None) -> int:
     try:
         config = run_config.load(spec, overrides)
         topo = aot.topology(args.topology, args.num_slices)
-        output = _writable_file(args.output_json) if args.output_json else None
-        dump_hlo = _hlo_dir(args.dump_hlo) if args.dump_hlo else None
+        output = Path(args.output_json).absolute() if args.output_json else None
+        if output is not None:
+            rundir.check_output_file(output, "--output_json")
+        dump_hlo = Path(args.dump_hlo).absolute() if args.dump_hlo else None
+        if dump_hlo is not None:
+            rundir.check_output_dir(dump_hlo, "--dump_hlo")
     except ValueError as e:  # ConfigError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
