@@ -130,7 +130,10 @@ class CheckpointManager:
             step_prefix=STEP_PREFIX,
             step_format_fixed_length=STEP_DIGITS,
             enable_async_checkpointing=enable_async,
-            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_TIMEOUT_S, post_finalization_callback=on_commit),
+            # Orbax refuses a finalization callback without async saving: a sync save has committed
+            # when save() returns, and the caller knows it
+            async_options=ocp.AsyncOptions(timeout_secs=ASYNC_TIMEOUT_S,
+                                           post_finalization_callback=on_commit if enable_async else None),
         )
         handlers = {
             STATE: ocp.StandardCheckpointHandler(),
