@@ -1,5 +1,6 @@
 """The grain pipeline: exact resume for 1 and 2 processes, epochs, segments, mixtures, eval, sources."""
 
+import json
 import subprocess
 import sys
 
@@ -147,6 +148,50 @@ def test_prepared_dir_must_fit_the_model(prepared_codes):
         make_dataset(prepared_codes, num_frames=8, card=32, text_card=100, n_q=16, seed=0)
     with pytest.raises(ValueError, match="17 streams, the model has 9"):
         make_dataset(prepared_codes, num_frames=8, card=2048, text_card=100, n_q=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def whole_files(tmp_path_factory):
+    """Two conversations of 3000 and 5000 frames prepared whole (--duration_sec 0), one shard each."""
+    root = tmp_path_factory.mktemp("whole")
+    rng = np.random.default_rng(2)
+    codes = [rng.integers(0, 100, size=(17, n)) for n in (3000, 5000)]
+    for k, c in enumerate(codes):
+        np.save(root / f"{k}.npy", c)
+    argv = ["--codes", str(root / "0.npy"), str(root / "1.npy"), "--out", str(root / "data"), "--duration_sec", "0",
+            "--text_card", "100", "--files_per_shard", "1"]
+    prepare.main(argv)
+    return root / "data", codes, argv
+
+
+def test_whole_files_are_kept_whole_and_padded(whole_files):
+    out, codes, argv = whole_files
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["duration_sec"] == 0 and meta["num_examples"] == 2
+    assert meta["max_frames_per_example"] == 5000  # the longest, from the second shard
+    (out / "metadata.json").unlink()
+    prepare.main(argv)  # a resume that writes no shard still finds the longest in the manifests
+    assert json.loads((out / "metadata.json").read_text()) == meta
+
+    data = make_dataset(str(out), num_frames=6000, card=2048, text_card=100, n_q=16, seed=0)
+    (batch,) = take(make_batch_iterator(data, global_batch_size=2, start_step=0, seed=0, shuffle=False), 1)
+    assert batch.shape == (2, 17, 6000)
+    for row, c in zip(batch, codes, strict=True):
+        np.testing.assert_array_equal(row[:, :c.shape[1]], c)  # whole: no cut at prepare time
+        assert (row[:, c.shape[1]:] == -1).all()
+
+
+def test_cut_data_asked_for_longer_windows_is_refused(prepared_codes):
+    """A dir cut at 15 frames (1.2 s) trained on 20-frame windows would be -1 past every cut."""
+    data = make_dataset(prepared_codes, num_frames=20, card=2048, text_card=100, n_q=16, seed=0)
+    with pytest.raises(ValueError) as err:
+        make_batch_iterator(data, global_batch_size=2, start_step=0, seed=0)
+    message = str(err.value)
+    assert message.startswith(f"{prepared_codes}: prepared with --duration_sec 1.2 (examples of at most 15 "
+                              f"frames), but training asks for 20 frames; re-prepare it with --duration_sec 0")
+    assert "\n" not in message and message.endswith("or train with duration_sec <= 1.2")
+    first = next(make_eval_iterator(data, batch_size=2))  # eval reads examples from their start: padded
+    assert first.shape == (2, 17, 20) and (first[:, :, 15:] == -1).all() and (first[:, :, :15] >= 0).all()
 
 
 def test_spec_parsing():

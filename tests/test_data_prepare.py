@@ -154,6 +154,35 @@ def test_loader_pads_past_the_audio_with_minus_one(toy, prepared):
         make_dataset(str(out), num_frames=15, card=2048, text_card=5, n_q=16, seed=0)
 
 
+def test_whole_files_keep_every_frame_and_word(toy, monkeypatch):
+    """--duration_sec 0: one example per file with all of its words; streamed through Mimi when long."""
+    monkeypatch.setattr(codec, "FULL_ENCODE_MAX_SEC", 0.5)  # every file here counts as long
+    streamed = []
+    real_streamed = codec.MimiEncoder._streamed
+    def counting_streamed(self, x):
+        streamed.append(x.shape[-1])
+        return real_streamed(self, x)
+
+    monkeypatch.setattr(codec.MimiEncoder, "_streamed", counting_streamed)
+    out = toy.root / "whole"
+    meta = run_prepare(toy, out, "--duration_sec", "0")
+    assert streamed == [45600, 24000, 24000]  # a.wav, b.wav (resampled), h.wav: one call each
+    assert meta["duration_sec"] == 0 and meta["num_examples"] == 3
+    assert meta["max_frames_per_example"] == 24  # a.wav: 45600 samples, in shard 0 of 5
+    (a,) = examples_of(out, meta, "a.wav")
+    (b,) = examples_of(out, meta, "b.wav")
+    assert a.shape == (17, 24) and b.shape == (17, 13)  # b: 2 chunks of 12 frames, cut back to its 13
+    sp = sentencepiece.SentencePieceProcessor(str(toy.tokenizer))
+    h, i, y, e, s, a_, b_, c, d, g, n, o = (sp.piece_to_id(ch) for ch in "hiyesabcdgno")
+    # As the two 1.2 s segments, but "abcdef" runs on until "go" (frame 16) drops its "ef", and
+    # "go" / "no" (past 1.2 s) are in: all the file's words.
+    assert a[0].tolist() == [0, h, i, 3, 3, 0, y, e, s, 3, 3, 0, a_, b_, c, d, g, n, o] + [3] * 5
+    pcm, _ = sphn.read(str(toy.data / "a.wav"))
+    one_call = direct_codes(loaders.get_mimi(toy.mimi), pcm)
+    # Streaming mode: as one call up to float rounding until Mimi's 250-step window fills (10 s).
+    assert (a[1:] == one_call).mean() > 0.99
+
+
 def test_strict_stops_at_the_first_bad_file(toy):
     out = toy.root / "strict"
     with pytest.raises(SystemExit, match=r"c\.wav: 1 channel\(s\).*--strict"):
@@ -222,3 +251,9 @@ def test_pretokenized_codes(tmp_path):
     want = [codes[0, :, :15], codes[0, :, 15:], codes[1, :, :15], codes[1, :, 15:20]]
     for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w)
+
+
+def test_negative_duration_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        prepare.parse_args(["--codes", "a.npy", "--out", str(tmp_path), "--duration_sec", "-1"])
+    assert "--duration_sec must be >= 0 (0: whole files)" in capsys.readouterr().err

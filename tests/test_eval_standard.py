@@ -149,3 +149,21 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
 
     assert eval_main(ckpt + ["--eval_type", "paper_metrics"]) == 1
     assert "--paper_data" in _error(capsys)
+
+
+def test_eval_length_of_a_prepared_dir(tmp_path):
+    """Without --duration_sec, eval reads the example length from metadata.json: the cut length, or
+    with whole files (prepare --duration_sec 0) the longest example."""
+    import argparse
+
+    from tttjax.eval.__main__ import EvalError, _num_frames
+
+    args = argparse.Namespace(duration_sec=None)
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps({"inputs": {"duration_sec": 100.0}, "max_frames_per_example": 1250}))
+    assert _num_frames(args, str(tmp_path), None) == 1250
+    meta.write_text(json.dumps({"inputs": {"duration_sec": 0}, "max_frames_per_example": 22_500}))
+    assert _num_frames(args, str(tmp_path), None) == 22_500
+    meta.write_text(json.dumps({"inputs": {}}))
+    with pytest.raises(EvalError, match="pass --duration_sec"):
+        _num_frames(args, str(tmp_path), None)

@@ -13,7 +13,8 @@ import numpy as np
 import grain
 
 from tttjax.data.datasets import Mixture
-from tttjax.data.streams import NO_TOKEN
+from tttjax.data.sources import PreparedSource
+from tttjax.data.streams import FRAME_RATE, NO_TOKEN
 
 _SHUFFLE, _SEGMENT = 0, 1  # seed-derivation tags
 
@@ -57,12 +58,25 @@ def _check_processes(batch_size: int, process_index: int, process_count: int) ->
     return batch_size // process_count
 
 
+def _check_not_cut(source, num_frames: int | None) -> None:
+    """Refuses training windows longer than prepare's cut: their tail would be -1 padding nobody asked
+    for. Whole files pad as usual, and so does eval (each example from its start)."""
+    cut = source.cut_frames if isinstance(source, PreparedSource) else None
+    if num_frames is not None and cut is not None and num_frames > cut:
+        raise ValueError(
+            f"{source.data_dir}: prepared with --duration_sec {source.metadata['duration_sec']:g} (examples of at "
+            f"most {cut} frames), but training asks for {num_frames} frames; re-prepare it with --duration_sec 0 "
+            f"(whole conversations) or a larger --duration_sec, or train with duration_sec <= {cut / FRAME_RATE:g}"
+        )
+
+
 def _training_examples(mix: Mixture, seed: int, shuffle: bool) -> grain.MapDataset:
     """The infinite sequence of global examples (see the module docstring)."""
     parts = []
     for i, (source, _) in enumerate(mix.components):
         if len(source) == 0:
             raise ValueError(f"{source!r}: empty dataset")
+        _check_not_cut(source, mix.num_frames)
         ds = grain.MapDataset.source(source)
         if shuffle:
             ds = ds.shuffle(seed=_subseed(seed, _SHUFFLE, i))

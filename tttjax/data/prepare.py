@@ -1,9 +1,11 @@
 """python -m tttjax.data.prepare: moshi-finetune data (stereo wav + word alignments) -> DATA_DIR.
 
-Each input file is cut into --duration_sec segments (from 0, as moshi-finetune chunks it); each
-segment's two channels are Mimi-encoded (batched, GPU when there is one) and its text stream is
-built from the words starting in it. An example is [17, F] codes with F = the segment's audio
-frames (the loader pads with -1). `--codes` takes pre-tokenized [17, T] / [N, 17, T] .npy arrays.
+Each input file is cut into --duration_sec segments (from 0, as moshi-finetune chunks it), or kept
+whole with --duration_sec 0 (one example per file, never cut: long-context training on whole
+conversations); each segment's two channels are Mimi-encoded (batched, GPU when there is one) and
+its text stream is built from the words starting in it. An example is [17, F] codes with F = the
+segment's audio frames (the loader pads with -1). `--codes` takes pre-tokenized [17, T] /
+[N, 17, T] .npy arrays (whole: one example per array).
 
 `--verify DATA_DIR` checks every shard of a prepared dir against the sha256 in its metadata.json.
 
@@ -19,6 +21,7 @@ rest. Bad inputs are reported with the file name, counted and skipped (--strict:
 import argparse
 import json
 import logging
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -56,7 +59,8 @@ def parse_args(argv):
     p.add_argument("--out", type=Path, help="the DATA_DIR to write (or resume)")
     p.add_argument("--mimi_weight", default=DEFAULT_REPO, help="safetensors file, hf://org/repo/file or repo id")
     p.add_argument("--tokenizer", default=DEFAULT_REPO, help="sentencepiece .model file, hf:// path or repo id")
-    p.add_argument("--duration_sec", type=float, default=100.0, help="segment (example) length")
+    p.add_argument("--duration_sec", type=float, default=100.0,
+                   help="segment (example) length; 0: whole files, one example per file, never cut")
     p.add_argument("--text_card", type=int, default=32000, help="--codes only: text ids must be below this")
     p.add_argument("--main_speaker", default="SPEAKER_MAIN", help="alignment speaker label of Moshi's words")
     p.add_argument("--duration_tolerance", type=float, default=0.1, help="allowed |jsonl duration - audio| (s)")
@@ -70,8 +74,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.verify is None and args.out is None:
         p.error("--out is required with --jsonl / --codes")
-    if args.duration_sec <= 0 or args.files_per_shard <= 0 or args.batch_size <= 0:
-        p.error("--duration_sec, --files_per_shard and --batch_size must be positive")
+    if not args.duration_sec >= 0:
+        p.error("--duration_sec must be >= 0 (0: whole files)")
+    if args.files_per_shard <= 0 or args.batch_size <= 0:
+        p.error("--files_per_shard and --batch_size must be positive")
     return args
 
 
@@ -80,8 +86,9 @@ class _Prepare:
 
     def __init__(self, args):
         self.args = args
-        self.seg_frames = num_frames(args.duration_sec)
+        self.seg_frames = num_frames(args.duration_sec)  # 0: whole files
         self.seg_samples = round(args.duration_sec * SAMPLE_RATE)
+        self.seg_sec = args.duration_sec or math.inf  # a whole file's text holds all of its words
         if args.jsonl is not None:
             self.items = _jsonl_lines(args.jsonl)
             from tttjax.data import codec  # torch and moshi: only here
@@ -145,18 +152,18 @@ class _Prepare:
             for note in notes:
                 log.info("%s: %s", entry.wav, note)
             words = tokenize_alignments(self.tokenizer, alignments, self.args.main_speaker)
-            starts = range(0, wav.shape[1], self.seg_samples)
-            pending += [((len(plans), k), wav[:, s : s + self.seg_samples]) for k, s in enumerate(starts)]
+            pieces = _pieces(wav.shape[1], self.seg_samples)
+            pending += [((len(plans), k), wav[:, piece]) for k, piece in enumerate(pieces)]
             sources.append({
                 "name": entry.name,
                 "status": "ok",
                 "notes": notes,
                 "audio_sec": wav.shape[1] / SAMPLE_RATE,
-                "num_examples": len(starts),
+                "num_examples": len(pieces),
                 "sha256": shards.sha256_file(entry.wav),
                 "alignments_sha256": shards.sha256_file(entry.wav.with_suffix(".json")),
             })
-            plans.append((words, len(starts)))
+            plans.append((words, len(pieces)))
             if len(pending) >= self.args.batch_size:
                 self._encode(pending, codes, bar)
         self._encode(pending, codes, bar)
@@ -165,7 +172,7 @@ class _Prepare:
             for k in range(count):
                 audio = codes[slot, k]
                 start = k * self.seg_samples / SAMPLE_RATE
-                text = text_stream(segment_words(words, start, self.args.duration_sec), audio.shape[-1])
+                text = text_stream(segment_words(words, start, self.seg_sec), audio.shape[-1])
                 examples.append(np.concatenate([text[None], audio]).astype(self.dtype))
         return examples, sources
 
@@ -193,8 +200,8 @@ class _Prepare:
                 continue
             before = len(examples)
             for codes in arrays:
-                for s in range(0, codes.shape[1], self.seg_frames):
-                    examples.append(codes[:, s : s + self.seg_frames].astype(self.dtype))
+                pieces = _pieces(codes.shape[1], self.seg_frames)
+                examples += [codes[:, piece].astype(self.dtype) for piece in pieces]
             frames = sum(c.shape[1] for c in arrays)
             sources.append({
                 "name": path,
@@ -206,6 +213,12 @@ class _Prepare:
             })
             bar.update(frames / FRAME_RATE)
         return examples, sources
+
+
+def _pieces(length: int, step: int) -> list[slice]:
+    """The examples of an input `length` long: `step` long each from 0, or the whole input (step 0)."""
+    step = step or length
+    return [slice(s, s + step) for s in range(0, length, step)]
 
 
 def _jsonl_lines(jsonl: Path) -> list[tuple[int, str]]:
@@ -283,7 +296,8 @@ def _metadata(job: _Prepare, manifests: list[dict]) -> dict:
         "special_ids": {"text_pad": 3, "end_of_pad": 0, "no_token": NO_TOKEN},
         "dtype": np.dtype(job.dtype).name,
         "duration_sec": job.args.duration_sec,
-        "max_frames_per_example": job.seg_frames,
+        # Whole files: the longest example written, over every shard (a resumed run's too).
+        "max_frames_per_example": job.seg_frames or max((m["max_frames"] for m in manifests), default=0),
         "num_examples": sum(s["num_examples"] for s in shard_list),
         "num_frames": sum(m["num_frames"] for m in manifests),
         "audio_sec": sum(s["audio_sec"] for s in ok),
@@ -320,6 +334,7 @@ def run(args) -> dict:
                     "shard": shards.write_shard(out / name, examples),
                     "sources": sources,
                     "num_frames": sum(e.shape[1] for e in examples),
+                    "max_frames": max((e.shape[1] for e in examples), default=0),
                     "max_text_id": int(max((e[0].max() for e in examples), default=NO_TOKEN)),
                     "max_audio_id": int(max((e[1:].max() for e in examples), default=NO_TOKEN)),
                 }

@@ -29,6 +29,11 @@ class PreparedSource:
             raise ValueError(f"{self.data_dir}: a shard does not open ({error_summary(e)}); find it with "
                              f"python -m tttjax.data.prepare --verify {self.data_dir}") from None
 
+    @property
+    def cut_frames(self) -> int | None:
+        """The length prepare cut the inputs to (--duration_sec); None: whole files (--duration_sec 0)."""
+        return self.metadata["max_frames_per_example"] if self.metadata["duration_sec"] else None
+
     def __len__(self) -> int:
         return len(self._records)
 

@@ -133,9 +133,12 @@ def _num_frames(args, spec: str, run) -> int:
         return num_frames(float(run.duration_sec))
     meta = Path(spec) / "metadata.json"
     if meta.is_file():
-        duration = json.loads(meta.read_text()).get("inputs", {}).get("duration_sec")
+        data = json.loads(meta.read_text())
+        duration = data.get("inputs", {}).get("duration_sec")
         if duration:
             return num_frames(float(duration))
+        if duration == 0 and data.get("max_frames_per_example"):  # whole files: the longest one
+            return int(data["max_frames_per_example"])
     raise EvalError(f"--data={spec}: pass --duration_sec (the example length) for this dataset")
 
 
