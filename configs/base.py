@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint.allow_data_change = False  # resume although batch_size/duration_sec/data/seed changed (logged)
 
     c.model = ml_collections.ConfigDict(dict(MOSHI_7B_LM_KWARGS))  # moshi LM config (lm_kwargs)
+    c.model.attention_impl = "auto"  # temporal attention: auto | xla (full scores) | blockwise | splash (TPU) | cudnn (GPU)
     c.param_dtype = "bfloat16"  # stored parameter dtype (trainable params keep fp32 masters)
     c.dtype = "bfloat16"  # compute dtype; norms, RoPE, softmax and the TTT inner loop stay fp32
     c.remat = "full"  # remat of temporal, TTT and depformer layers: none | full (keep inputs) | dots (matmul outputs)

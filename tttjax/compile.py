@@ -22,6 +22,7 @@ from tttjax.data.streams import FRAME_RATE, num_frames
 from tttjax.eval.standard import Evaluator
 from tttjax.flops import train_step_flops
 from tttjax.memory import format_bytes
+from tttjax.model.attention import resolve_impl
 from tttjax.parallel.sharding import batch_parallelism
 from tttjax.train.program import build_program
 
@@ -75,12 +76,13 @@ def compile_run(config, topo: aot.Topology, *, with_eval: bool = True, dump_hlo:
     figures = memory.compiled_figures(compiled) if compiled else None
     estimate = memory.estimate_memory(cfg, batch_size=config.batch_size, num_frames=frames,
                                       num_microbatches=config.num_microbatches,
-                                      full_finetuning=program.full_finetuning, mesh_axes=mesh)
+                                      full_finetuning=program.full_finetuning, mesh_axes=mesh, platform="tpu")
     report = {
         "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
         "remat": cfg.remat, "full_finetuning": program.full_finetuning,
+        "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
         "per_device": figures, "hbm_bytes": hbm, "hbm_source": aot.HBM_SOURCE[topo.generation],
         **_fit(figures, refused, hbm),
         "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
@@ -109,7 +111,7 @@ def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict
     if dump_hlo is not None and compiled:
         (dump_hlo / "eval_step.hlo.txt").write_text(compiled.as_text())
     estimate = memory.estimate_memory(program.cfg, batch_size=config.batch_size, num_frames=program.batch.shape[2],
-                                      mesh_axes=dict(program.mesh.shape), training=False)
+                                      mesh_axes=dict(program.mesh.shape), training=False, platform="tpu")
     return {"per_device": figures, **_fit(figures, refused, hbm), "estimate_bytes": estimate.total,
             "compile_s": time.perf_counter() - tic}
 
@@ -151,7 +153,7 @@ def format_report(report: dict) -> str:
              f"{report['device_kind']})",
              f"mesh         {' '.join(f'{k}={v}' for k, v in report['mesh'].items())}",
              f"step         batch {report['batch_size']} x {report['num_frames']} frames "
-             f"({report['duration_sec']:g} s), remat={report['remat']}, "
+             f"({report['duration_sec']:g} s), remat={report['remat']}, attention={report['attention_impl']}, "
              f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}; "
              f"compile {report['compile_s']:.0f} s"]
     hbm = report["hbm_bytes"]
@@ -187,13 +189,13 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def longest_fit(fits, *, start: int) -> int:
-    """The largest frame count n with fits(n) (0 if none), for a monotone `fits`: doubling or halving
-    from `start`, then bisection to within 2% (or one second) of the answer."""
+def longest_fit(fits, *, start: int, growth: float = 2.0) -> int:
+    """The largest frame count n with fits(n) (0 if none), for a monotone `fits`: growing (by
+    `growth`) or halving from `start`, then bisection to within 2% (or one second) of the answer."""
     if fits(start):
-        lo, hi = start, start * 2
+        lo, hi = start, max(start + 1, int(start * growth))
         while fits(hi):
-            lo, hi = hi, hi * 2
+            lo, hi = hi, max(hi + 1, int(hi * growth))
     else:
         lo, hi = 0, start
         while hi > 1 and not fits(hi // 2):
@@ -206,10 +208,24 @@ def longest_fit(fits, *, start: int) -> int:
 
 
 def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, log=_progress) -> dict:
-    """The longest duration_sec whose train step fits at `per_device_batch` sequences per batch shard;
-    each probe is one compile."""
+    """The longest duration_sec whose train step fits at `per_device_batch` sequences per batch shard.
+
+    The search starts where the analytic estimate's fit ends (no compile; it over-counts the
+    compiler by up to ~15%, BENCHMARKS.md) and grows by 10% from there: each probe is one compile.
+    """
     probe = config.copy_and_resolve_references()
-    probe.batch_size = per_device_batch * batch_parallelism(build_program(probe, topo.devices()).mesh)
+    program = build_program(probe, topo.devices())
+    probe.batch_size = per_device_batch * batch_parallelism(program.mesh)
+    hbm = topo.hbm_per_device(len(topo.devices()))
+
+    def estimate_fits(frames: int) -> bool:
+        return memory.estimate_memory(program.cfg, batch_size=probe.batch_size, num_frames=frames,
+                                      num_microbatches=probe.num_microbatches,
+                                      full_finetuning=program.full_finetuning, mesh_axes=dict(program.mesh.shape),
+                                      platform="tpu").total <= hbm
+
+    estimated = longest_fit(estimate_fits, start=num_frames(config.duration_sec))
+    log(f"the analytic estimate fits up to {estimated} frames ({estimated / FRAME_RATE:g} s)")
     probes: dict[int, bool] = {}
 
     def fits(frames: int) -> bool:
@@ -219,9 +235,10 @@ def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, 
         log(f"  {'fits' if probes[frames] else 'does not fit'}")
         return probes[frames]
 
-    frames = longest_fit(fits, start=num_frames(config.duration_sec))
+    frames = longest_fit(fits, start=estimated or num_frames(config.duration_sec), growth=1.1)
     return {"max_duration_sec": frames / FRAME_RATE, "max_frames": frames, "batch_size": probe.batch_size,
-            "per_device_batch": per_device_batch, "probes": {str(k): v for k, v in sorted(probes.items())}}
+            "per_device_batch": per_device_batch, "estimate_max_frames": estimated,
+            "probes": {str(k): v for k, v in sorted(probes.items())}}
 
 
 def parse_args(argv: list[str]):

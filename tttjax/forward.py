@@ -24,7 +24,7 @@ from tttjax import rundir
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, chunked_forward
-from tttjax.weights import open_weights
+from tttjax.weights import add_attention_impl_flag, open_weights
 
 
 def main(argv=None) -> int:
@@ -37,13 +37,15 @@ def main(argv=None) -> int:
     parser.add_argument("--streaming", action="store_true",
                         help="compute the logits step by step with carried KV cache and TTT state")
     parser.add_argument("--chunk_size", type=int, default=1, help="frames per streaming call (with --streaming)")
+    add_attention_impl_flag(parser)
     args = parser.parse_args(argv)
 
     try:
         rundir.check_output_file(args.out, "--out")
         if args.streaming and args.chunk_size < 1:
             raise ValueError(f"--chunk_size={args.chunk_size} must be >= 1")
-        weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32")  # config only: cheap
+        weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32",  # config only: cheap
+                               attention_impl=args.attention_impl)
         codes = load_codes(args.codes, initial_tokens(weights.cfg))  # each stream's initial token = its vocab size
         model = materialize(weights.cfg, weights.source, source_name=str(weights.path))
         if args.streaming:

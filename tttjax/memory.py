@@ -19,6 +19,7 @@ from typing import Mapping
 import jax
 from jax.sharding import PartitionSpec
 
+from tttjax.model.attention import attention_band, resolve_impl
 from tttjax.model.config import ModelConfig
 from tttjax.model.params import flat_abstract, trainable
 from tttjax.parallel.sharding import batch_parallelism, param_spec
@@ -91,9 +92,10 @@ def _per_device_param_bytes(cfg: ModelConfig, axis_sizes: Mapping[str, int], ful
 
 def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_microbatches: int = 1,
                     full_finetuning: bool = False, mesh_axes: Mapping[str, int] = SINGLE_DEVICE,
-                    training: bool = True) -> MemoryEstimate:
+                    training: bool = True, platform: str = "cpu") -> MemoryEstimate:
     """Per-device memory of a training step (or, `training=False`, of a forward pass: evaluation)
-    of model `cfg` on a mesh of `mesh_axes` sizes. See docs/distributed.md for the formulas."""
+    of model `cfg` on a mesh of `mesh_axes` sizes, on `platform` (which attention `auto` picks).
+    See docs/distributed.md for the formulas."""
     act = _DTYPE_BYTES[cfg.dtype]
     pbytes = _DTYPE_BYTES[cfg.param_dtype]
     frozen, train_count, layer_gathered = _per_device_param_bytes(cfg, mesh_axes, full_finetuning, training)
@@ -107,18 +109,29 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_m
     S, dd, Hd, Ld, hid_d = cfg.dep_q, cfg.depformer_dim, cfg.depformer_num_heads, cfg.depformer_num_layers, \
         cfg.depformer_hidden
 
-    def layer_full(dim, heads, hidden, length, ctx_len):
+    def layer_full(dim, heads, hidden, length, attention):
         """Bytes per token of one layer's forward (everything autodiff would keep without remat)."""
         return (act * (dim * 10 + 3 * dim // tp + 4 * hidden // tp + 8 * r)  # norms, qkv, attn, mlp, lora
                 + 4 * 4 * dim  # fp32 norms and rope temporaries
-                + (4 + act) * heads // tp * min(length, ctx_len))  # fp32 scores (softmax fused in), probs
+                + heads // tp * attention_bytes(attention, length, cfg.context))
+
+    def attention_bytes(impl, length, context):
+        """Per token and head: xla's fp32 scores (softmax fused in) and probs over all T keys (the
+        window is a mask), blockwise's over one key block at a time, a kernel's fp32 log-sum-exp."""
+        if impl == "xla":
+            return (4 + act) * length
+        if impl == "blockwise":
+            return (8 + act) * attention_band(length, context)[0]
+        return 4
+
+    temporal_impl = resolve_impl(cfg.attention_impl, platform, T, cfg.jnp_dtype)
 
     def layer_dots(dim, hidden):
         """Bytes per token kept by the `dots` policy: outputs of the weight matmuls."""
         return act * (3 * dim // tp + dim + 2 * hidden // tp + dim + 8 * r)
 
-    temporal_full = layer_full(D, H, hid, T, cfg.context or T)
-    depformer_full = S * layer_full(dd, Hd, hid_d, S, cfg.depformer_context or S)
+    temporal_full = layer_full(D, H, hid, T, temporal_impl)
+    depformer_full = S * layer_full(dd, Hd, hid_d, S, "xla")
     workspace = b * T * max(temporal_full, depformer_full)
     ttt_extra = 0
     if cfg.ttt_layers:  # TTT branch: q/k/v/lr and their gradients (fp32), inner-state checkpoints per group
@@ -259,7 +272,8 @@ def check_batch(cfg: ModelConfig, batch_size: int, frames: int, *, compiled=None
     """
     if batch_size < 1:
         raise BatchTooLarge(f"--batch_size={batch_size} must be >= 1")
-    need = estimate_memory(cfg, batch_size=batch_size, num_frames=frames, training=False).activations
+    need = estimate_memory(cfg, batch_size=batch_size, num_frames=frames, training=False,
+                           platform=jax.default_backend()).activations
     figures = compiled_figures(compiled) if compiled is not None else None
     if figures is not None:
         need = max(need, figures["temp_bytes"] + figures["output_bytes"])

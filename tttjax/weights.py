@@ -20,6 +20,7 @@ import numpy as np
 from conversion.pytorch import open_pytorch
 from conversion.sources import LayeredSource, ModelSource, OrbaxSource, ParamSource, materialize
 from tttjax import rundir
+from tttjax.model.attention import IMPLS
 from tttjax.model.config import ModelConfig, from_config_json, from_run_config, validate
 from tttjax.model.moshi import MoshiLM
 from tttjax.model.params import flat_abstract, init_model
@@ -68,6 +69,14 @@ def open_weights(path, config_path: str | Path | None = None, **overrides) -> We
 
     specs = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat_abstract(cfg).items()}
     return Weights(path, kind, cfg, LayeredSource(trained, specs, open_base), run)
+
+
+def add_attention_impl_flag(parser) -> None:
+    """`--attention_impl` of the CLIs that run whole sequences: overrides the checkpoint's setting, so
+    the logits of two implementations can be compared on one checkpoint."""
+    parser.add_argument("--attention_impl", default="auto", choices=IMPLS,
+                        help="temporal attention over whole sequences (default auto: splash on TPU, cudnn on "
+                             "GPU, blockwise on CPU for long sequences, else xla)")
 
 
 def load_model(path, config_path: str | Path | None = None, **overrides) -> MoshiLM:

@@ -37,7 +37,7 @@ from tttjax.eval.metrics import format_table  # noqa: E402
 from tttjax.model.config import from_run_config  # noqa: E402
 from tttjax.model.moshi import initial_tokens  # noqa: E402
 from tttjax.verify import verify  # noqa: E402
-from tttjax.weights import open_weights  # noqa: E402
+from tttjax.weights import add_attention_impl_flag, open_weights  # noqa: E402
 from conversion.sources import materialize  # noqa: E402
 
 # The project's defaults (configs/base.py), for a checkpoint without a run config.
@@ -61,6 +61,7 @@ def parse_args(argv):
                    help="dataset examples are cut/padded to this (default: the run's, or the prepared data's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="compute dtype (default: the checkpoint's)")
+    add_attention_impl_flag(p)
     p.add_argument("--no_ttt_verify", action="store_true", help="skip the TTT parameter verification")
     p.add_argument("--output_json", default=None, help="write every result and setting here")
     g = p.add_argument_group("paper metrics")
@@ -184,7 +185,8 @@ def evaluate(args) -> int:
     if want_paper:  # fail on bad inputs before the (slow) model load
         pairs, sources = paper.collect_pairs(paper.parse_paper_data(args.paper_data), args.paper_split,
                                              args.max_pairs)
-    weights = open_weights(args.checkpoint_dir, **({"dtype": args.dtype} if args.dtype else {}))
+    weights = open_weights(args.checkpoint_dir, attention_impl=args.attention_impl,
+                           **({"dtype": args.dtype} if args.dtype else {}))
     if want_standard:
         _data_spec(args, weights.run_config)
     config = run_config.load(args.config, args.config_overrides) if args.config else None

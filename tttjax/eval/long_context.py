@@ -7,7 +7,8 @@ Each .npy holds codes [B, 17, T] (-1 = no token); files may differ in length. Th
 through the chunked teacher-forced forward (`streaming.forward_chunk`): `chunk_size` frames per
 call with the KV cache (the model's real attention window) and the TTT inner state carried across
 calls, as at inference, so memory does not grow with T. `--chunk_size 0` runs one full-sequence
-forward instead (the only option for a ttt.causal=false model, which cannot be chunked).
+forward instead (the training computation; the only option for a ttt.causal=false model, which
+cannot be chunked); with `--attention_impl` blockwise/splash/cudnn its memory is linear in T.
 
 Writes to --out_dir:
   long_context_curve.csv   frame, then <stream>_ce and <stream>_count per stream
@@ -32,7 +33,7 @@ from flax import nnx
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, iter_chunks
-from tttjax.weights import load_model
+from tttjax.weights import add_attention_impl_flag, load_model
 
 DEFAULT_BUCKETS = (0, 2000, 8000, 32000)
 TABLE_STREAMS = ("text", "text_nonpad", "audio_semantic", "audio_acoustic", "audio")
@@ -118,7 +119,8 @@ def chunked_curve(model, codes_list, *, chunk_size: int = 64, curve: Curve | Non
 
 
 def single_pass_curve(model, codes_list, *, curve: Curve | None = None) -> Curve:
-    """Per-frame CE from one full-sequence forward per file (`MoshiLM(codes)`); memory grows with T."""
+    """Per-frame CE from one full-sequence forward per file (`MoshiLM(codes)`); memory grows with T
+    (with T^2 under attention_impl xla)."""
     cfg = model.cfg
     curve = curve or Curve(cfg.dep_q, (cfg.existing_text_padding_id, cfg.existing_text_end_padding_id))
 
@@ -232,10 +234,11 @@ def main(argv=None) -> int:
                         help="frames per forward call with carried state; 0 = one full-sequence forward")
     parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="bucket edges in frames")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32)")
+    add_attention_impl_flag(parser)
     args = parser.parse_args(argv)
     try:
         edges = sorted({int(e) for e in args.buckets.split(",") if e.strip()} | {0})
-        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32")
+        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32", attention_impl=args.attention_impl)
         cfg = model.cfg
         codes = [load_codes(p, initial_tokens(cfg)) for p in args.codes]
         if args.chunk_size > 0:

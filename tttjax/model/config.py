@@ -14,6 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from tttjax.model.attention import IMPLS
+
 # Values of moshi options that the Flax model implements; anything else is refused by name.
 _REQUIRED_LM_OPTIONS = {
     "norm": "rms_norm_f32",
@@ -123,6 +125,7 @@ class ModelConfig:
     dtype: str = "float32"
     remat: str = "none"  # per-layer rematerialisation: none | full | dots
     unroll_layers: bool = False  # unroll the layer stacks instead of a lax.scan loop (faster steps, longer compiles)
+    attention_impl: str = "auto"  # temporal attention over whole sequences: attention.IMPLS (no effect on params)
     lm_kwargs: tuple = ()  # the original moshi config, as sorted (key, json) items
 
     @property
@@ -171,7 +174,8 @@ class ModelConfig:
     def architecture(self) -> dict[str, Any]:
         """What a checkpoint must agree on to be loaded into this model (dtypes excluded)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("param_dtype", "dtype", "remat", "unroll_layers", "lm_kwargs", "ttt_scan_remat_group")}
+               if f.name not in ("param_dtype", "dtype", "remat", "unroll_layers", "lm_kwargs", "ttt_scan_remat_group",
+                                 "attention_impl")}
         out["ttt_num_heads"] = self.ttt_heads
         out["delays"] = list(self.delays)
         out["ttt_layers"] = list(self.ttt_layers)
@@ -243,6 +247,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         bad = [i for i in cfg.ttt_layers if not 0 <= i < cfg.num_layers]
         if bad:
             raise ValueError(f"ttt.layers {bad} out of range for num_layers={cfg.num_layers}")
+    if cfg.attention_impl not in IMPLS:
+        raise ValueError(f"model.attention_impl={cfg.attention_impl!r}: expected one of {', '.join(IMPLS)}")
     if cfg.remat not in ("none", "full", "dots"):
         raise ValueError(f"model remat={cfg.remat!r}: expected none, full or dots")
     parse_dtype(cfg.dtype)
@@ -255,6 +261,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
 
 
 _ADAPTER_KEYS = ("lora", "lora_rank", "lora_scaling", "ttt")
+# Keys of a run config's `model` block that are tttjax settings, not moshi LM options (never in config.json).
+RUN_MODEL_KEYS = ("attention_impl",)
 # The keys of config.json's "ttt" block (`ttt_dict` writes all but scan_remat_group, a training setting).
 TTT_KEYS = ("enable", "layers", "base_lr", "mini_batch_size", "causal", "initial_gating_alpha", "num_heads",
             "scan_remat_group")
@@ -317,6 +325,7 @@ def from_run_config(config) -> ModelConfig:
         source = str(path)
     else:
         lm_kwargs, source = config.model.to_dict(), "config.model"
+    lm_kwargs = {k: v for k, v in lm_kwargs.items() if k not in RUN_MODEL_KEYS}
     ttt = config.ttt
     ttt_layers = parse_ttt_layers(ttt.layers, int(lm_kwargs["num_layers"])) if ttt.enable else ()
     return from_lm_kwargs(
@@ -326,4 +335,4 @@ def from_run_config(config) -> ModelConfig:
         ttt_mini_batch_size=ttt.mini_batch_size, ttt_initial_gating_alpha=ttt.initial_gating_alpha,
         ttt_causal=ttt.causal, ttt_scan_remat_group=ttt.scan_remat_group,
         param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat,
-        unroll_layers=config.unroll_layers)
+        unroll_layers=config.unroll_layers, attention_impl=config.model.get("attention_impl", "auto"))

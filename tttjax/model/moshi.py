@@ -126,7 +126,7 @@ class MoshiLM(nnx.Module):
                                   out_sharding=("vocab", "embed"))
         self.transformer = create_stacked(cfg.num_layers, lambda r: TransformerLayer(
             cfg.dim, cfg.num_heads, cfg.hidden, context=cfg.context, rope_max_period=cfg.max_period,
-            steps=None, param_dtype=pdt, dtype=dt, rngs=r, **lora), rngs)
+            steps=None, param_dtype=pdt, dtype=dt, rngs=r, attention_impl=cfg.attention_impl, **lora), rngs)
         if cfg.ttt_layers:
             self.ttt = create_stacked(len(cfg.ttt_layers), lambda r: TTTGatedBlock(
                 cfg.dim, cfg.ttt_heads, initial_gating_alpha=cfg.ttt_initial_gating_alpha,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tttjax.model.attention import KVCache, cached_attention, full_attention
+from tttjax.model.attention import KVCache, cached_attention, sequence_attention
 from tttjax.model.lora import Linear
 from tttjax.parallel.sharding import constrain
 
@@ -62,9 +62,11 @@ class Attention(nnx.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, *, context: int | None, rope_max_period: float | None,
-                 steps: int | None, lora_rank: int, lora_scaling: float, param_dtype, dtype, rngs: nnx.Rngs):
+                 steps: int | None, lora_rank: int, lora_scaling: float, param_dtype, dtype, rngs: nnx.Rngs,
+                 attention_impl: str = "xla"):
         self.num_heads = num_heads
         self.context = context
+        self.attention_impl = attention_impl  # whole sequences (attention.IMPLS); a cache always uses the ring
         self.rope_max_period = rope_max_period
         common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
@@ -90,7 +92,8 @@ class Attention(nnx.Module):
             q = apply_rope(q, positions, self.rope_max_period)
             k = apply_rope(k, positions, self.rope_max_period)
         if cache is None:
-            out = full_attention(q, k, v, self.context)
+            out = sequence_attention(q.reshape(-1, *q.shape[-3:]), k.reshape(-1, *k.shape[-3:]),
+                                     v.reshape(-1, *v.shape[-3:]), self.context, self.attention_impl)
         else:
             out, cache = cached_attention(q, k, v, cache, offset, self.context)
         out = out.reshape(*lead, T, D)
@@ -130,11 +133,12 @@ class TransformerLayer(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, hidden: int, *, context: int | None,
                  rope_max_period: float | None, steps: int | None, lora_rank: int, lora_scaling: float,
-                 param_dtype, dtype, rngs: nnx.Rngs):
+                 param_dtype, dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
         common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.norm1 = RMSNorm(dim, param_dtype=param_dtype)
-        self.self_attn = Attention(dim, num_heads, context=context, rope_max_period=rope_max_period, **common)
+        self.self_attn = Attention(dim, num_heads, context=context, rope_max_period=rope_max_period,
+                                   attention_impl=attention_impl, **common)
         self.norm2 = RMSNorm(dim, param_dtype=param_dtype)
         self.gating = GatedMLP(dim, hidden, **common)
 
