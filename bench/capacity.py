@@ -4,7 +4,8 @@
     ...
     python bench/capacity.py r1.json r2.json ...
 
-Prints one markdown row per report: what trains, topology and mesh, batch x duration, fits, the
+Prints one markdown row per report: what trains, topology and mesh, batch x duration, the temporal
+attention (reports written before attention_impl existed compiled full scores: xla), fits, the
 compiler's per-device total against HBM (headroom), the estimate and its ratio, the collectives
 of one step (count and GiB by kind, DCN share) and compile seconds.
 """
@@ -34,14 +35,14 @@ def row(report: dict) -> str:
         f"{KINDS[k]} {c['count']}x {c['bytes'] / GiB:.2f}" + (f" (DCN {c['dcn_count']}x)" if c["dcn_count"] else "")
         for k, c in (report["collectives"] or {}).items() if c["count"]) or "-"
     return (f"| {trains} | {report['topology']} | {mesh} | {report['batch_size']} x {report['duration_sec']:g} s | "
-            f"{'yes' if report['fits'] else 'NO'} | {memory} | {report['estimate_bytes'] / GiB:.2f} GiB ({ratio}) | "
+            f"{report.get('attention_impl', 'xla')} | {'yes' if report['fits'] else 'NO'} | {memory} | {report['estimate_bytes'] / GiB:.2f} GiB ({ratio}) | "
             f"{collectives} | {report['compile_s']:.0f} |")
 
 
 def main(paths: list[str]) -> None:
-    print("| trains | topology | mesh | batch | fits | compiler, per device | estimate (/ compiler) | "
+    print("| trains | topology | mesh | batch | attention | fits | compiler, per device | estimate (/ compiler) | "
           "collectives per step (count x GiB) | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         with open(path) as f:
             print(row(json.load(f)))

@@ -57,9 +57,11 @@ step layer_stack 240 "$PY" bench/layer_stack.py --layers 4 --ttt-layer 1 --frame
 step train_step 120 "$PY" bench/train_step.py --configs small --steps 8 --repeats 1 --jax_only
 # One TTT-MLP layer: dual vs primal form (and the PyTorch port), T up to 2048.
 step ttt_layer 90 "$PY" bench/ttt_layer.py
+# Long-sequence attention (window 3000, 32 heads as a 7B layer): blockwise vs cuDNN's local-window kernel.
+step attention 120 "$PY" bench/attention.py --frames 4096,16384,65536 --heads 32 --impls blockwise,cudnn --repeats 3
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT/results"
-  cp bench/results/layer_stack.json bench/results/train_step.json bench/results/ttt_layer.json "$OUT/results/" 2>/dev/null || true
+  cp bench/results/layer_stack.json bench/results/train_step.json bench/results/ttt_layer.json bench/results/attention.json "$OUT/results/" 2>/dev/null || true
 fi
 exit $status

@@ -30,12 +30,12 @@ from tttjax.train.program import build_program
 RESULTS = Path(__file__).resolve().parent / "results" / "memory_estimate.json"
 GB = 10**9
 
-# name, device memory (bytes), rows of (data, fsdp, tensor, global batch)
+# name, platform (what attention `auto` picks), device memory (bytes), rows of (data, fsdp, tensor, global batch)
 TARGETS = [
-    ("TPU v5p-64 (32 chips)", 95 * memory.GiB, [(1, 16, 2, 16), (2, 8, 2, 16), (1, 32, 1, 32), (32, 1, 1, 32)]),
-    ("TPU v5p-128 (64 chips)", 95 * memory.GiB, [(1, 64, 1, 64), (1, 16, 4, 16)]),
-    ("8 x H100 80GB", 80 * GB, [(1, 8, 1, 16), (2, 4, 1, 16), (1, 4, 2, 16), (8, 1, 1, 16)]),
-    ("16 x H100 80GB (2 nodes)", 80 * GB, [(2, 8, 1, 16), (1, 16, 1, 16)]),
+    ("TPU v5p-64 (32 chips)", "tpu", 95 * memory.GiB, [(1, 16, 2, 16), (2, 8, 2, 16), (1, 32, 1, 32), (32, 1, 1, 32)]),
+    ("TPU v5p-128 (64 chips)", "tpu", 95 * memory.GiB, [(1, 64, 1, 64), (1, 16, 4, 16)]),
+    ("8 x H100 80GB", "gpu", 80 * GB, [(1, 8, 1, 16), (2, 4, 1, 16), (1, 4, 2, 16), (8, 1, 1, 16)]),
+    ("16 x H100 80GB (2 nodes)", "gpu", 80 * GB, [(2, 8, 1, 16), (1, 16, 1, 16)]),
 ]
 
 
@@ -50,7 +50,7 @@ def table(config) -> list[dict]:
     rows = []
     print(f"{'target':<26} {'mesh (d,f,t)':<13} {'batch':>5} {'remat':<5} {'params':>7} {'train':>7} "
           f"{'acts':>7} {'logits':>7} {'total':>7}  fits   (GiB per device)")
-    for name, capacity, meshes in TARGETS:
+    for name, platform, capacity, meshes in TARGETS:
         for data, fsdp, tensor, batch in meshes:
             for remat in ("full", "dots", "none"):
                 config.remat = remat
@@ -58,7 +58,8 @@ def table(config) -> list[dict]:
                                            num_microbatches=config.num_microbatches,
                                            num_frames=num_frames(config.duration_sec),
                                            full_finetuning=config.full_finetuning,
-                                           mesh_axes={"data": data, "fsdp": fsdp, "tensor": tensor})
+                                           mesh_axes={"data": data, "fsdp": fsdp, "tensor": tensor},
+                                           platform=platform)
                 acts = e.saved_activations + e.layer_workspace
                 fits = e.total <= capacity
                 print(f"{name:<26} {str((data, fsdp, tensor)):<13} {batch:>5} {remat:<5} "
@@ -95,7 +96,7 @@ def validate(config_path: str) -> list[dict]:
         cfg, T = program.cfg, num_frames(c.duration_sec)
         m = program.lower().compile().memory_analysis()
         xla = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-        e = memory.estimate_memory(cfg, batch_size=batch, num_frames=T)
+        e = memory.estimate_memory(cfg, batch_size=batch, num_frames=T, platform=jax.default_backend())
         est = e.total - e.margin
         print(f"{T:>6} {batch:>5} {remat:<5} {group:>5} {est / 2**20:9.0f} {xla / 2**20:9.0f} {est / xla:6.2f}",
               flush=True)

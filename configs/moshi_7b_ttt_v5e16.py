@@ -3,7 +3,8 @@ sequence of 100 s per chip.
 
 Proven by `python -m tttjax.compile --config=configs/moshi_7b_ttt_v5e16.py --topology=v5e-16`: 5.28 GiB of 16 GiB per
 chip at B=16 x 100 s, remat=full (docs/distributed.md, section 7; the recorded run used
-configs/moshi_7b_ttt.py, whose fsdp=-1 resolves to this mesh on a v5e-16).
+configs/moshi_7b_ttt.py, whose fsdp=-1 resolves to this mesh on a v5e-16; it compiled full-score attention,
+which attention_impl=auto now replaces by splash on TPU).
 """
 
 from configs import moshi_7b_ttt

@@ -127,24 +127,31 @@ def test_opt_state_shardings_follow_params():
 # Memory estimate
 
 
-def _estimate(remat, **mesh):
+def _estimate(remat, attention="auto", platform="gpu", **mesh):
     from tttjax.data import num_frames
     from tttjax.model.config import from_run_config as model_config
 
     config = importlib.import_module("configs.moshi_7b_ttt").get_config()
     config.remat = remat
+    config.model.attention_impl = attention
     return memory.estimate_memory(model_config(config), batch_size=config.batch_size, num_microbatches=1,
-                              num_frames=num_frames(config.duration_sec), full_finetuning=False, mesh_axes=mesh)
+                                  num_frames=num_frames(config.duration_sec), full_finetuning=False, mesh_axes=mesh,
+                                  platform=platform)
 
 
 def test_memory_estimate_7b():
-    v5p_64 = _estimate("full", data=1, fsdp=16, tensor=2)  # 32 chips, 95 GiB each (batch 16: 16-way batch split)
+    v5p_64 = _estimate("full", platform="tpu", data=1, fsdp=16, tensor=2)  # 32 chips, 95 GiB each (batch 16: 16-way batch split)
     h100 = _estimate("full", data=1, fsdp=8, tensor=1)  # 8 x H100 80 GB
     assert v5p_64.total < h100.total < 25 * memory.GiB
     assert v5p_64.frozen_params == pytest.approx(7.69e9 * 2 / 32, rel=0.05)
     assert _estimate("dots", data=1, fsdp=8, tensor=1).total > h100.total
-    data_parallel = _estimate("none", data=8, fsdp=1, tensor=1)
-    assert data_parallel.total > 80e9  # does not fit an H100: the check says so
+    # without remat and with full T x T scores kept for every layer, data parallelism does not fit an
+    # H100 (the check says so); cuDNN's fused attention keeps no scores
+    data_parallel = _estimate("none", attention="xla", data=8, fsdp=1, tensor=1)
+    assert data_parallel.total > 80e9
+    fused = _estimate("none", data=8, fsdp=1, tensor=1)  # auto on GPU in bf16: cudnn
+    # 2 sequences per device x 32 layers x 32 heads x T^2 x (fp32 scores + bf16 probs) = 19.2 GB
+    assert data_parallel.total - fused.total > 2 * 32 * 32 * 1250 ** 2 * 6
     est = dict(source="analytic estimate")
     with pytest.raises(ValueError, match="analytic estimate.*does not fit.*mesh.fsdp"):
         memory.check_memory(data_parallel.total, 80 * 10**9, mode="error", what="8xH100 data-parallel", **est)

@@ -35,9 +35,9 @@ from tttjax.parallel.sharding import fit_spec, logical_to_spec
 
 
 IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
-# `auto` on CPU: the full-score path up to this many frames, blockwise beyond (bench/attention.py:
-# at T = 1024 and window 3000 the two take about the same time; above it blockwise is faster and
-# its memory stays O(T x window) where full scores grow with T^2).
+# `auto` on CPU: the full-score path (the reference) up to this many frames, blockwise beyond, where
+# full scores grow with T^2 (BENCHMARKS.md: 10 GiB for 2 heads at 16k frames, 34x blockwise's;
+# blockwise was also 1.4-1.9x faster at 128-1024 frames, but short sequences keep the reference).
 AUTO_BLOCKWISE_MIN_FRAMES = 1024
 BLOCK_FRAMES = 256  # blockwise: largest query/key block
 
