@@ -74,9 +74,7 @@ def compile_run(config, topo: aot.Topology, *, with_eval: bool = True, dump_hlo:
     compile_s = time.perf_counter() - tic
     log(f"compiled in {compile_s:.0f} s" if compiled else f"the compiler refused it for HBM after {compile_s:.0f} s")
     figures = memory.compiled_figures(compiled) if compiled else None
-    estimate = memory.estimate_memory(cfg, batch_size=config.batch_size, num_frames=frames,
-                                      num_microbatches=config.num_microbatches,
-                                      full_finetuning=program.full_finetuning, mesh_axes=mesh, platform="tpu")
+    estimate = _train_estimate(program, config.batch_size, frames, config.num_microbatches)
     report = {
         "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
@@ -98,6 +96,13 @@ def compile_run(config, topo: aot.Topology, *, with_eval: bool = True, dump_hlo:
         report["eval"] = _compile_eval(config, program, hbm, dump_hlo, log)
         report["fits"] = report["eval"]["fits"]
     return report
+
+
+def _train_estimate(program, batch_size: int, frames: int, num_microbatches: int):
+    """The analytic estimate of `program`'s train step on TPU (where attention `auto` is splash)."""
+    return memory.estimate_memory(program.cfg, batch_size=batch_size, num_frames=frames,
+                                  num_microbatches=num_microbatches, full_finetuning=program.full_finetuning,
+                                  mesh_axes=dict(program.mesh.shape), platform="tpu")
 
 
 def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict:
@@ -210,8 +215,8 @@ def longest_fit(fits, *, start: int, growth: float = 2.0) -> int:
 def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, log=_progress) -> dict:
     """The longest duration_sec whose train step fits at `per_device_batch` sequences per batch shard.
 
-    The search starts where the analytic estimate's fit ends (no compile; it over-counts the
-    compiler by up to ~15%, BENCHMARKS.md) and grows by 10% from there: each probe is one compile.
+    The search starts where the analytic estimate's fit ends (no compile; it runs 1.0-1.35x the
+    compiler, BENCHMARKS.md) and grows by 10% from there: each probe is one compile.
     """
     probe = config.copy_and_resolve_references()
     program = build_program(probe, topo.devices())
@@ -219,10 +224,7 @@ def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, 
     hbm = topo.hbm_per_device(len(topo.devices()))
 
     def estimate_fits(frames: int) -> bool:
-        return memory.estimate_memory(program.cfg, batch_size=probe.batch_size, num_frames=frames,
-                                      num_microbatches=probe.num_microbatches,
-                                      full_finetuning=program.full_finetuning, mesh_axes=dict(program.mesh.shape),
-                                      platform="tpu").total <= hbm
+        return _train_estimate(program, probe.batch_size, frames, probe.num_microbatches).total <= hbm
 
     estimated = longest_fit(estimate_fits, start=num_frames(config.duration_sec))
     log(f"the analytic estimate fits up to {estimated} frames ({estimated / FRAME_RATE:g} s)")

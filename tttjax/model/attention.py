@@ -42,11 +42,15 @@ AUTO_BLOCKWISE_MIN_FRAMES = 1024
 BLOCK_FRAMES = 256  # blockwise: largest query/key block
 
 
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise ValueError(f"model.attention_impl={impl!r}: expected one of {', '.join(IMPLS)}")
+
+
 def resolve_impl(impl: str, platform: str, frames: int, dtype=jnp.bfloat16) -> str:
     """The implementation `impl` ("auto" or a name from IMPLS) means on `platform` for T = `frames`
     frames in compute dtype `dtype` (cuDNN's fused attention takes bf16/fp16 only)."""
-    if impl not in IMPLS:
-        raise ValueError(f"model.attention_impl={impl!r}: expected one of {', '.join(IMPLS)}")
+    check_impl(impl)
     if impl != "auto":
         return impl
     if platform == "tpu":

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tttjax.model.attention import IMPLS
+from tttjax.model.attention import check_impl
 
 # Values of moshi options that the Flax model implements; anything else is refused by name.
 _REQUIRED_LM_OPTIONS = {
@@ -247,8 +247,7 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         bad = [i for i in cfg.ttt_layers if not 0 <= i < cfg.num_layers]
         if bad:
             raise ValueError(f"ttt.layers {bad} out of range for num_layers={cfg.num_layers}")
-    if cfg.attention_impl not in IMPLS:
-        raise ValueError(f"model.attention_impl={cfg.attention_impl!r}: expected one of {', '.join(IMPLS)}")
+    check_impl(cfg.attention_impl)
     if cfg.remat not in ("none", "full", "dots"):
         raise ValueError(f"model remat={cfg.remat!r}: expected none, full or dots")
     parse_dtype(cfg.dtype)
