@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tttjax.memory import format_bytes  # noqa: E402
+from tttjax.analysis.memory import format_bytes  # noqa: E402
 from tttjax.model import attention  # noqa: E402
 
 IMPLS = {

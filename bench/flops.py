@@ -1,4 +1,4 @@
-"""The measured matmul rate that MFU divides by (the analytic FLOP counts are tttjax/flops.py)."""
+"""The measured matmul rate that MFU divides by (the analytic FLOP counts are tttjax/analysis/flops.py)."""
 
 from __future__ import annotations
 

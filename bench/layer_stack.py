@@ -7,7 +7,7 @@ Builds MoshiLM's temporal transformer at the moshi 7B shape (dim 4096, 32 heads,
 11264, context 3000) cut to --layers layers, with a TTT-MLP (32 heads, 16-token mini-batches, scan
 remat group 4, as configs/moshi_7b_ttt.py) at --ttt-layer, and times the gradient of mean(y^2)
 with respect to every parameter of the stack and its input (jit, fastest of --steps), with and
-without the TTT layer. MFU = analytic FLOPs (tttjax/flops.py, 3x the forward) / the matmul rate of
+without the TTT layer. MFU = analytic FLOPs (tttjax/analysis/flops.py, 3x the forward) / the matmul rate of
 the same dtype measured in the same run (an n^3 jnp matmul, n = 8192 on an accelerator, 2048 on
 CPU). Writes bench/results/layer_stack.json with the device.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flops import matmul_rate  # noqa: E402
-from tttjax.flops import layer_flops, ttt_flops  # noqa: E402
+from tttjax.analysis.flops import layer_flops, ttt_flops  # noqa: E402
 
 QUICK = dict(dim=256, num_heads=4)  # --quick: the same stack, narrow enough for a 2-core CPU
 

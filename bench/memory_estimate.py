@@ -2,7 +2,7 @@
 
     python bench/memory_estimate.py [--config configs/moshi_7b_ttt.py] [--validate]
 
-1. A table of `tttjax.memory.estimate_memory` (the start-up check's numbers) for the 7B config
+1. A table of `tttjax.analysis.memory.estimate_memory` (the start-up check's numbers) for the 7B config
    (batch 16 x 100 s, LoRA rank 128, TTT at layers 1,5,10, bf16) on TPU v5p-64 (32 chips of
    95 GiB), v5p-128, 8 x H100 (80 GB) and 16 x H100, for each remat policy.
 2. --validate: the estimate against XLA's own buffer assignment (`compiled.memory_analysis()`:
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from tttjax import memory
+from tttjax.analysis import memory
 from tttjax.data import num_frames
 from tttjax.model.config import from_run_config as model_config
 from tttjax.train.program import build_program

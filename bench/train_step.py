@@ -16,7 +16,7 @@ Full fine-tuning, fp32, AdamW, moshi-finetune's loss, B=2, T=128. Prints a table
 per step / the fp32 matmul rate measured in the same run (a 2048^3 jnp matmul). Writes
 bench/results/train_step.json.
 
-FLOP count (per frame, forward; a train step counts 3x; tttjax/flops.py): every matmul 2*in*out
+FLOP count (per frame, forward; a train step counts 3x; tttjax/analysis/flops.py): every matmul 2*in*out
 (temporal in/out projections, SiLU-GLU, text head; depformer_in, 8 slots of the depformer layers
 and heads), attention 4*D*(mean causal context) per layer; a TTT layer adds its 4 D x D
 projections and the inner loop H*(14*d*4d + 6*K*d + 6*K*4d) (ttt-reference.md).
@@ -34,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flops import matmul_rate  # noqa: E402
-from tttjax.flops import forward_flops_per_frame  # noqa: E402
+from tttjax.analysis.flops import forward_flops_per_frame  # noqa: E402
 from tttjax.model.config import from_lm_kwargs  # noqa: E402
 
 SMALL = dict(dim=512, num_layers=8, num_heads=8, hidden_scale=4.125, depformer_dim=256, depformer_num_layers=2,

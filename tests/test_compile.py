@@ -12,8 +12,9 @@ from jax.experimental import topologies
 
 import micro
 
-from tttjax import aot, compile as compile_cli, run_config
-from tttjax.flops import train_step_flops
+from tttjax import compile as compile_cli, run_config
+from tttjax.analysis import topology
+from tttjax.analysis.flops import train_step_flops
 from tttjax.train.program import build_program
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -41,7 +42,7 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
     assert REPORT_KEYS <= set(report) and PER_DEVICE_KEYS <= set(report["per_device"])
     assert report["topology"] == "v5e-4" and report["num_devices"] == 4
     assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
-    assert report["hbm_bytes"] == 16 * aot.GiB and report["fits"] is True
+    assert report["hbm_bytes"] == 16 * topology.GiB and report["fits"] is True
     assert report["eval"]["fits"] and report["eval"]["per_device"]["total_bytes"] > 0
     # FSDP: weights all-gathered and gradients reduced over fsdp, nothing over DCN
     c = report["collectives"]
@@ -103,8 +104,8 @@ def test_unknown_topology_is_one_line(capsys):
 
 
 def test_missing_libtpu_is_one_line(capsys, monkeypatch):
-    real = aot.importlib.util.find_spec
-    monkeypatch.setattr(aot.importlib.util, "find_spec", lambda name: None if name == "libtpu" else real(name))
+    real = topology.importlib.util.find_spec
+    monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None if name == "libtpu" else real(name))
     assert compile_cli.main(SMALL + ["--topology=v5e-4"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == 'error: v5e-4: compiling for TPU needs libtpu: pip install "jax[tpu]==<the installed jax version>"'
@@ -114,16 +115,16 @@ def test_missing_libtpu_is_one_line(capsys, monkeypatch):
     ("v5p-8", 1, "v5p", "2x2x1", 4), ("v5p-64", 1, "v5p", "2x4x4", 32), ("v5p:4x4x4", 1, "v5p", "4x4x4", 64),
     ("v5e-256", 2, "v5e", "16x16", 512), ("v6e-8", 1, "v6e", "2x4", 8), ("v5litepod-16", 1, "v5e", "4x4", 16)])
 def test_topology_names(name, slices, generation, shape, chips):
-    topo = aot.topology(name, slices)
+    topo = topology.topology(name, slices)
     assert (topo.generation, topo.shape, topo.chips) == (generation, shape, chips)
-    assert aot.topology(topo.name.split(" x ")[-1]).shape == shape  # the printed name reads back
+    assert topology.topology(topo.name.split(" x ")[-1]).shape == shape  # the printed name reads back
 
 
 def test_impossible_slice_sizes_are_named():
     with pytest.raises(ValueError, match="no v5p slice of that size.*v5p-8"):
-        aot.topology("v5p-12")
+        topology.topology("v5p-12")
     with pytest.raises(ValueError, match="unknown TPU topology 'v5e:2x2x2'"):
-        aot.topology("v5e:2x2x2")
+        topology.topology("v5e:2x2x2")
 
 
 @pytest.mark.parametrize("growth", [2.0, 1.1])
@@ -174,7 +175,7 @@ def test_collectives_count_loop_trips_axes_and_dcn():
 
     devices = np.array([types.SimpleNamespace(id=i, slice_index=i // 2) for i in range(4)]).reshape(2, 2)
     mesh = types.SimpleNamespace(devices=devices, axis_names=("data", "fsdp"))
-    c = aot.collectives(HLO, mesh)
+    c = topology.collectives(HLO, mesh)
     assert c["all-gather"]["count"] == 21 and c["all-gather"]["bytes"] == 21 * 2 * 256 * 2
     assert set(c["all-gather"]["by_axes"]) == {"fsdp"} and c["all-gather"]["dcn_count"] == 0
     assert c["all-reduce"]["count"] == 1 and c["all-reduce"]["bytes"] == 32

@@ -55,7 +55,7 @@ def test_7b_ttt_config_sizes():
 @pytest.mark.parametrize("name,topology", sorted(POD_CONFIGS.items()))
 def test_pod_config_mesh_spans_its_slice(name, topology):
     """A per-pod config names its mesh exactly: every device of its slice, the batch split evenly."""
-    from tttjax.aot import topology as parse_topology
+    from tttjax.analysis.topology import topology as parse_topology
     from tttjax.parallel.mesh import resolve_mesh
 
     config = importlib.import_module(f"configs.{name}").get_config()

@@ -136,7 +136,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     assert "missing.npy not found" in _error(capsys)
 
     # a batch size that cannot fit: refused before running, naming the flag and what would fit.
-    from tttjax import memory
+    from tttjax.analysis import memory
     from tttjax.weights import open_weights
 
     one_row = memory.estimate_memory(open_weights(imported["dir"]).cfg, batch_size=1, num_frames=12,

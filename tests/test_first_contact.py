@@ -130,7 +130,7 @@ def test_config_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 
 def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
-    from tttjax import memory
+    from tttjax.analysis import memory
     from tttjax.train import program
 
     monkeypatch.setattr(memory, "free_bytes", lambda device=None: 1 << 20)  # CPU: host memory is the limit

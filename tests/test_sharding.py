@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tttjax import memory
+from tttjax.analysis import memory
 from tttjax.parallel import distributed, mesh as mesh_lib, sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]

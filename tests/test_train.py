@@ -159,7 +159,7 @@ def test_startup_memory_check_uses_the_compiled_step(tmp_path, monkeypatch):
     """Where the device reports its memory (TPU, GPU), the start-up check compiles the step and uses
     the compiler's own figures; the trainer then runs that compiled program, bitwise as the jitted
     step does. (On CPU the device reports no limit; the test gives it one.)"""
-    from tttjax import memory
+    from tttjax.analysis import memory
 
     monkeypatch.setattr(memory, "device_memory_bytes", lambda device=None: 1 << 20)
     with pytest.raises(ValueError, match=r"of 1.0 MiB of device memory \(the compiled step's memory_analysis\) does not fit"):

@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from tttjax import aot, memory, run_config, rundir
+from tttjax import run_config, rundir
+from tttjax.analysis import memory, topology
 from tttjax.data.streams import FRAME_RATE, num_frames
 from tttjax.eval.standard import Evaluator
-from tttjax.flops import train_step_flops
-from tttjax.memory import format_bytes
+from tttjax.analysis.flops import train_step_flops
+from tttjax.analysis.memory import format_bytes
 from tttjax.model.attention import resolve_impl
 from tttjax.parallel.sharding import batch_parallelism
 from tttjax.train.program import build_program
@@ -57,7 +58,7 @@ def _fit(figures: dict | None, refused, hbm: int) -> dict:
     return {"fits": figures is not None and need <= hbm, "headroom_bytes": hbm - need}
 
 
-def compile_run(config, topo: aot.Topology, *, with_eval: bool = True, dump_hlo: Path | None = None,
+def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump_hlo: Path | None = None,
                 log=_progress) -> dict:
     """Compile `config`'s train step (and eval step) for `topo`; the report `--output_json` writes."""
     devices = topo.devices()
@@ -81,13 +82,13 @@ def compile_run(config, topo: aot.Topology, *, with_eval: bool = True, dump_hlo:
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
         "remat": cfg.remat, "full_finetuning": program.full_finetuning,
         "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
-        "per_device": figures, "hbm_bytes": hbm, "hbm_source": aot.HBM_SOURCE[topo.generation],
+        "per_device": figures, "hbm_bytes": hbm, "hbm_source": topology.HBM_SOURCE[topo.generation],
         **_fit(figures, refused, hbm),
         "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
         "estimate_bytes": estimate.total, "estimate": dataclasses.asdict(estimate),
         "model_flops_per_step": train_step_flops(cfg, config.batch_size, frames),
-        "compiler_flops_per_device": aot.compiler_flops(compiled) if compiled else None,
-        "collectives": aot.collectives(compiled.as_text(), program.mesh) if compiled else None,
+        "compiler_flops_per_device": topology.compiler_flops(compiled) if compiled else None,
+        "collectives": topology.collectives(compiled.as_text(), program.mesh) if compiled else None,
         "compile_s": compile_s, "eval": None,
     }
     if dump_hlo is not None and compiled:
@@ -212,7 +213,7 @@ def longest_fit(fits, *, start: int, growth: float = 2.0) -> int:
     return lo
 
 
-def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, log=_progress) -> dict:
+def find_max_duration(config, topo: topology.Topology, *, per_device_batch: int = 1, log=_progress) -> dict:
     """The longest duration_sec whose train step fits at `per_device_batch` sequences per batch shard.
 
     The search starts where the analytic estimate's fit ends (no compile; it runs 1.0-1.35x the
@@ -246,7 +247,7 @@ def find_max_duration(config, topo: aot.Topology, *, per_device_batch: int = 1, 
 def parse_args(argv: list[str]):
     spec, overrides, rest = run_config.split_config_args(argv)
     parser = argparse.ArgumentParser(prog="python -m tttjax.compile", usage=USAGE, description=__doc__.split("\n")[0])
-    parser.add_argument("--topology", required=True, help=f"{aot.FORMS}")
+    parser.add_argument("--topology", required=True, help=f"{topology.FORMS}")
     parser.add_argument("--num_slices", type=int, default=1, help="TPU slices joined over DCN (default 1)")
     parser.add_argument("--output_json", help="write the report here (keys in docs/distributed.md)")
     parser.add_argument("--dump_hlo", help="write the optimized HLO of each step into this directory")
@@ -266,7 +267,7 @@ def main(argv=None) -> int:
     spec, overrides, args = parse_args(argv)
     try:
         config = run_config.load(spec, overrides)
-        topo = aot.topology(args.topology, args.num_slices)
+        topo = topology.topology(args.topology, args.num_slices)
         output = Path(args.output_json).absolute() if args.output_json else None
         if output is not None:
             rundir.check_output_file(output, "--output_json")

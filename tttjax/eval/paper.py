@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax import memory
+from tttjax.analysis import memory
 from tttjax.data.streams import NO_TOKEN, TEXT_PAD
 from tttjax.eval.audio import CodeCache
 from tttjax.eval.manifest import Pair, canonical_task, pairs_from_layout, read_manifest, write_manifest

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from tttjax import data as data_lib
-from tttjax import memory
+from tttjax.analysis import memory
 from tttjax.data.streams import NO_TOKEN
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
 from tttjax.model.moshi import initial_tokens

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from conversion.export import plan_export
 from conversion.sources import ModelSource, copy_into
 from tttjax import data as data_lib
-from tttjax import memory
+from tttjax.analysis import memory
 from tttjax import rundir
 from tttjax.checkpoint import BrokenCheckpoint, CheckpointManager, check_compatible, lock
 from tttjax.checkpoint.compat import check_base_compatible
