@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from conversion.pytorch import load_pytorch
+from tttjax.weights.pytorch import load_pytorch
 from tttjax.checkpoint.model_dir import save_model
 
 

@@ -5,7 +5,7 @@
 
 Writes either the full model with LoRA merged (`consolidated.safetensors`, config.json says
 `"lora": false`) or the adapters only (`lora.safetensors`: LoRA A/B + every TTT tensor, config.json
-with the lora keys), streaming tensor by tensor (conversion/export.py). The CLI never builds the
+with the lora keys), streaming tensor by tensor (tttjax/weights/export.py). The CLI never builds the
 model when the checkpoint's base weights are on disk.
 """
 
@@ -16,10 +16,10 @@ import sys
 
 import jax
 
-from conversion import layout
-from conversion.export import plan_export
+from tttjax.weights import layout
+from tttjax.weights.export import plan_export
 from tttjax import rundir
-from tttjax.weights import open_weights
+from tttjax.weights.loader import open_weights
 
 
 def main(argv=None) -> int:

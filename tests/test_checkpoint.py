@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
-from conversion.sources import OrbaxSource
+from tttjax.weights.sources import OrbaxSource
 from tttjax.checkpoint import CheckpointManager, check_compatible
 from tttjax.checkpoint.manager import restore_trainables
 from tttjax.rundir import step_dir

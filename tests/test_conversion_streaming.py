@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file as torch_load, save_file as torch_save
 
 import torch_reference as ref
-from conversion import safetensors_io as st
+from tttjax.weights import safetensors_io as st
 from conversion.to_pytorch import main as to_pytorch_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_reader_names_the_broken_part(tmp_path):
 
 def test_tiled_transpose_equals_numpy():
     """Both directions of every kernel go through it: any tile edge case would corrupt weights."""
-    from conversion.layout import transpose
+    from tttjax.weights.layout import transpose
 
     rng = np.random.default_rng(1)
     for dtype in (ml_dtypes.bfloat16, np.float32, np.float16, np.float64):
@@ -136,7 +136,7 @@ def test_tiled_transpose_equals_numpy():
 
 
 def test_saved_params_are_chunked_per_layer_and_read_by_slice(tmp_path):
-    from conversion.sources import ModelSource, OrbaxSource
+    from tttjax.weights.sources import ModelSource, OrbaxSource
     from tttjax.checkpoint.model_dir import save_model
     from tttjax.model.config import from_lm_kwargs
     from tttjax.model.moshi import create_model
@@ -176,8 +176,8 @@ def trained_on_pytorch_base(tmp_path_factory):
 
 def test_step_dir_exports_without_building_the_model(trained_on_pytorch_base, tmp_path, monkeypatch):
     """Full export = the loaded model's export, bitwise; adapters-only never touches the base file."""
-    from conversion.export import plan_export
-    from conversion.sources import ModelSource
+    from tttjax.weights.export import plan_export
+    from tttjax.weights.sources import ModelSource
     from tttjax import weights as weights_lib
 
     root, step = trained_on_pytorch_base
@@ -221,9 +221,9 @@ def _child(weights: str, config: str, out: str) -> None:
     import jax
     from flax import nnx
 
-    from conversion.pytorch import open_pytorch
-    from conversion.sources import ModelSource, copy_into
-    from conversion.export import plan_export
+    from tttjax.weights.pytorch import open_pytorch
+    from tttjax.weights.sources import ModelSource, copy_into
+    from tttjax.weights.export import plan_export
     from tttjax.model.params import init_model
 
     assert jax.process_count() == 2 and jax.device_count() == 8

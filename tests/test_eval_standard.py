@@ -137,7 +137,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
 
     # a batch size that cannot fit: refused before running, naming the flag and what would fit.
     from tttjax.analysis import memory
-    from tttjax.weights import open_weights
+    from tttjax.weights.loader import open_weights
 
     one_row = memory.estimate_memory(open_weights(imported["dir"]).cfg, batch_size=1, num_frames=12,
                                      training=False).activations

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import micro
-from conversion.sources import OrbaxSource
+from tttjax.weights.sources import OrbaxSource
 from test_train import assert_trees_equal, micro_config
 from tttjax import rundir
 from tttjax.checkpoint import CheckpointError, CheckpointManager, RunDirError

@@ -102,8 +102,8 @@ def test_layers_run_one_way():
     edges, _ = graph()
     below_cli = [m for m in edges if m not in CLIS]
     assert not [(m, t) for m in below_cli for t in edges[m] if t in CLIS]
-    library = [m for m in edges if m.startswith("conversion.") and m not in CLIS]
-    assert "conversion.export" in library and "conversion.pytorch" in library
+    library = [m for m in edges if m.startswith("tttjax.weights.")]
+    assert "tttjax.weights.export" in library and "tttjax.weights.pytorch" in library
     assert not [(m, t) for m in library for t in edges[m] if t.startswith(("tttjax.train", "tttjax.checkpoint"))]
     # The model and what it stands on never reach up into weights, checkpoints, training or evaluation.
     core = [m for m in edges if m.startswith(("tttjax.model", "tttjax.parallel")) or m in ("tttjax.rundir",)]

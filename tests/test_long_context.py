@@ -36,7 +36,7 @@ def make_codes():
 
 
 def test_chunked_curve_equals_single_pass(checkpoint):
-    from tttjax.weights import load_model
+    from tttjax.weights.loader import load_model
 
     model = load_model(checkpoint)
     codes = make_codes()

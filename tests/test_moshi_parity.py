@@ -13,11 +13,11 @@ from flax import nnx
 
 import torch_reference as ref
 from conversion.from_pytorch import main as from_pytorch_main
-from conversion.pytorch import ConversionError, load_pytorch
+from tttjax.weights.pytorch import ConversionError, load_pytorch
 from conversion.to_pytorch import main as to_pytorch_main
 from tttjax.checkpoint.model_dir import save_model
-from conversion.safetensors_io import SafetensorsError
-from tttjax.weights import load_model
+from tttjax.weights.safetensors_io import SafetensorsError
+from tttjax.weights.loader import load_model
 
 CONFIGS = {
     "small": ref.lm_kwargs(),

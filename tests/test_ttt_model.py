@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 import torch_reference as ref
-from conversion.pytorch import load_pytorch
+from tttjax.weights.pytorch import load_pytorch
 from conversion.to_pytorch import main as to_pytorch_main
 from conversion.torch_ttt import load_ttt_moshi
 from test_moshi_parity import assert_parity, flax_forward
@@ -36,7 +36,7 @@ def with_fresh_ttt(weights, config, lora=None):
     """The base weights in a model with freshly initialised TTT layers (as training starts)."""
     from tttjax.model.config import from_config_json
     from tttjax.model.moshi import create_model
-    from conversion.sources import ModelSource, copy_into
+    from tttjax.weights.sources import ModelSource, copy_into
     from tttjax.model.params import is_ttt
 
     data = json.loads(config.read_text())
@@ -84,7 +84,7 @@ def test_ttt_model_matches_pytorch_loader(tmp_path, causal):
     assert_parity(flax_forward(again, codes), want)
     # PyTorch TTT-Moshi checkpoints also carry backward_ssm_gating and a duplicated original_layer:
     # ignored (their garbage values would change the logits if any were used).
-    from conversion import safetensors_io
+    from tttjax.weights import safetensors_io
 
     tensors = safetensors_io.load(tmp_path / "e" / "consolidated.safetensors")
     block = "transformer.layers.0.seq_modeling_block"
@@ -136,7 +136,7 @@ def test_zero_gate_equals_plain_moshi(tmp_path):
 def test_missing_ttt_tensors_are_named(tmp_path):
     kwargs = ref.lm_kwargs(num_layers=3)
     _, weights, config, _ = ttt_model(tmp_path, kwargs, TTT)
-    from conversion.pytorch import ConversionError
+    from tttjax.weights.pytorch import ConversionError
 
     with pytest.raises(ConversionError, match=r"missing keys \[.*transformer.layers.0.seq_modeling_block"):
         load_pytorch(weights, config)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conversion.safetensors_io import load as read_safetensors
+from tttjax.weights.safetensors_io import load as read_safetensors
 from test_train import micro_config
 from tttjax.eval.__main__ import main as eval_main
 from tttjax.train.loop import Trainer

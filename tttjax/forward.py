@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.sources import materialize
+from tttjax.weights.sources import materialize
 from tttjax import rundir
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, chunked_forward
-from tttjax.weights import add_attention_impl_flag, open_weights
+from tttjax.weights.loader import add_attention_impl_flag, open_weights
 
 
 def main(argv=None) -> int:

@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 
-from conversion.sources import materialize
+from tttjax.weights.sources import materialize
 from tttjax.data.codes import load_codes
 from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
-from tttjax.weights import open_weights
+from tttjax.weights.loader import open_weights
 
 
 def main(argv=None) -> int:

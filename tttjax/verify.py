@@ -6,7 +6,7 @@ DIR is a training step dir (`runs/x/checkpoints/checkpoint_000100`) or an import
 (`config.json` + `params/`). The check:
 
 1. the TTT layers of the checkpoint's config and their parameter counts (per layer and in total);
-2. every expected TTT tensor (the `conversion/layout.py` rows of group "ttt") is stored in the
+2. every expected TTT tensor (the `tttjax/weights/layout.py` rows of group "ttt") is stored in the
    checkpoint with its expected shape (read from the Orbax metadata, before loading anything);
 3. the checkpoint loads (`load_model`) and every TTT tensor is finite;
 4. the PyTorch export next to it (the step's `consolidated/lora.safetensors` or
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion import layout
-from conversion.safetensors_io import load as load_safetensors
-from conversion.sources import OrbaxSource, materialize
+from tttjax.weights import layout
+from tttjax.weights.safetensors_io import load as load_safetensors
+from tttjax.weights.sources import OrbaxSource, materialize
 from tttjax import rundir
 from tttjax.model.params import flat_abstract, flat_params, is_ttt
-from tttjax.weights import Weights, open_weights
+from tttjax.weights.loader import Weights, open_weights
 
 
 @dataclasses.dataclass

@@ -37,8 +37,8 @@ from tttjax.eval.metrics import format_table  # noqa: E402
 from tttjax.model.config import from_run_config  # noqa: E402
 from tttjax.model.moshi import initial_tokens  # noqa: E402
 from tttjax.verify import verify  # noqa: E402
-from tttjax.weights import add_attention_impl_flag, open_weights  # noqa: E402
-from conversion.sources import materialize  # noqa: E402
+from tttjax.weights.loader import add_attention_impl_flag, open_weights  # noqa: E402
+from tttjax.weights.sources import materialize  # noqa: E402
 
 # The project's defaults (configs/base.py), for a checkpoint without a run config.
 DEFAULT_WEIGHTS = {k: base_config.get_config()[k] for k in ("first_codebook_weight_multiplier", "text_padding_weight")}

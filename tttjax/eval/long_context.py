@@ -31,9 +31,10 @@ import numpy as np
 from flax import nnx
 
 from tttjax.data.codes import load_codes
+from tttjax.objective import token_cross_entropy
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, iter_chunks
-from tttjax.weights import add_attention_impl_flag, load_model
+from tttjax.weights.loader import add_attention_impl_flag, load_model
 
 DEFAULT_BUCKETS = (0, 2000, 8000, 32000)
 TABLE_STREAMS = ("text", "text_nonpad", "audio_semantic", "audio_acoustic", "audio")
@@ -44,12 +45,8 @@ def stream_names(dep_q: int) -> list[str]:
             + ["audio_semantic", "audio_acoustic", "audio"])
 
 
-@jax.jit
-def _token_nll(logits, targets, mask):
-    """-log p(target) [B, S, T] (0 where masked), logits [B, S, T, V] fp32, targets may be -1 there."""
-    logp = jax.nn.log_softmax(jnp.where(mask[..., None], logits, 0.0), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, -picked, 0.0)
+# -log p(target) [B, S, T], 0 where masked (moshi's NaN tail and -1 targets lie there).
+_token_nll = jax.jit(token_cross_entropy)
 
 
 class Curve:

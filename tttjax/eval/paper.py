@@ -34,7 +34,7 @@ from tttjax.analysis import memory
 from tttjax.data.streams import NO_TOKEN, TEXT_PAD
 from tttjax.eval.audio import CodeCache
 from tttjax.eval.manifest import Pair, canonical_task, pairs_from_layout, read_manifest, write_manifest
-from tttjax.train.loss import token_cross_entropy
+from tttjax.objective import token_cross_entropy
 
 CODEBOOK_CHOICES = ("semantic", "all", "weighted")
 NORM_CHOICES = ("mean", "sum")

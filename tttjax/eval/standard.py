@@ -25,7 +25,7 @@ from tttjax.data.streams import NO_TOKEN
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
 from tttjax.model.moshi import initial_tokens
 from tttjax.parallel.sharding import batch_sharding, replicated
-from tttjax.train.loss import model_terms
+from tttjax.objective import model_terms
 
 
 def is_codes_file(spec: str) -> bool:

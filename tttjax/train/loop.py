@@ -20,8 +20,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from conversion.export import plan_export
-from conversion.sources import ModelSource, copy_into
+from tttjax.weights.export import plan_export
+from tttjax.weights.sources import ModelSource, copy_into
 from tttjax import data as data_lib
 from tttjax.analysis import memory
 from tttjax import rundir
@@ -37,7 +37,7 @@ from tttjax.train import state as state_lib
 from tttjax.train.logger import RunLogger, check_wandb
 from tttjax.train.program import build_program
 from tttjax.train.step import all_finite
-from tttjax.weights import open_weights
+from tttjax.weights.loader import open_weights
 
 
 class TrainingError(RuntimeError):

@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 
 from tttjax.parallel.sharding import constrain
-from tttjax.train.loss import model_terms, objective
+from tttjax.objective import model_terms, objective
 
 
 def all_finite(tree) -> jax.Array:

@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from conversion.pytorch import open_pytorch
-from conversion.sources import LayeredSource, ModelSource, OrbaxSource, ParamSource, materialize
+from tttjax.weights.pytorch import open_pytorch
+from tttjax.weights.sources import LayeredSource, ModelSource, OrbaxSource, ParamSource, materialize
 from tttjax import rundir
 from tttjax.model.attention import IMPLS
 from tttjax.model.config import ModelConfig, from_config_json, from_run_config, validate

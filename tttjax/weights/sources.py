@@ -3,7 +3,7 @@
 A source knows the Flax path, shape and dtype of every param it holds and reads `param[index]`
 for a prefix `index` (a layer, a (layer, step) pair, or `()` for all of it). Import and export
 walk params slice by slice through this interface, so host memory holds one slice, never the
-model. The PyTorch-file source lives in `conversion.pytorch` (it needs the name table);
+model. The PyTorch-file source lives in `tttjax.weights.pytorch` (it needs the name table);
 `tttjax.weights.open_weights` picks the source for any weights path.
 """
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion import layout
-from conversion.safetensors_io import SafetensorsReader
-from conversion.sources import ParamSource, materialize
+from tttjax.weights import layout
+from tttjax.weights.safetensors_io import SafetensorsReader
+from tttjax.weights.sources import ParamSource, materialize
 from tttjax.model.config import ModelConfig, from_config_json
 from tttjax.model.moshi import MoshiLM
 from tttjax.model.params import flat_abstract
@@ -52,7 +52,7 @@ def infer_lora_rank(files: dict[str, tuple[SafetensorsReader, str]]) -> int:
 
 
 class TorchSource(ParamSource):
-    """PyTorch tensors seen as Flax params through the name table (conversion/layout.py).
+    """PyTorch tensors seen as Flax params through the name table (tttjax/weights/layout.py).
 
     Construction checks every name and shape against `cfg` from the file headers alone; a tensor
     is read when one of its slices is asked for (the last one stays cached: the release layout

@@ -17,9 +17,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from conversion import layout
-from conversion.safetensors_io import SafetensorsWriter
-from conversion.sources import Index, ParamSource, Path_
+from tttjax.weights import layout
+from tttjax.weights.safetensors_io import SafetensorsWriter
+from tttjax.weights.sources import Index, ParamSource, Path_
 from tttjax.model.config import ModelConfig, parse_dtype, to_config_json
 from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, FULL_FILE, write_config_json
 
