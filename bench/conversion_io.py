@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 from checkpoint_io import disk_write, drop_from_page_cache  # noqa: E402  (bench/ is the script dir)
 from ttt_layer import _cpu_name  # noqa: E402
 
+from tttjax.model.config import MOSHI_7B_LM_KWARGS, from_lm_kwargs  # noqa: E402
 from tttjax.weights import layout  # noqa: E402
 from tttjax.weights.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
-from tttjax.model.config import MOSHI_7B_LM_KWARGS, from_lm_kwargs  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "conversion_io.json"
 PROBE_BYTES = 4 << 30

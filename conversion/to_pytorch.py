@@ -16,32 +16,33 @@ import sys
 
 import jax
 
+from tttjax import cli, rundir
 from tttjax.weights import layout
 from tttjax.weights.export import plan_export
-from tttjax import rundir
 from tttjax.weights.loader import open_weights
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conversion.to_pytorch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conversion.to_pytorch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_checkpoint_dir(parser)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--adapters_only", action="store_true", help="lora.safetensors: LoRA A/B + TTT tensors")
     parser.add_argument("--layout", default="moshi", choices=list(layout.LAYOUTS),
                         help="moshi: in-memory names (moshi-finetune); release: fused names")
     args = parser.parse_args(argv)
-    try:
-        rundir.check_output_dir(args.out, "--out")
-        weights = open_weights(args.checkpoint_dir)
-        export = plan_export(weights.cfg, weights.source, layout_name=args.layout, dtype=args.dtype,
-                             adapters_only=args.adapters_only)
-        target = export.write(args.out, writer=jax.process_index() == 0)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    rundir.check_output_dir(args.out, "--out")
+    weights = open_weights(args.checkpoint_dir)
+    export = plan_export(weights.cfg, weights.source, layout_name=args.layout, dtype=args.dtype,
+                         adapters_only=args.adapters_only)
+    target = export.write(args.out, writer=jax.process_index() == 0)
     print(f"wrote {target} ({len(export.rows)} tensors, {args.dtype}, layout {args.layout})")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from tttjax.model.config import TTT_KEYS, parse_ttt_layers
+from tttjax.model.config import LORA_SCALING, parse_ttt_layers, read_ttt_block
 from tttjax.rundir import read_json
 
 
@@ -241,11 +241,9 @@ def _attention_then_ttt(self, x):
 
 def block_options(ttt: dict) -> dict:
     """`SeqModelingBlock` options from config.json's `"ttt"` block (tttjax's defaults)."""
-    unknown = set(ttt) - set(TTT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys in the 'ttt' block: {sorted(unknown)}")
-    return dict(mini_batch_size=int(ttt.get("mini_batch_size", 16)), base_lr=float(ttt.get("base_lr", 1.0)),
-                causal=bool(ttt.get("causal", True)), initial_gating_alpha=float(ttt.get("initial_gating_alpha", 0.1)))
+    ttt = read_ttt_block(ttt, source="config.json")
+    return dict(mini_batch_size=int(ttt["mini_batch_size"]), base_lr=float(ttt["base_lr"]),
+                causal=bool(ttt["causal"]), initial_gating_alpha=float(ttt["initial_gating_alpha"]))
 
 
 def check_config_streamable(ttt: dict) -> None:
@@ -291,7 +289,7 @@ def load_ttt_moshi(weights: str | Path, config: str | Path, *, lora: str | Path 
     if lora is not None and adapter_keys.get("lora"):
         if "lora_rank" not in adapter_keys:
             raise ValueError(f"{config}: a LoRA file needs lora_rank / lora_scaling in config.json")
-        cfg.update(lora=True, lora_rank=adapter_keys["lora_rank"], lora_scaling=adapter_keys.get("lora_scaling", 2.0))
+        cfg.update(lora=True, lora_rank=adapter_keys["lora_rank"], lora_scaling=adapter_keys.get("lora_scaling", LORA_SCALING))
     lm = loaders.get_moshi_lm(None, lm_kwargs=cfg, device="meta", dtype=dtype)
     with torch.device("meta"):
         attach_ttt(lm, ttt)

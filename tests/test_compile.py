@@ -7,14 +7,14 @@ one single-slice report (train + eval), one 2-slice report, one refusal.
 import importlib.util
 import json
 
+import micro
 import pytest
 from jax.experimental import topologies
 
-import micro
-
-from tttjax import compile as compile_cli, run_config
+from tttjax import compile as compile_cli
 from tttjax.analysis import topology
 from tttjax.analysis.flops import train_step_flops
+from tttjax.config import reader
 from tttjax.train.program import build_program
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -51,7 +51,7 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
     assert sum(kind["dcn_count"] for kind in c.values()) == 0
 
     # an independent AOT compile of the same step reports the same per-device figures
-    config = run_config.load("configs/tiny.py", run_config.split_config_args(SMALL)[1])
+    config = reader.load("configs/tiny.py", reader.split_config_args(SMALL)[1])
     program = build_program(config, topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices)
     m = program.lower().compile().memory_analysis()
     figures = report["per_device"]

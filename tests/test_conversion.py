@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch_reference as ref
 from safetensors.numpy import load_file
 
-import torch_reference as ref
 from conversion.from_pytorch import main as from_pytorch_main
 from conversion.to_pytorch import main as to_pytorch_main
 

@@ -14,8 +14,16 @@ import sphn
 import torch
 from moshi.models import loaders
 
-from tttjax.data import codec, make_dataset, make_eval_iterator, prepare, shards, toydata
+from tttjax.data import (
+    codec,
+    make_dataset,
+    make_eval_iterator,
+    prepare,
+    shards,
+    toydata,
+)
 from tttjax.data.sources import PreparedSource
+from tttjax.errors import UserError
 
 MAIN = "SPEAKER_MAIN"
 SEG = 1.2  # --duration_sec: 15 frames, 28800 samples
@@ -185,7 +193,7 @@ def test_whole_files_keep_every_frame_and_word(toy, monkeypatch):
 
 def test_strict_stops_at_the_first_bad_file(toy):
     out = toy.root / "strict"
-    with pytest.raises(SystemExit, match=r"c\.wav: 1 channel\(s\).*--strict"):
+    with pytest.raises(UserError, match=r"c\.wav: 1 channel\(s\).*--strict"):
         run_prepare(toy, out, "--strict")
     assert (out / shards.shard_name(0, 5)).is_file()  # a.wav, b.wav: finished before the stop
     assert not (out / shards.shard_name(1, 5)).exists() and not (out / "metadata.json").exists()
@@ -223,7 +231,7 @@ def test_resume_after_a_crash_redoes_only_unfinished_shards(toy, prepared, monke
 
     encoded.clear()  # all done: nothing is encoded again
     assert run_prepare(toy, out)["shards"] == reference["shards"] and encoded == []
-    with pytest.raises(SystemExit, match="other inputs.*duration_sec"):
+    with pytest.raises(UserError, match="other inputs.*duration_sec"):
         run_prepare(toy, out, "--duration_sec", "2.0")
 
 

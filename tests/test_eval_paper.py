@@ -8,11 +8,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch_reference as ref
 from flax import nnx
 
-import torch_reference as ref
 from tttjax.eval import paper
-from tttjax.eval.manifest import ManifestError, Pair, read_manifest, slm21_pairs, story_pairs, write_manifest
+from tttjax.eval.manifest import (
+    ManifestError,
+    Pair,
+    read_manifest,
+    slm21_pairs,
+    story_pairs,
+    write_manifest,
+)
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 import torch_reference as ref
+
 from conversion.from_pytorch import main as from_pytorch_main
 from tttjax.eval.__main__ import main as eval_main
 

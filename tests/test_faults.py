@@ -8,6 +8,7 @@ trained micro run (`trained`), copied per test.
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,16 +17,16 @@ import time
 from pathlib import Path
 
 import jax
+import micro
 import numpy as np
 import pytest
-
-import micro
-from tttjax.weights.sources import OrbaxSource
 from test_train import assert_trees_equal, micro_config
+
 from tttjax import rundir
 from tttjax.checkpoint import CheckpointError, CheckpointManager, RunDirError
 from tttjax.checkpoint import consolidated as consolidated_mod
 from tttjax.train.loop import Trainer, TrainingError
+from tttjax.weights.sources import OrbaxSource
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8  # the trained run: a checkpoint at every step
@@ -209,9 +210,8 @@ def test_allowed_data_change_continues_after_the_examples_seen(run_copy):
 
 
 # 6 ------------------------------------------------------------------------------------------
-def test_garbled_shard_is_named_mid_run_and_by_verify(tmp_path):
-    from tttjax.data import make_batch_iterator, make_dataset
-    from tttjax.data import prepare
+def test_garbled_shard_is_named_mid_run_and_by_verify(tmp_path, capsys):
+    from tttjax.data import make_batch_iterator, make_dataset, prepare
 
     codes = np.random.default_rng(0).integers(0, 16, size=(8, 17, 16))
     np.save(tmp_path / "codes.npy", codes)
@@ -226,8 +226,8 @@ def test_garbled_shard_is_named_mid_run_and_by_verify(tmp_path):
     dataset = make_dataset(str(out), num_frames=16, card=16, text_card=16, n_q=16, seed=0)  # sizes still match
     with pytest.raises(ValueError, match=rf"{shard}: record \d+ is unreadable .* --verify {out}"):
         next(make_batch_iterator(dataset, global_batch_size=8, start_step=0, seed=0, shuffle=False))
-    with pytest.raises(SystemExit, match=rf"{shard}: sha256 differs"):
-        prepare.main(["--verify", str(out)])
+    assert prepare.main(["--verify", str(out)]) == 1
+    assert re.search(rf"error: prepare: {re.escape(str(shard))}: sha256 differs", capsys.readouterr().err)
 
 
 # 7 ------------------------------------------------------------------------------------------

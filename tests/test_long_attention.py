@@ -23,18 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch_reference as ref
-from tttjax.weights.pytorch import load_pytorch
-from conversion.to_pytorch import main as to_pytorch_main
-from conversion.torch_ttt import load_ttt_moshi
+from flax import nnx
 from test_faults import assert_same_state, steps_of
 from test_moshi_parity import assert_parity, flax_forward
 from test_ttt_model import randomize_ttt, ttt_model, with_fresh_ttt
+
+from conversion.to_pytorch import main as to_pytorch_main
+from conversion.torch_ttt import load_ttt_moshi
 from tttjax import rundir
 from tttjax.checkpoint.model_dir import save_model
 from tttjax.weights.loader import load_model
+from tttjax.weights.pytorch import load_pytorch
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ["xla", "blockwise", "splash"]  # the ones that run on CPU

@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-
 import torch_reference as ref
+
 from tttjax.eval import long_context
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch_reference as ref
+
 from conversion.moshi_server import server_checkpoint
 from conversion.to_pytorch import main as to_pytorch_main
 from tttjax.data import toydata

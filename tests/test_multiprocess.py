@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import micro
 import numpy as np
 
-import micro
 from tttjax.checkpoint import CheckpointManager
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # as tests/test_sharding.py: every run here uses it

@@ -20,7 +20,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tttjax.analysis import memory
-from tttjax.parallel import distributed, mesh as mesh_lib, sharding as sh
+from tttjax.parallel import distributed
+from tttjax.parallel import mesh as mesh_lib
+from tttjax.parallel import sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
@@ -82,8 +84,8 @@ def test_state_shardings_rejects_a_parameter_without_sharding_names():
 
 def test_7b_parameters_are_all_sharded_on_a_v5p_64_mesh():
     """Every 7B weight is split over fsdp=32 except small ones (norms, TTT inner weights, gates)."""
-    from tttjax.model.moshi import abstract_model
     from tttjax.model.config import from_run_config as model_config
+    from tttjax.model.moshi import abstract_model
 
     cfg = model_config(importlib.import_module("configs.moshi_7b_ttt").get_config())
     sizes = {"data": 1, "fsdp": 32, "tensor": 1}

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_reference as ref
 from flax import nnx
 
-import torch_reference as ref
-from tttjax.weights.pytorch import load_pytorch
 from tttjax.model import streaming
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model
+from tttjax.weights.pytorch import load_pytorch
 
 TTT_KWARGS = ref.lm_kwargs(context=6, num_layers=3)
 TTT_FRAMES = 11

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 
 import jax
+import micro
 import numpy as np
 import pytest
 
-import micro
 from configs import tiny
 from tttjax import data as data_lib
 from tttjax.checkpoint import CheckpointManager

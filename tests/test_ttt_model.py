@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch_reference as ref
-from tttjax.weights.pytorch import load_pytorch
+from flax import nnx
+from test_moshi_parity import assert_parity, flax_forward
+
 from conversion.to_pytorch import main as to_pytorch_main
 from conversion.torch_ttt import load_ttt_moshi
-from test_moshi_parity import assert_parity, flax_forward
 from tttjax.checkpoint.model_dir import save_model
+from tttjax.weights.pytorch import load_pytorch
 
 TTT = {"enable": True, "layers": "0,2", "base_lr": 1.0, "mini_batch_size": 4, "causal": True,
        "initial_gating_alpha": 0.1}
@@ -36,8 +36,8 @@ def with_fresh_ttt(weights, config, lora=None):
     """The base weights in a model with freshly initialised TTT layers (as training starts)."""
     from tttjax.model.config import from_config_json
     from tttjax.model.moshi import create_model
-    from tttjax.weights.sources import ModelSource, copy_into
     from tttjax.model.params import is_ttt
+    from tttjax.weights.sources import ModelSource, copy_into
 
     data = json.loads(config.read_text())
     base_json = ref.save_config(config.with_name("base.json"), {k: v for k, v in data.items() if k != "ttt"})

@@ -6,12 +6,12 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-
-from tttjax.weights.safetensors_io import load as read_safetensors
 from test_train import micro_config
+
 from tttjax.eval.__main__ import main as eval_main
 from tttjax.train.loop import Trainer
 from tttjax.verify import main as verify_main
+from tttjax.weights.safetensors_io import load as read_safetensors
 
 TTT = "transformer.layers.1.seq_modeling_block"
 
@@ -80,6 +80,7 @@ def test_verify_names_what_is_missing_or_different(run, tmp_path, capsys):
 def test_verify_reads_stored_tensors_before_loading(tmp_path, capsys):
     """An imported dir whose config.json announces a TTT layer its params do not hold."""
     import torch_reference as ref
+
     from tttjax.checkpoint.model_dir import save_model
     from tttjax.model.config import from_lm_kwargs
     from tttjax.model.moshi import create_model

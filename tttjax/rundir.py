@@ -19,8 +19,9 @@ import os
 import tempfile
 from pathlib import Path
 
-import ml_collections
 import yaml
+
+from tttjax.errors import UserError
 
 ARGS_FILE = "args.yaml"
 LOCK_FILE = "run.lock"
@@ -97,9 +98,9 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        raise UserError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -124,7 +125,7 @@ def check_output_file(path, flag: str) -> None:
         if not existed:
             os.unlink(path)
     except OSError as e:
-        raise ValueError(f"{flag}={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
+        raise UserError(f"{flag}={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
 
 
 def check_output_dir(path, flag: str) -> None:
@@ -134,7 +135,7 @@ def check_output_dir(path, flag: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise ValueError(f"{flag}={path}: cannot write there ([Errno {e.errno}] {e.strerror})") from None
+        raise UserError(f"{flag}={path}: cannot write there ([Errno {e.errno}] {e.strerror})") from None
 
 
 def write_config_json(directory: Path, config: dict) -> None:
@@ -146,14 +147,6 @@ def find_export(directory: Path) -> Path | None:
     """The safetensors file of a step dir's consolidated/ export, if exactly one is there."""
     found = [Path(directory) / CONSOLIDATED / n for n in EXPORT_FILES if (Path(directory) / CONSOLIDATED / n).is_file()]
     return found[0] if len(found) == 1 else None
-
-
-def read_run_config(step: Path) -> ml_collections.ConfigDict:
-    """The resolved config of the run a step dir belongs to (its args.yaml)."""
-    args = run_dir_of(step) / ARGS_FILE
-    if not args.is_file():
-        raise FileNotFoundError(f"{args} not found: {step} is not a step dir of a tttjax run")
-    return ml_collections.ConfigDict(yaml.safe_load(args.read_text()))
 
 
 def write_run_config(run_dir: Path, config: dict, start: int) -> Path:

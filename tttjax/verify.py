@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tttjax import cli, rundir
+from tttjax.errors import UserError
+from tttjax.model.params import flat_abstract, flat_params, is_ttt
 from tttjax.weights import layout
+from tttjax.weights.loader import Weights, open_weights
 from tttjax.weights.safetensors_io import load as load_safetensors
 from tttjax.weights.sources import OrbaxSource, materialize
-from tttjax import rundir
-from tttjax.model.params import flat_abstract, flat_params, is_ttt
-from tttjax.weights.loader import Weights, open_weights
 
 
 @dataclasses.dataclass
@@ -121,7 +122,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
     try:
         weights = open_weights(directory)
         if weights.kind == rundir.PYTORCH:
-            raise ValueError(f"{directory}: verify checks a tttjax checkpoint (a step dir or a model dir)")
+            raise UserError(f"{directory}: verify checks a tttjax checkpoint (a step dir or a model dir)")
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
         return report
@@ -217,30 +218,25 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
     return report
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tttjax.verify", description=__doc__.split("\n")[0],
                                      epilog="Exit status 1 lists every missing or different TTT tensor.")
-    parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")
+    cli.add_checkpoint_dir(parser)
     parser.add_argument("--safetensors", default=None,
                         help="compare with this PyTorch file instead of the step's consolidated/ export")
-    parser.add_argument("--output_json", default=None, help="write the report as JSON")
+    cli.add_output_json(parser, help="write the report as JSON")
     args = parser.parse_args(argv)
-    try:
-        if args.output_json:
-            rundir.check_output_file(args.output_json, "--output_json")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.output_json:
+        rundir.check_output_file(args.output_json, "--output_json")
     report = verify(args.checkpoint_dir, safetensors=args.safetensors)
     print(report.format())
     if args.output_json:
-        try:
-            Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
-        except OSError as e:
-            print(f"error: --output_json={args.output_json}: cannot write it ([Errno {e.errno}] {e.strerror})",
-                  file=sys.stderr)
-            return 1
+        Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import future
 
-from tttjax.weights.export import write_export
 from tttjax.rundir import EXPORT_FILES
+from tttjax.weights.export import write_export
 
 
 def _write(directory: Path, args: ConsolidatedSave) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 
+from tttjax.errors import UserError
 from tttjax.rundir import LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 _held: dict[Path, list] = {}  # lock file -> [fd, count] of this process
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError):
     """The run_dir cannot be used: another live run holds it, or it is not a writable directory."""
 
 

@@ -24,8 +24,19 @@ import orbax.checkpoint as ocp
 
 from tttjax.checkpoint import lock
 from tttjax.checkpoint.consolidated import ConsolidatedHandler, ConsolidatedSave
-from tttjax.rundir import (CONSOLIDATED, DATA, DATA_FILE, STATE, STEP_DIGITS, STEP_PREFIX, checkpoints_dir,
-                           error_summary, step_dir, unused_name)
+from tttjax.errors import UserError
+from tttjax.rundir import (
+    CONSOLIDATED,
+    DATA,
+    DATA_FILE,
+    STATE,
+    STEP_DIGITS,
+    STEP_PREFIX,
+    checkpoints_dir,
+    error_summary,
+    step_dir,
+    unused_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +44,7 @@ log = logging.getLogger(__name__)
 ASYNC_TIMEOUT_S = 3600
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A save that failed (disk full, unwritable): the message names the step, the file and the errno."""
 
 
@@ -115,10 +126,6 @@ class CheckpointManager:
         metadata: dict | None = None,
         on_commit: Callable[[], None] | None = None,
     ):
-        if save_interval_steps < 0:
-            raise ValueError(f"ckpt_freq must be >= 0 (0 = only at the end), got {save_interval_steps}")
-        if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"num_ckpt_keep must be >= 1 or None (keep all), got {max_to_keep}")
         self.run_dir = run_dir
         self.directory = checkpoints_dir(run_dir)
         self._interval = save_interval_steps

@@ -32,8 +32,15 @@ from flax import nnx
 
 from tttjax.analysis import memory
 from tttjax.data.streams import NO_TOKEN, TEXT_PAD
+from tttjax.errors import UserError, is_out_of_memory
 from tttjax.eval.audio import CodeCache
-from tttjax.eval.manifest import Pair, canonical_task, pairs_from_layout, read_manifest, write_manifest
+from tttjax.eval.manifest import (
+    Pair,
+    canonical_task,
+    pairs_from_layout,
+    read_manifest,
+    write_manifest,
+)
 from tttjax.objective import token_cross_entropy
 
 CODEBOOK_CHOICES = ("semantic", "all", "weighted")
@@ -54,7 +61,7 @@ class Scoring:
         for name, choices in (("codebooks", CODEBOOK_CHOICES), ("norm", NORM_CHOICES),
                               ("user_stream", USER_STREAM_CHOICES), ("text_stream", TEXT_STREAM_CHOICES)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"--score_{name}={getattr(self, name)!r}: expected one of {list(choices)}")
+                raise UserError(f"--score_{name}={getattr(self, name)!r}: expected one of {list(choices)}")
 
     def codebook_weights(self, dep_q: int) -> np.ndarray:
         if self.codebooks == "semantic":
@@ -88,7 +95,7 @@ def build_sequence(codes: np.ndarray, silence: np.ndarray | None, scoring: Scori
     seq[1:1 + per_speaker] = codes[:per_speaker]
     if scoring.user_stream == "silence":
         if silence is None or silence.shape[1] != frames:
-            raise ValueError("user_stream=silence needs silence codes of the sample's length")
+            raise UserError("user_stream=silence needs silence codes of the sample's length")
         seq[1 + per_speaker:] = silence[:per_speaker]
     return seq
 
@@ -226,7 +233,7 @@ def write_zerospeech(scores_dir: str | Path, pairs: list[Pair], scores: dict[str
             name = Path(wav).stem
             previous = lines[target].get(name)
             if previous is not None and previous != scores[wav]:
-                raise ValueError(f"two different wavs named {name} in {p.task}; cannot write {target}")
+                raise UserError(f"two different wavs named {name} in {p.task}; cannot write {target}")
             lines[target][name] = scores[wav]
     for target, entries in lines.items():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +276,7 @@ def _pct(x: float) -> str:
 # The pipeline
 
 
-class PaperDataError(ValueError):
+class PaperDataError(UserError):
     """Paper-metric inputs that cannot be used; the message names them."""
 
 
@@ -373,7 +380,7 @@ def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mi
         try:
             return jax.device_get(fn(state, jnp.asarray(codes), jnp.asarray(lengths)))
         except Exception as e:  # XlaRuntimeError has no stable import path
-            if memory.is_oom(e):
+            if is_out_of_memory(e):
                 raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
             raise
 

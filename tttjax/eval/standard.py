@@ -22,10 +22,11 @@ from flax import nnx
 from tttjax import data as data_lib
 from tttjax.analysis import memory
 from tttjax.data.streams import NO_TOKEN
+from tttjax.errors import UserError, is_out_of_memory
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
 from tttjax.model.moshi import initial_tokens
-from tttjax.parallel.sharding import batch_sharding, replicated
 from tttjax.objective import model_terms
+from tttjax.parallel.sharding import batch_sharding, replicated
 
 
 def is_codes_file(spec: str) -> bool:
@@ -46,7 +47,7 @@ def dataset_batches(spec: str, cfg, *, num_frames: int, batch_size: int, seed: i
     dataset = data_lib.make_dataset(spec, num_frames=num_frames, card=cfg.card, text_card=cfg.text_card,
                                     n_q=cfg.n_q, seed=seed)
     if len(dataset) == 0:
-        raise ValueError(f"--data={spec}: no examples")
+        raise UserError(f"--data={spec}: no examples")
     return data_lib.make_eval_iterator(dataset, batch_size=batch_size)
 
 
@@ -105,7 +106,7 @@ class Evaluator:
                 try:
                     out = jax.device_get(program(state, jnp.asarray(batch, jnp.int32)))
                 except Exception as e:  # XlaRuntimeError has no stable import path
-                    if memory.is_oom(e):
+                    if is_out_of_memory(e):
                         raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
                     raise
                 frames += int(out["sequences"]) * shape[2]

@@ -63,7 +63,7 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, context: int | None, rope_max_period: float | None,
                  steps: int | None, lora_rank: int, lora_scaling: float, param_dtype, dtype, rngs: nnx.Rngs,
-                 attention_impl: str = "xla"):
+                 attention_impl: str):
         self.num_heads = num_heads
         self.context = context
         self.attention_impl = attention_impl  # whole sequences (attention.IMPLS); a cache always uses the ring
@@ -133,7 +133,7 @@ class TransformerLayer(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, hidden: int, *, context: int | None,
                  rope_max_period: float | None, steps: int | None, lora_rank: int, lora_scaling: float,
-                 param_dtype, dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
+                 param_dtype, dtype, rngs: nnx.Rngs, attention_impl: str):
         common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.norm1 = RMSNorm(dim, param_dtype=param_dtype)

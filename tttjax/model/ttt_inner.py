@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tttjax.errors import UserError
+
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_CUBIC = 0.044715
 _L2_EPS = 1e-12  # torch F.normalize
@@ -42,9 +44,9 @@ _INNER_LN_EPS = 1e-8  # inside the sqrt of the inner-loop LayerNorm
 
 def check_scan_args(mini_batch_size: int, scan_remat_group: int) -> None:
     if mini_batch_size < 1:
-        raise ValueError(f"ttt mini_batch_size={mini_batch_size} must be >= 1")
+        raise UserError(f"ttt mini_batch_size={mini_batch_size} must be >= 1")
     if scan_remat_group < 1:
-        raise ValueError(f"ttt scan_remat_group={scan_remat_group} must be >= 1")
+        raise UserError(f"ttt scan_remat_group={scan_remat_group} must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------

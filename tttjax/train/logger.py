@@ -13,6 +13,8 @@ from pathlib import Path
 
 import jax
 
+from tttjax.errors import UserError
+
 
 def check_wandb(wandb_config) -> None:
     """At start-up, before anything compiles: wandb.project set needs the wandb package."""
@@ -21,7 +23,7 @@ def check_wandb(wandb_config) -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise ValueError(f"wandb.project={wandb_config.project}: wandb is not installed "
+        raise UserError(f"wandb.project={wandb_config.project}: wandb is not installed "
                          f"(pip install -e .[wandb]), or set wandb.project=''") from None
 
 

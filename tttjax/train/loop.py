@@ -20,14 +20,18 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from tttjax.weights.export import plan_export
-from tttjax.weights.sources import ModelSource, copy_into
 from tttjax import data as data_lib
-from tttjax.analysis import memory
 from tttjax import rundir
-from tttjax.checkpoint import BrokenCheckpoint, CheckpointManager, check_compatible, lock
+from tttjax.analysis import memory
+from tttjax.checkpoint import (
+    BrokenCheckpoint,
+    CheckpointManager,
+    check_compatible,
+    lock,
+)
 from tttjax.checkpoint.compat import check_base_compatible
 from tttjax.checkpoint.manager import restore_trainables
+from tttjax.errors import UserError, is_out_of_memory
 from tttjax.eval.standard import Evaluator
 from tttjax.model.params import is_adapter, trainable, trainable_filter
 from tttjax.parallel.distributed import initialize_distributed
@@ -37,10 +41,12 @@ from tttjax.train import state as state_lib
 from tttjax.train.logger import RunLogger, check_wandb
 from tttjax.train.program import build_program
 from tttjax.train.step import all_finite
+from tttjax.weights.export import plan_export
 from tttjax.weights.loader import open_weights
+from tttjax.weights.sources import ModelSource, copy_into
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A run that must stop without saving (non-finite loss, inconsistent run dir)."""
 
 
@@ -65,8 +71,6 @@ def data_stream(config) -> dict:
 
 class Trainer:
     def __init__(self, config):
-        if config.checkpoint.resume not in ("auto", "never"):
-            raise ValueError(f"checkpoint.resume={config.checkpoint.resume!r}: expected auto|true or never|false")
         check_wandb(config.wandb)
         initialize_distributed()
         self.config = config
@@ -148,7 +152,6 @@ class Trainer:
         anything compiles."""
         config = self.config
         if config.memory_check == "off":
-            memory.check_memory(0, None, mode=config.memory_check, what="", source="")  # validates the mode
             return
         what = (f"batch_size={config.batch_size}, duration_sec={config.duration_sec}, remat={self.cfg.remat}, "
                 f"mesh {dict(self.mesh.shape)}")
@@ -160,7 +163,7 @@ class Trainer:
                 oom = memory.compile_oom(e)
                 if oom is None:
                     raise
-                raise ValueError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
+                raise UserError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
                                  f"the {memory.format_bytes(oom[1])} it can use: {memory.ADVICE}") from None
             if figures is not None:
                 memory.check_memory(figures["total_bytes"], capacity, mode=config.memory_check, what=what,
@@ -347,7 +350,7 @@ class Trainer:
                     self.state, metrics = self.step_fn(self.state, self.frozen, self._global_batch(next(batches)))
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 except Exception as e:  # XLA's RESOURCE_EXHAUSTED (compile or run) is the user's sizes
-                    if not memory.is_oom(e):
+                    if not is_out_of_memory(e):
                         raise
                     raise TrainingError(
                         f"out of memory at step {step + 1} with batch_size={config.batch_size}, "

@@ -17,13 +17,21 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from tttjax.config import schema
 from tttjax.data.streams import num_frames
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig, from_run_config
 from tttjax.model.moshi import abstract_model
 from tttjax.model.params import path_of, trainable_filter
 from tttjax.parallel.mesh import make_mesh
-from tttjax.parallel.sharding import (batch_sharding, check_batch, opt_state_shardings, replicated, state_shardings,
-                                      under_mesh)
+from tttjax.parallel.sharding import (
+    batch_sharding,
+    check_batch,
+    opt_state_shardings,
+    replicated,
+    state_shardings,
+    under_mesh,
+)
 from tttjax.train import optimizer as optim_lib
 from tttjax.train.step import make_loss_fn, make_train_step
 
@@ -78,26 +86,16 @@ class TrainProgram:
         return nnx.merge(self.graphdef, cast, self.frozen)
 
 
-def check_config(config) -> None:
-    if config.max_steps < 1:
-        raise ValueError(f"max_steps={config.max_steps} must be >= 1")
-    if config.batch_size % config.num_microbatches:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
-                         f"num_microbatches={config.num_microbatches}")
-    if not config.full_finetuning and not config.lora.enable and not config.ttt.enable:
-        raise ValueError("nothing to train: enable lora, ttt or full_finetuning")
-
-
 def build_program(config, devices=None) -> TrainProgram:
     """The program of `config` on `devices` (default: all of this job's; or a TPU topology's)."""
-    check_config(config)
+    schema.validate(config)  # a config built in code has not been through the reader
     cfg = from_run_config(config)
     mesh = make_mesh(config.mesh.to_dict(), devices)
     check_batch(mesh, config.batch_size, config.num_microbatches)
     graphdef, trainable, frozen = nnx.split(abstract_model(cfg), trainable_filter(config.full_finetuning), ...)
     masters = _abstract(nnx.to_pure_dict(trainable), nnx.to_pure_dict(state_shardings(trainable, mesh)), jnp.float32)
     if not jax.tree.leaves(masters):
-        raise ValueError("no trainable parameters: enable lora, ttt or full_finetuning")
+        raise UserError("no trainable parameters: enable lora, ttt or full_finetuning")
     frozen = _abstract(nnx.to_pure_dict(frozen), nnx.to_pure_dict(state_shardings(frozen, mesh)))
     labels = jax.tree_util.tree_map_with_path(lambda p, _: optim_lib.param_group(path_of(p)), masters)
     optimizer = optim_lib.make_optimizer(config.optim, config.max_steps, labels)

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax.weights.sources import copy_into
 from tttjax.model.params import init_model, is_adapter, trainable_filter
 from tttjax.weights.loader import open_weights
+from tttjax.weights.sources import copy_into
 
 
 def initial_weights(program) -> tuple[dict, dict]:

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tttjax.parallel.sharding import constrain
 from tttjax.objective import model_terms, objective
+from tttjax.parallel.sharding import constrain
 
 
 def all_finite(tree) -> jax.Array:

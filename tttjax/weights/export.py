@@ -17,11 +17,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from tttjax.errors import UserError
+from tttjax.model.config import ModelConfig, parse_dtype, to_config_json
+from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, FULL_FILE, write_config_json
 from tttjax.weights import layout
 from tttjax.weights.safetensors_io import SafetensorsWriter
 from tttjax.weights.sources import Index, ParamSource, Path_
-from tttjax.model.config import ModelConfig, parse_dtype, to_config_json
-from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, FULL_FILE, write_config_json
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ def plan_export(cfg: ModelConfig, source: ParamSource, *, layout_name: str = "mo
     """The export of the model `cfg` whose params `source` holds; reads nothing yet."""
     if adapters_only:
         if cfg.lora_rank == 0 and not cfg.ttt_layers:
-            raise ValueError("--adapters_only: the model has neither LoRA nor TTT parameters")
+            raise UserError("--adapters_only: the model has neither LoRA nor TTT parameters")
         rows = [r for r in layout.rows(cfg, layout_name) if r.group in ("lora", "ttt")]
         config, filename, scaling = to_config_json(cfg), ADAPTERS_FILE, None
     else:
@@ -94,7 +95,7 @@ def plan_export(cfg: ModelConfig, source: ParamSource, *, layout_name: str = "mo
         scaling = cfg.lora_scaling if cfg.lora_rank else None
     missing = sorted({".".join(r.path) for r in rows if r.path not in source.specs})
     if missing:
-        raise ValueError(f"the checkpoint does not hold {missing}")
+        raise UserError(f"the checkpoint does not hold {missing}")
     return Export(filename, config, sorted(rows, key=lambda r: r.name), source, np.dtype(parse_dtype(dtype)),
                   np.dtype(cfg.jnp_param_dtype), scaling)
 

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig
 
 LAYOUTS = ("moshi", "release")
@@ -112,7 +113,7 @@ def _fused_rows(name: str, path: tuple[str, ...], index, lora: bool) -> list[Row
 def rows(cfg: ModelConfig, layout: str = "moshi") -> list[Row]:
     """All tensors of a model with this config, in the given PyTorch layout."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        raise UserError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     lora = cfg.lora_rank > 0
     S = cfg.dep_q
     out = [Row(f"emb.{i}.weight", ("emb",), ((i,),), "plain", "base") for i in range(cfg.n_q)]

@@ -12,19 +12,20 @@ from pathlib import Path
 
 import numpy as np
 
-from tttjax.weights import layout
-from tttjax.weights.safetensors_io import SafetensorsReader
-from tttjax.weights.sources import ParamSource, materialize
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig, from_config_json
 from tttjax.model.moshi import MoshiLM
 from tttjax.model.params import flat_abstract
 from tttjax.rundir import read_json
+from tttjax.weights import layout
+from tttjax.weights.safetensors_io import SafetensorsReader
+from tttjax.weights.sources import ParamSource, materialize
 
 # Keys that PyTorch TTT-Moshi checkpoints carry and that have no meaning here.
 _IGNORED_MARKERS = ("backward_ssm_gating", "original_layer")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A weights file that does not fit the config; the message lists every offending key."""
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from tttjax.errors import UserError
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -26,7 +28,7 @@ _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the reference implementation's limit
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
     """A file that is not valid safetensors (truncated, corrupt header, unknown dtype)."""
 
 
