@@ -178,7 +178,7 @@ def trained_on_pytorch_base(tmp_path_factory):
 
 def test_step_dir_exports_without_building_the_model(trained_on_pytorch_base, tmp_path, monkeypatch):
     """Full export = the loaded model's export, bitwise; adapters-only never touches the base file."""
-    from tttjax import weights as weights_lib
+    from tttjax.weights import loader as weights_lib
     from tttjax.weights.export import plan_export
     from tttjax.weights.sources import ModelSource
 

@@ -121,7 +121,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     assert "neither a training step dir" in _error(capsys)
 
     ckpt = ["--checkpoint_dir", str(imported["dir"])]
-    assert eval_main(ckpt + base + ["--config=configs/does_not_exist.py"]) == 1
+    assert eval_main(ckpt + base + ["--config=configs/does_not_exist.py"]) == 2  # a config error is a usage error
     assert "no such file" in _error(capsys)
 
     # the tiny config describes another model than the checkpoint
@@ -129,7 +129,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     err = _error(capsys)
     assert "describes another model" in err and "dim: saved 64 vs config 128" in err
 
-    assert eval_main(ckpt + base + ["--config=configs/tiny.py", "--config.no_such_key=1"]) == 1
+    assert eval_main(ckpt + base + ["--config=configs/tiny.py", "--config.no_such_key=1"]) == 2
     assert "no_such_key" in _error(capsys)
 
     assert eval_main(ckpt + ["--data", str(tmp_path / "missing.npy")]) == 1

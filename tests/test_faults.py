@@ -20,11 +20,12 @@ import jax
 import micro
 import numpy as np
 import pytest
-from test_train import assert_trees_equal, micro_config
+from test_train import micro_config
 
 from tttjax import rundir
 from tttjax.checkpoint import CheckpointError, CheckpointManager, RunDirError
 from tttjax.checkpoint import consolidated as consolidated_mod
+from tttjax.checkpoint.resume import ResumeError
 from tttjax.train.loop import Trainer, TrainingError
 from tttjax.weights.sources import OrbaxSource
 
@@ -90,24 +91,25 @@ def test_nan_step_is_never_saved_and_a_rerun_continues(tmp_path):
     bad = int(str(e.value).split(" at step ")[1].split()[0])
     assert "non-finite loss, gradient norm or parameters" in str(e.value)
     assert saved == list(range(1, bad)), saved  # every finite step, not the diverged one
-    assert f"last checkpoint (finite): {saved[-1] if saved else None}" in str(e.value)
+    assert (f"the last checkpoint, step {saved[-1]} in {run_dir}, is finite and a re-run resumes from it" if saved
+            else "there is no checkpoint yet, so a re-run starts over") in str(e.value)
     for step in saved:
         assert all(np.isfinite(v).all() for v in stored(rundir.step_dir(run_dir, step)).values()), step
     if saved:  # the user lowers the LR and re-runs: it continues from the last finite step
         again = Trainer(micro_config(run_dir, max_steps=STEPS, ckpt_freq=1, **{"optim.lr": 1e-3}))
-        assert again._resume_or_init() == saved[-1]
+        assert again.restore() == saved[-1]
 
 
 def test_non_finite_checkpoint_of_an_older_version_is_skipped(run_copy):
     """A NaN step saved before the guard existed restores, is recognised as broken and set aside."""
     nan = Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1))
-    nan.state["params"] = jax.tree.map(lambda x: x * np.nan, nan.state["params"])
+    nan.state = nan.state.replace(params=jax.tree.map(lambda x: x * np.nan, nan.state.params))
     nan.manager.set_aside([STEPS], run_copy / "elsewhere")
     assert nan.manager.save(STEPS, nan.state, {"next_step": STEPS}, force=True)
     nan.manager.close()
     resumed = Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1))
-    assert resumed._resume_or_init() == STEPS - 1
-    assert any("non-finite parameters" in n for n in resumed.notes)
+    assert resumed.restore() == STEPS - 1
+    assert any("non-finite values" in n for n in resumed.notes)
     assert (rundir.broken_dir(run_copy) / f"checkpoint_{STEPS:06d}").is_dir()
 
 
@@ -164,8 +166,8 @@ def test_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
 def test_corrupt_latest_steps_are_skipped_moved_aside_and_recomputed(run_copy, trained):
     damage(rundir.step_dir(run_copy, 8))
     (rundir.step_dir(run_copy, 7) / rundir.DATA / rundir.DATA_FILE).unlink()
-    with pytest.raises(TrainingError, match=r"checkpoint.resume_step=8: .*checkpoint_000008 does not restore: "):
-        Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1, **{"checkpoint.resume_step": 8}))._resume_or_init()
+    with pytest.raises(ResumeError, match=r"checkpoint.resume_step=8: .*checkpoint_000008 does not restore: "):
+        Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1, **{"checkpoint.resume_step": 8})).restore()
     trainer = Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1))
     assert trainer.run() == 0
     log = (run_copy / "logs" / "train.log").read_text()
@@ -195,16 +197,16 @@ def test_tools_name_what_is_broken(run_copy, tmp_path, capsys):
 @pytest.mark.parametrize("key,value", [("batch_size", 8), ("duration_sec", 2.56), ("data.train_data", "synthetic:32"),
                                        ("data.shuffle", False), ("num_microbatches", 2)])
 def test_changed_data_stream_is_refused_by_name(run_copy, key, value):
-    with pytest.raises(TrainingError, match=rf"data stream of checkpoint step {STEPS} does not match the config: "
+    with pytest.raises(ResumeError, match=rf"data stream of checkpoint step {STEPS} does not match the config: "
                                             rf"{key}: saved .*allow_data_change=true"):
-        Trainer(micro_config(run_copy, **{key: value}))._resume_or_init()
+        Trainer(micro_config(run_copy, **{key: value})).restore()
 
 
 def test_allowed_data_change_continues_after_the_examples_seen(run_copy):
     free = Trainer(micro_config(run_copy, max_steps=20, num_ckpt_keep=2, ckpt_freq=3, **{"optim.lr": 1e-4}))
-    assert free._resume_or_init() == STEPS  # lr, num_ckpt_keep, ckpt_freq, max_steps: free
+    assert free.restore() == STEPS  # lr, num_ckpt_keep, ckpt_freq, max_steps: free
     allowed = Trainer(micro_config(run_copy, batch_size=8, **{"checkpoint.allow_data_change": True}))
-    assert allowed._resume_or_init() == STEPS
+    assert allowed.restore() == STEPS
     assert allowed.start_example == STEPS * 4  # the old batch size's examples, not STEPS * 8
     assert any("batch_size: saved 4 vs config 8" in n for n in allowed.notes)
 
@@ -296,7 +298,7 @@ def test_chaos_kill_term_and_truncation_end_bitwise_equal(trained, tmp_path):
     for sig in (signal.SIGKILL, signal.SIGTERM):
         before = max(steps_of(run_dir), default=0)
         # at least two new steps: the damaged latest one always has an intact step before it (with
-        # none, the run refuses rather than start over: TrainingError "no checkpoint ... restores")
+        # none, the run refuses rather than start over: ResumeError "no checkpoint ... restores")
         target = min(before + int(rng.integers(2, 4)), STEPS)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240

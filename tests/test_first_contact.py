@@ -192,7 +192,7 @@ def test_moshi_finetune_example_yaml_trains(run):
     """The fixture trained moshi-finetune's example YAML: its mapping, and args.yaml as a config."""
     example = run / "moshi_7B.yaml"
     config = reader.load(str(example))
-    assert (config.remat, config.eval_freq, config.optim.lr, config.lora.rank, config.num_ckpt_keep,
+    assert (config.remat, config.evals.standard.freq, config.optim.lr, config.lora.rank, config.num_ckpt_keep,
             config.first_codebook_weight_multiplier) == ("full", 0, 2e-6, 128, 3, 100.0)
     overrides = [tuple(a[len("--config."):].split("=", 1)) for a in TINY_SHAPE]
     overrides += [("wandb.project", "tttjax-test"), ("wandb.offline", "true")]

@@ -8,6 +8,7 @@ import pytest
 from safetensors.numpy import save_file
 from test_train import micro_config
 
+from tttjax.eval import evaluators
 from tttjax.eval.__main__ import main as eval_main
 from tttjax.train.loop import Trainer
 from tttjax.verify import main as verify_main
@@ -112,11 +113,17 @@ def test_eval_cli_on_the_step_dir(run, tmp_path, capsys):
     m = std["metrics"]
     assert m["audio_tokens"] == sum(m[f"audio_tokens_q{q}"] for q in range(8))
     assert np.isfinite(m["train_objective"]) and m["text_ce_nonpad"] > 0
-    # The same numbers as the training loop's own evaluation of that checkpoint (eval_freq).
+    # The same numbers as the training loop's own evaluation of that checkpoint (evals.standard), and
+    # as `--evals standard`, which runs that evaluation from the run's config.
     root, _ = run
     trainer = Trainer(micro_config(root / "run", max_steps=2, ckpt_freq=0))
-    assert trainer._resume_or_init() == 2
-    theirs = trainer.evaluate()
+    assert trainer.restore() == 2
+    [standard], _ = evaluators.build(trainer.config, trainer.cfg, trainer.mesh, tmp_path, only=("standard",))
+    theirs = standard(trainer.model(), step=2)
     trainer.manager.close()
+    assert eval_main(["--checkpoint_dir", str(step), "--evals", "standard", "--no_ttt_verify",
+                      "--output_json", str(out)]) == 0
+    configured = json.loads(out.read_text())["evals"]["standard"]
     for key in ("text_ce", "text_ce_nonpad", "audio_ce", "audio_ce_semantic", "train_objective"):
         np.testing.assert_allclose(m[key], theirs[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(m[key], configured[key], rtol=1e-5, err_msg=key)

@@ -6,6 +6,7 @@ PyTorch export lives here, and so does the one answer to "what is this path?" (`
     runs/exp/args.yaml                                   the resolved run config (a record)
     runs/exp/run.lock                                    the writer's lock (host and pid)
     runs/exp/checkpoints/checkpoint_000100/state|data|consolidated
+    runs/exp/eval/long_context/step_000100/...           an evaluation's files (evals.*)
     runs/exp/checkpoints.broken/checkpoint_000200        a step that did not restore, moved aside
     runs/exp/checkpoints.superseded/after_000100/...     later steps of a resume from step 100
     MODEL_DIR/config.json + MODEL_DIR/params/            a tttjax model dir (conversion.from_pytorch)
@@ -26,6 +27,7 @@ from tttjax.errors import UserError
 ARGS_FILE = "args.yaml"
 LOCK_FILE = "run.lock"
 LOGS = "logs"
+EVALS = "eval"
 CHECKPOINTS = "checkpoints"
 BROKEN = "checkpoints.broken"  # steps that did not restore (never deleted, never counted by retention)
 SUPERSEDED = "checkpoints.superseded"  # later steps set aside by a resume from an earlier step
@@ -51,6 +53,16 @@ def checkpoints_dir(run_dir) -> Path:
 def step_dir(run_dir, step: int) -> Path:
     """`<run_dir>/checkpoints/checkpoint_NNNNNN`: the committed directory of `step`."""
     return checkpoints_dir(run_dir) / f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
+
+
+def step_number(step: Path) -> int:
+    """The step of a step dir (`checkpoint_000100` -> 100)."""
+    return int(Path(step).name.removeprefix(f"{STEP_PREFIX}_"))
+
+
+def evals_dir(run_dir) -> Path:
+    """Where the evaluations during training write their files (one dir per type, then per step)."""
+    return Path(run_dir).absolute() / EVALS
 
 
 def broken_dir(run_dir) -> Path:

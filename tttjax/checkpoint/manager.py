@@ -1,6 +1,6 @@
 """Orbax CheckpointManager wrapper: one atomic step dir with `state/`, `data/`, `consolidated/`.
 
-Naming, cadence, retention and preemption follow the run-directory contract (DESIGN.md §6, §10);
+Naming, cadence, retention and preemption follow the run-directory contract (docs/contract.md §6, §10);
 everything else is Orbax's (async writes, tmp dir + rename commit, sharded restore). The
 uncommitted tmp dirs of a killed save are removed only under the run_dir's lock (`lock.py`), so a
 manager opened beside a live run never deletes its in-flight save. Failures come out as one line naming the step and the file:
@@ -196,8 +196,10 @@ class CheckpointManager:
                  DATA: ocp.args.JsonSave(data_position)}
         if consolidated is not None:
             items[CONSOLIDATED] = ConsolidatedSave(*consolidated)
-        with self._save_errors():  # also reports the previous async save's failure
-            self._saving = step
+        with self._save_errors():  # the previous async save's failure, under its own step
+            self._mngr.wait_until_finished()
+        self._saving = step
+        with self._save_errors():
             return self._mngr.save(step, args=ocp.args.Composite(**items), custom_metadata=metadata, force=True)
 
     @contextlib.contextmanager

@@ -95,8 +95,9 @@ def _unknown(key: str, where: str) -> ConfigError:
 
 
 def _parent(config: ml_collections.ConfigDict, key: str, where: str) -> tuple[ml_collections.ConfigDict, str]:
-    """(the ConfigDict holding dotted `key`, its leaf name); unknown keys fail naming `where + key`."""
-    *parents, leaf = key.split(".")
+    """(the ConfigDict holding dotted `key` (or the key an alias names), its leaf name); unknown keys
+    fail naming `where + key`."""
+    *parents, leaf = schema.ALIASES.get(key, key).split(".")
     target = config
     for part in parents:
         if not isinstance(target, ml_collections.ConfigDict) or part not in target:
@@ -253,7 +254,7 @@ def _load_yaml(path: Path) -> ml_collections.ConfigDict:
         raise ConfigError(f"{path}: moshi_paths.hf_repo_id={hub_id}: hub ids need a local path; download the "
                           f"repo and set moshi_paths.moshi_path (model.safetensors) and moshi_paths.config_path")
     if not do_eval:
-        config.eval_freq = 0
+        config.evals.standard.freq = 0
     return config
 
 

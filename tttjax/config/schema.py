@@ -157,12 +157,30 @@ def _schema() -> Section:
         )),
         data=S("training and evaluation data", dict(
             train_data=K("", "prepared dir(s), \"synthetic[:N]\", \"tfds:name\", or \"a:0.7,b:0.3\""),
-            eval_data=K("", "same forms; \"\" = no evaluation"),
             shuffle=K(True, "global shuffle, reshuffled every epoch"),
             num_workers=K(0, "grain worker processes", non_negative),
         )),
-        eval_freq=K(0, "evaluate every this many steps; 0 = never", non_negative),
-        eval_batches=K(40, "batches per evaluation (0 = the whole eval set)", non_negative),
+        evals=S("evaluations: the trainer runs each every `freq` steps (0 = never); python -m tttjax.eval "
+                "--evals runs them on a checkpoint", dict(
+            standard=S("token-weighted CE / perplexity per stream and codebook", dict(
+                freq=K(0, "every this many steps; 0 = never (moshi-finetune's eval_freq)", non_negative),
+                data=K("", "dataset spec, as data.train_data; \"\" = none (moshi-finetune's data.eval_data)"),
+                batches=K(40, "batches per evaluation; 0 = the whole eval set (eval_batches)", non_negative),
+            )),
+            long_context=S("CE at each frame index through the chunked streaming forward (TTT state carried)", dict(
+                freq=K(0, "every this many steps; 0 = never", non_negative),
+                data=K("", "codes .npy files [B, 17, T], comma-separated"),
+                chunk_size=K(64, "frames per call with the state carried; 0 = one full-sequence forward",
+                             non_negative),
+            )),
+            paper_metrics=S("sWUGGY / sBLIMP / sStoryCloze / tStoryCloze pairwise accuracies", dict(
+                freq=K(0, "every this many steps; 0 = never", non_negative),
+                data=K("", "task=PATH[,task=PATH...] or a manifest .jsonl (as tttjax.eval --paper_data)"),
+                mimi_weight=K("", "local Mimi safetensors that encodes the wavs"),
+                max_pairs=K(0, "the first N pairs of each task; 0 = all", non_negative),
+                batch_size=K(8, "sequences per forward pass", at_least(1)),
+            )),
+        )),
         mesh=S("the (data, fsdp, tensor) device mesh", dict(
             data=K(-1, "data-parallel axis; -1 = the remaining devices (per slice when a dcn_* is not 1)", mesh_axis),
             fsdp=K(1, "fully-sharded axis: params, optimizer state and batch split over it", mesh_axis),
@@ -183,6 +201,9 @@ def _schema() -> Section:
 
 
 SCHEMA = _schema()
+# Other spellings of a key that configs may use (moshi-finetune's names): read as the key they name.
+ALIASES = {"eval_freq": "evals.standard.freq", "eval_batches": "evals.standard.batches",
+           "data.eval_data": "evals.standard.data"}
 
 
 def _build(section: Section) -> ml_collections.ConfigDict:
@@ -248,8 +269,6 @@ def check_rules(config, *, source: str = "") -> None:
     if config.batch_size % config.num_microbatches:
         raise ConfigError(f"{source}batch_size={config.batch_size} is not divisible by "
                           f"num_microbatches={config.num_microbatches}")
-    if not config.full_finetuning and not config.lora.enable and not config.ttt.enable:
-        raise ConfigError(f"{source}nothing to train: enable lora, ttt or full_finetuning")
     if config.ttt.enable and not config.moshi_paths.config_path:  # else the layer count is config.json's
         try:
             parse_ttt_layers(config.ttt.layers, int(config.model.num_layers))
@@ -257,8 +276,22 @@ def check_rules(config, *, source: str = "") -> None:
             raise ConfigError(f"{source}{e}") from None
 
 
+def check_known(config, *, source: str = "", prefix: str = "") -> None:
+    """No key outside the schema (a config built in code may have added one: ConfigDicts accept any)."""
+    for name in config.keys():
+        key = f"{prefix}{name}"
+        entry = lookup(key)
+        if entry is None:
+            hint = f"; it is {ALIASES[key]} now" if key in ALIASES else ""
+            raise ConfigError(f"{source}{key}: no such key{hint}")
+        if isinstance(entry, Section):
+            check_known(config[name], source=source, prefix=f"{key}.")
+
+
 def validate(config, *, source: str = "") -> None:
-    """Every key's check, then the rules that span keys; `source` prefixes the messages ("FILE: ")."""
+    """No unknown key, every key's check, then the rules that span keys; `source` prefixes the
+    messages ("FILE: ")."""
+    check_known(config, source=source)
     check_keys(config, source=source)
     check_rules(config, source=source)
 

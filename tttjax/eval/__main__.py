@@ -34,7 +34,7 @@ from tttjax.config.schema import default_config  # noqa: E402
 from tttjax.data import num_frames  # noqa: E402
 from tttjax.data.codes import load_codes  # noqa: E402
 from tttjax.data.streams import MIMI_CARD  # noqa: E402
-from tttjax.eval import paper, standard  # noqa: E402
+from tttjax.eval import evaluators, paper, standard  # noqa: E402
 from tttjax.eval.metrics import format_table  # noqa: E402
 from tttjax.model.config import from_run_config  # noqa: E402
 from tttjax.model.moshi import initial_tokens  # noqa: E402
@@ -56,7 +56,11 @@ def parse_args(argv):
                                 epilog="Full reference: docs/eval.md")
     cli.add_checkpoint_dir(p)
     p.add_argument("--data", default=None, help="dataset spec or codes.npy [N, 17, T] (standard metrics)")
-    p.add_argument("--eval_type", default="standard", choices=["standard", "paper_metrics", "both"])
+    p.add_argument("--eval_type", default=None, choices=["standard", "paper_metrics", "both"],
+                   help="default: standard, unless --evals is given")
+    p.add_argument("--evals", default=None,
+                   help="run these evals.* entries of --config (else of the run's args.yaml): "
+                        "standard,long_context,paper_metrics; their files go where training writes them")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--max_batches", type=int, default=0, help="standard: stop after this many batches (0 = all)")
     p.add_argument("--duration_sec", type=float, default=None,
@@ -136,7 +140,7 @@ def _num_frames(args, spec: str, run) -> int:
 
 
 def _data_spec(args, run) -> str:
-    spec = args.data or (run.data.eval_data if run is not None else "")
+    spec = args.data or (run.evals.standard.data if run is not None else "")
     if not spec:
         raise EvalError("--data is required for standard metrics (a dataset spec or a codes.npy)")
     return spec
@@ -166,8 +170,27 @@ def run_standard(args, model, run, weights: dict) -> dict:
             "legacy_perplexity_2_pow_train_objective": 2.0 ** metrics["train_objective"]}
 
 
+def run_configured(args, model, weights, config) -> dict:
+    """The `--evals` entries of the config, as the trainer runs them, on this checkpoint."""
+    names = evaluators.parse_names(args.evals)
+    config = config if config is not None else weights.run_config
+    if config is None:
+        raise EvalError(f"--evals={args.evals}: {weights.path} has no run config; pass --config with the evals.* "
+                        f"settings")
+    step = rundir.step_number(weights.path) if weights.kind == rundir.STEP else None
+    out_dir = rundir.evals_dir(rundir.run_dir_of(weights.path)) if step is not None else Path("eval").absolute()
+    evaluations, _ = evaluators.build(config, model.cfg, None, out_dir, only=names)
+    results = {}
+    for evaluation in evaluations:
+        results[evaluation.name] = evaluation(model, step=step)
+        print(f"{evaluation.name}: {evaluation.line(results[evaluation.name])}")
+    return results
+
+
 # -- main ----------------------------------------------------------------------------------------
 def evaluate(args) -> int:
+    if args.eval_type is None and not args.evals:
+        args.eval_type = "standard"
     want_standard = args.eval_type in ("standard", "both")
     want_paper = args.eval_type in ("paper_metrics", "both")
     if args.batch_size < 1:
@@ -201,6 +224,8 @@ def evaluate(args) -> int:
                             f"above); --no_ttt_verify skips it")
     if want_standard:
         result["standard"] = run_standard(args, model, weights.run_config, loss)
+    if args.evals:
+        result["evals"] = run_configured(args, model, weights, config)
     if want_paper:
         scores_dir = Path(args.scores_dir) if args.scores_dir else (
             Path(args.output_json).with_suffix("").with_name(Path(args.output_json).stem + "_scores")

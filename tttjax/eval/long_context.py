@@ -216,6 +216,17 @@ def write_plot(curve: Curve, path: Path, *, context: int | None, title: str) -> 
     plt.close(fig)
 
 
+def write_results(curve: Curve, out_dir: Path, *, edges, context: int | None, title: str, settings: dict) -> dict:
+    """The curve's CSV, JSON (bucketed means, slopes, `settings`) and PNG in `out_dir`; returns the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(curve, out_dir / "long_context_curve.csv")
+    result = {**settings, "context": context, "frames": curve.frames, "buckets": buckets_table(curve, edges),
+              "slope_vs_ln_frame": log_slopes(curve)}
+    (out_dir / "long_context.json").write_text(json.dumps(result, indent=2))
+    write_plot(curve, out_dir / "long_context_curve.png", context=context, title=title)
+    return result
+
+
 def format_table(rows: list[dict]) -> str:
     cols = ["bucket", "frames"] + [f"{n}_ce" for n in TABLE_STREAMS]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
@@ -248,19 +259,13 @@ def _main(argv: list[str]) -> int:
         curve = chunked_curve(model, codes, chunk_size=args.chunk_size)
     else:
         curve = single_pass_curve(model, codes)
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(curve, out_dir / "long_context_curve.csv")
-    rows = buckets_table(curve, edges)
-    result = {"checkpoint_dir": str(args.checkpoint_dir), "codes": args.codes, "chunk_size": args.chunk_size,
-              "context": cfg.context, "ttt_layers": list(cfg.ttt_layers), "frames": curve.frames,
-              "buckets": rows, "slope_vs_ln_frame": log_slopes(curve)}
-    (out_dir / "long_context.json").write_text(json.dumps(result, indent=2))
-    print(format_table(rows))
+    result = write_results(curve, Path(args.out_dir), edges=edges, context=cfg.context,
+                           title=f"{Path(args.checkpoint_dir).name}: CE by frame",
+                           settings={"checkpoint_dir": str(args.checkpoint_dir), "codes": args.codes,
+                                     "chunk_size": args.chunk_size, "ttt_layers": list(cfg.ttt_layers)})
+    print(format_table(result["buckets"]))
     print("slope of CE vs ln(frame + 1):", {k: round(v, 4) for k, v in result["slope_vs_ln_frame"].items()})
-    write_plot(curve, out_dir / "long_context_curve.png", context=cfg.context,
-               title=f"{Path(args.checkpoint_dir).name}: CE by frame")
-    print(f"wrote {out_dir}/long_context_curve.csv, long_context.json, long_context_curve.png")
+    print(f"wrote {args.out_dir}/long_context_curve.csv, long_context.json, long_context_curve.png")
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
@@ -24,7 +23,6 @@ from tttjax.analysis import memory
 from tttjax.data.streams import NO_TOKEN
 from tttjax.errors import UserError, is_out_of_memory
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
-from tttjax.model.moshi import initial_tokens
 from tttjax.objective import model_terms
 from tttjax.parallel.sharding import batch_sharding, replicated
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
 
 from tttjax.errors import UserError
 
@@ -60,6 +62,13 @@ class RunLogger:
     def warning(self, message: str) -> None:
         if self.enabled:
             self.log.warning(message)
+
+    def say(self, message: str, *, warning: bool = False) -> None:
+        """One line to train.log and to the terminal: what the run decided or found, which the user
+        must see (a set-aside step, an evaluation, why it stopped)."""
+        if self.enabled:
+            (self.log.warning if warning else self.log.info)(message)
+            tqdm.write(message, file=sys.stdout)  # above a progress bar, if one is drawn
 
     def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
