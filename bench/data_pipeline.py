@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tttjax.data import make_batch_iterator, make_dataset, num_frames, prepare, toydata
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import toydata  # noqa: E402  (tests/toydata.py: the local inputs the tests build)
+
+from tttjax.data import make_batch_iterator, make_dataset, num_frames, prepare  # noqa: E402
 
 WORDS = "hello world this is moshi speaking how are you today fine thanks".split()
 

@@ -7,7 +7,7 @@
     with gen.streaming(1):
         frame = gen.step(user_codes_t)
 
-The maths is DESIGN.md section 4 (dual form over mini-batches, causal or bidirectional step-size
+The maths is docs/contract.md §4 (dual form over mini-batches, causal or bidirectional step-size
 matrix, fp32 inner loop); the module and parameter names are the export contract
 (`transformer.layers.N.seq_modeling_block.ttt_layer.ttt.*`, `...forward_ssm_gating.gating_alpha`).
 One function, `ttt_mlp_chunk`, computes the layer over a chunk of tokens continuing a carried
@@ -153,7 +153,7 @@ class TTTState(State):
 
 
 class TTTMLP(StreamingModule[TTTState]):
-    """TTT(h) of DESIGN.md section 4; a moshi StreamingModule, so `lm.streaming(B)` carries its state."""
+    """TTT(h) of docs/contract.md §4; a moshi StreamingModule, so `lm.streaming(B)` carries its state."""
 
     def __init__(self, dim: int, num_heads: int, *, mini_batch_size: int, base_lr: float, causal: bool):
         super().__init__()
@@ -171,9 +171,10 @@ class TTTMLP(StreamingModule[TTTState]):
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim) for _ in range(4))
         self.post_norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def fresh_inner(self, batch_size: int) -> Inner:
-        """The state at the start of a sequence: the parameters W1, b1, W2, b2, nothing absorbed."""
-        weights = [p.detach().float().expand(batch_size, *p.shape).clone()
+    def fresh_inner(self, batch_size: int, *, detach: bool = True) -> Inner:
+        """The state at the start of a sequence: the parameters W1, b1, W2, b2, nothing absorbed
+        (`detach=False`: gradients reach the parameters, as in a whole-sequence training forward)."""
+        weights = [(p.detach() if detach else p).float().expand(batch_size, *p.shape).clone()
                    for p in (self.W1, self.b1, self.W2, self.b2)]
         pos = torch.zeros(batch_size, dtype=torch.long, device=self.W1.device)
         return Inner(*weights, *(torch.zeros_like(w) for w in weights), pos)
@@ -198,7 +199,7 @@ class TTTMLP(StreamingModule[TTTState]):
         logits = torch.einsum("btd,hd->bht", h.float(), self.learnable_ttt_lr_weight.float()[:, 0])
         lr = self.base_lr * torch.sigmoid(logits + self.learnable_ttt_lr_bias.float()) / d  # [B, H, T]
         state = self._streaming_state
-        inner = self.fresh_inner(B) if state is None else state.inner
+        inner = self.fresh_inner(B, detach=False) if state is None else state.inner
         new, out = ttt_mlp_chunk(inner, xq, xk, target, lr, nw, nb, mini_batch_size=self.mini_batch_size,
                                  causal=self.causal, max_start=0 if state is None else self.mini_batch_size - 1)
         if state is not None:
@@ -235,7 +236,7 @@ class SeqModelingBlock(nn.Module):
 
 
 def _attention_then_ttt(self, x):
-    """A TTT layer's attention sub-block: moshi's, then the TTT block (DESIGN.md section 4)."""
+    """A TTT layer's attention sub-block: moshi's, then the TTT block (docs/contract.md §4)."""
     return self.seq_modeling_block(type(self)._sa_block(self, x))
 
 

@@ -13,16 +13,10 @@ import pytest
 import sentencepiece
 import sphn
 import torch
+import toydata
 from moshi.models import loaders
 
-from tttjax.data import (
-    codec,
-    make_dataset,
-    make_eval_iterator,
-    prepare,
-    shards,
-    toydata,
-)
+from tttjax.data import codec, make_dataset, make_eval_iterator, prepare, shards
 from tttjax.data.sources import PreparedSource
 
 MAIN = "SPEAKER_MAIN"

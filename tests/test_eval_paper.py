@@ -254,8 +254,9 @@ def test_known_answers_by_codebook_choice_and_padding():
 def uniform_checkpoint(tmp_path_factory):
     """An imported TTT checkpoint whose audio logits are all 0: every audio token has log-likelihood
     -log(card) exactly, so summed scores favour the shorter wav and mean scores always tie."""
+    import toydata
+
     from tttjax.checkpoint.model_dir import save_model
-    from tttjax.data import toydata
 
     tmp = tmp_path_factory.mktemp("paper")
     cfg = from_lm_kwargs(ref.lm_kwargs(card=2048), ttt_layers=(1,), ttt_mini_batch_size=4)
@@ -267,7 +268,7 @@ def uniform_checkpoint(tmp_path_factory):
 
 
 def _wav(path: Path, seconds: float, seed: int):
-    from tttjax.data import toydata
+    import toydata
 
     pcm = toydata.speech_like(np.random.default_rng(seed), seconds, sample_rate=16000, channels=1)
     path.parent.mkdir(parents=True, exist_ok=True)

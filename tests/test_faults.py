@@ -262,6 +262,39 @@ def test_disk_full_while_saving_keeps_the_previous_steps(tmp_path, monkeypatch):
     m.close()
 
 
+DISK_FILLS_AT_THE_SECOND_SAVE = """
+import errno, sys
+from tttjax.checkpoint import consolidated
+real, calls = consolidated._write, []
+def full(directory, args):
+    calls.append(1)
+    if len(calls) >= 2:
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / args.filename))
+    return real(directory, args)
+consolidated._write = full
+from tttjax.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_during_training_is_one_line_naming_the_failed_step(tmp_path):
+    """The save of step 2 fails in Orbax's background threads; the run stops at its next save (step 3)
+    with one line naming step 2, and the threads' tracebacks stay in train.log."""
+    script = tmp_path / "train_until_the_disk_fills.py"
+    script.write_text(DISK_FILLS_AT_THE_SECOND_SAVE)
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(script), *micro.cli(max_steps=6, batch_size=4, duration_sec=1.28,
+                                                                   ckpt_freq=1, eval_freq=0),
+                           f"--config.run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    err = done.stderr.strip()
+    assert done.returncode == 1 and "\n" not in err, err
+    assert re.fullmatch(r"error: saving checkpoint step 2 in \S+ failed: \[Errno 28\] No space left on device: "
+                        r"\S+lora.safetensors' \(the committed steps \[1\] are intact\)", err), err
+    assert "Traceback" in (run_dir / "logs" / "train.log").read_text()  # the log keeps the threads' reports
+    assert steps_of(run_dir) == [1]
+
+
 def test_unwritable_outputs_and_empty_codes_are_one_line_before_any_work(trained, tmp_path, capsys):
     from tttjax import forward
     from tttjax.eval import __main__ as eval_main

@@ -259,7 +259,8 @@ def test_wandb_offline_run_lands_in_run_dir(run):
 # -- 9. paper metrics offline, as docs/eval.md documents it ---------------------------------------
 def test_paper_metrics_offline_path(run, tmp_path, monkeypatch):
     """A local (random) Mimi, the card-2048 model trained above, a story set built from local wavs."""
-    from tttjax.data import toydata
+    import toydata
+
     from tttjax.eval.__main__ import main as eval_main
 
     mimi = toydata.save_random_mimi(tmp_path / "mimi.safetensors")

@@ -1,6 +1,6 @@
 """Sequences longer than the attention window: every implementation against the real `moshi` package.
 
-moshi's `LMModel.forward` applies the `context` window in teacher-forced mode (DESIGN.md section 9);
+moshi's `LMModel.forward` applies the `context` window in teacher-forced mode (docs/contract.md §9);
 xla, blockwise and splash (Pallas interpret mode on CPU) must give its logits for T > context,
 with and without TTT layers. Tolerances: fp32 logits within 1e-4 as in test_moshi_parity.py (the
 implementations differ in summation order; observed ~3e-6); bf16 compute against moshi's fp32

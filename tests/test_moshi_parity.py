@@ -1,6 +1,6 @@
 """The Flax Moshi LM against the real `moshi` package: same weights, same codes, same logits and masks.
 
-Tolerance: fp32 logits agree to max |diff| < 1e-4 on masked positions (DESIGN.md section 3); the two
+Tolerance: fp32 logits agree to max |diff| < 1e-4 on masked positions (docs/contract.md §3); the two
 implementations differ only in summation order (observed ~2e-6). bf16 params: the stored weights
 are rounded to bf16 on both sides; compute stays fp32, so the diff stays at fp32 level.
 """

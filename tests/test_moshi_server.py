@@ -3,7 +3,7 @@ moshi's websocket protocol (handshake byte 0; kind 1 = opus audio, 2 = text), of
 
 The model: a random tttjax model (dim 64, 2 layers, TTT at layer 1, mini-batch 4; card 2048 and
 n_q 16 / dep_q 8 as Mimi needs; text_card = the test tokenizer's vocabulary), exported into a
-training step dir's `consolidated/`; a random Mimi with filled codebooks (DESIGN.md section 9) and a
+training step dir's `consolidated/`; a random Mimi with filled codebooks (docs/contract.md §9) and a
 sentencepiece model trained here.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch_reference as ref
+import toydata
 
 from conversion.moshi_server import server_checkpoint
 from conversion.to_pytorch import main as to_pytorch_main
-from tttjax.data import toydata
 
 REPO = Path(__file__).resolve().parents[1]
 FRAME = 1920  # 80 ms at 24 kHz: one Mimi frame

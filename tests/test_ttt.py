@@ -1,4 +1,4 @@
-"""TTT-MLP layer tests against an independent float64 NumPy primal-form reference (DESIGN.md section 4)."""
+"""TTT-MLP layer tests against an independent float64 NumPy primal-form reference (docs/contract.md §4)."""
 
 from __future__ import annotations
 

@@ -14,11 +14,8 @@ from typing import Callable
 
 import jax
 
-from tttjax.errors import UserError, is_out_of_memory
+from tttjax.errors import INTERRUPTED, UserError, is_out_of_memory
 from tttjax.model.config import ATTENTION_IMPLS, DEFAULT_ATTENTION_IMPL
-
-INTERRUPTED = 130  # a shell's code for SIGINT
-
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())

@@ -1,10 +1,13 @@
-"""The project's error base class: a problem the user can fix, printed as one line by every CLI.
+"""The project's error base class (a problem the user can fix, printed as one line by every CLI),
+what counts as XLA's out-of-memory, and the exit code of an interrupted command.
 
 Every error that names a key, a path, a size or a checkpoint the user gave derives from
 `UserError`; `tttjax.cli.run` prints it as `error: <message>` and exits with its `exit_code`.
 Anything else is a bug and keeps its traceback. `UserError` is a `ValueError`, so callers that
 catch ValueError (and tests that expect one) keep working.
 """
+
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (a shell's code for SIGINT)
 
 
 class UserError(ValueError):

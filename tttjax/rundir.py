@@ -1,4 +1,4 @@
-"""The on-disk names (DESIGN.md section 6) and what a weights path on disk is.
+"""The on-disk names (docs/contract.md §6) and what a weights path on disk is.
 
 Every name of the run directory, of a step directory's items, of a model directory and of a
 PyTorch export lives here, and so does the one answer to "what is this path?" (`weights_kind`).

@@ -177,7 +177,13 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
         if not np.all(np.isfinite(value)):
             report.different.append(f"{r.name}: {int(np.sum(~np.isfinite(value)))} non-finite values")
 
-    # 4. the export.
+    _check_export(report, directory, safetensors, cfg, rows, values)
+    return report
+
+
+def _check_export(report: Report, directory: Path, safetensors, cfg, rows, values: dict) -> None:
+    """4. The TTT tensors of the step's consolidated/ export (or --safetensors) against the checkpoint's
+    values, and its config.json's "ttt" block against the checkpoint's."""
     export = Path(safetensors) if safetensors else rundir.find_export(directory)
     if export is None:
         if report.kind == "step":
@@ -185,13 +191,13 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
         else:
             report.notes.append("imported checkpoint without an export to compare; pass --safetensors FILE "
                                 "(e.g. the lora.safetensors it was imported from) to compare values")
-        return report
+        return
     report.export = str(export)
     try:
         tensors = load_safetensors(export)
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
-        return report
+        return
     for r in rows:
         if r.name not in tensors:
             report.missing.append(f"{r.name} (not in {export.name})")
@@ -207,7 +213,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
             saved = rundir.read_json(config_json).get("ttt") or {}
         except ValueError as e:
             report.errors.append(str(e))
-            return report
+            return
         want = cfg.ttt_dict()
         for key in sorted(set(saved) | set(want)):
             if key in ("scan_remat_group",):
@@ -215,7 +221,6 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
             if saved.get(key) != want.get(key):
                 report.different.append(f"{config_json} ttt.{key}: {saved.get(key)!r} vs checkpoint "
                                         f"{want.get(key)!r}")
-    return report
 
 
 def _main(argv: list[str]) -> int:

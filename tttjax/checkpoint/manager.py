@@ -274,9 +274,16 @@ class CheckpointManager:
             self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for the in-flight save, then releases Orbax's threads."""
-        with self._save_errors():
-            self._mngr.close()
+        """Waits for the in-flight save, then releases Orbax's threads (also when that save failed: its
+        error is raised after they are gone, so none of them outlives the run)."""
+        try:
+            with self._save_errors():
+                self._mngr.wait_until_finished()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:  # the failure just raised, reported again by Orbax's close
+                pass
 
 
 def restore_trainables(step: Path, abstract_params):

@@ -85,122 +85,119 @@ non_negative = at_least(0)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _schema() -> Section:
-    S, K = Section, Key
-    return S("a tttjax training run", dict(
-        run_dir=K("runs/exp", "where args.yaml, checkpoints/ and logs/ go"),
-        seed=K(0, "model init and data order", non_negative),
-        max_steps=K(100, "optimizer steps", at_least(1)),
-        batch_size=K(16, "global batch (sequences per step, all processes together)", at_least(1)),
-        num_microbatches=K(1, "gradient accumulation: the batch is split in this many parts", at_least(1)),
-        duration_sec=K(100.0, "sequence length in seconds (12.5 frames per second)", positive),
-        log_freq=K(1, "log every this many steps", at_least(1)),
-        do_ckpt=K(True, "write checkpoints at all"),
-        ckpt_freq=K(0, "checkpoint every this many steps; 0 = only at the end", non_negative),
-        num_ckpt_keep=K(3, "keep the last N; None = keep all", at_least(1), nullable=True),
-        save_adapters=K(True, "consolidated/ holds lora.safetensors (LoRA + TTT) instead of the merged model"),
-        export_dtype=K("bfloat16", "dtype of the consolidated/ safetensors", one_of(*DTYPES)),
-        checkpoint=S("resume and checkpoint writing", dict(
-            resume=K("auto", "auto: resume from run_dir's latest checkpoint if any; never: refuse if any",
-                     one_of("auto", "never")),
-            resume_step=K(-1, "which step to resume from; -1 = latest", at_least(-1)),
-            init_state_dir=K("", "weights only (fresh optimizer, step 0): a step dir or an imported dir"),
-            async_save=K(True, "write checkpoints in the background"),
-            allow_data_change=K(False, "resume although batch_size/duration_sec/data/seed changed (logged)"),
+SCHEMA = Section("a tttjax training run", dict(
+    run_dir=Key("runs/exp", "where args.yaml, checkpoints/ and logs/ go"),
+    seed=Key(0, "model init and data order", non_negative),
+    max_steps=Key(100, "optimizer steps", at_least(1)),
+    batch_size=Key(16, "global batch (sequences per step, all processes together)", at_least(1)),
+    num_microbatches=Key(1, "gradient accumulation: the batch is split in this many parts", at_least(1)),
+    duration_sec=Key(100.0, "sequence length in seconds (12.5 frames per second)", positive),
+    log_freq=Key(1, "log every this many steps", at_least(1)),
+    do_ckpt=Key(True, "write checkpoints at all"),
+    ckpt_freq=Key(0, "checkpoint every this many steps; 0 = only at the end", non_negative),
+    num_ckpt_keep=Key(3, "keep the last N; None = keep all", at_least(1), nullable=True),
+    save_adapters=Key(True, "consolidated/ holds lora.safetensors (LoRA + TTT) instead of the merged model"),
+    export_dtype=Key("bfloat16", "dtype of the consolidated/ safetensors", one_of(*DTYPES)),
+    checkpoint=Section("resume and checkpoint writing", dict(
+        resume=Key("auto", "auto: resume from run_dir's latest checkpoint if any; never: refuse if any",
+                 one_of("auto", "never")),
+        resume_step=Key(-1, "which step to resume from; -1 = latest", at_least(-1)),
+        init_state_dir=Key("", "weights only (fresh optimizer, step 0): a step dir or an imported dir"),
+        async_save=Key(True, "write checkpoints in the background"),
+        allow_data_change=Key(False, "resume although batch_size/duration_sec/data/seed changed (logged)"),
+    )),
+    model=Section("moshi LM config (lm_kwargs) and how the temporal attention runs", dict(
+        attention_impl=Key(DEFAULT_ATTENTION_IMPL, "temporal attention: auto | xla (full scores) | blockwise | "
+                           "splash (TPU) | cudnn (GPU)", one_of(*ATTENTION_IMPLS)),
+        **{name: Key(value, "moshi LM option (lm_kwargs)", nullable=value is None)
+           for name, value in MOSHI_7B_LM_KWARGS.items()},
+    )),
+    param_dtype=Key("bfloat16", "stored parameter dtype (trainable params keep fp32 masters)", one_of(*DTYPES)),
+    dtype=Key("bfloat16", "compute dtype; norms, RoPE, softmax and the TTT inner loop stay fp32", one_of(*DTYPES)),
+    remat=Key("full", "remat of temporal, TTT and depformer layers: none | full (keep inputs) | dots (matmul "
+            "outputs)", one_of("none", "full", "dots")),
+    unroll_layers=Key(False, "unroll the layer stacks (no per-layer stacking of residuals/grads; longer compiles)"),
+    moshi_paths=Section("base weights", dict(
+        moshi_path=Key("", "base weights: PyTorch .safetensors or a tttjax checkpoint dir; \"\" = random"),
+        config_path=Key("", "moshi config.json for a .safetensors base; overrides `model`"),
+    )),
+    lora=Section("LoRA on every Linear", dict(
+        enable=Key(True, "LoRA on every Linear"),
+        rank=Key(128, "LoRA rank", at_least(1)),
+        scaling=Key(LORA_SCALING, "plain multiplier of B(Ax) (moshi semantics, not alpha/rank)", finite),
+    )),
+    full_finetuning=Key(False, "train every parameter (else LoRA + TTT + gates)"),
+    ttt=Section("TTT-MLP layers", dict(
+        enable=Key(False, "insert TTT-MLP layers"),
+        layers=Key("1,5,10", "0-based temporal layers: \"1,5,10\" | \"all\" | \"middle\" | \"none\""),
+        base_lr=Key(TTT_DEFAULTS["base_lr"], "inner-loop step size base", non_negative),
+        mini_batch_size=Key(TTT_DEFAULTS["mini_batch_size"], "K: frames per inner mini-batch", at_least(1)),
+        initial_gating_alpha=Key(TTT_DEFAULTS["initial_gating_alpha"], "gate init; tanh(alpha) scales the TTT "
+                               "branch", finite),
+        causal=Key(TTT_DEFAULTS["causal"], "causal step-size matrix; False = bidirectional compatibility mode"),
+        scan_remat_group=Key(TTT_DEFAULTS["scan_remat_group"], "checkpoint the inner scan every this many "
+                           "mini-batches", at_least(1)),
+        num_heads=Key(TTT_DEFAULTS["num_heads"], "TTT heads; 0 = the temporal heads", non_negative),
+    )),
+    first_codebook_weight_multiplier=Key(100.0, "loss weight of the semantic codebook", non_negative),
+    text_padding_weight=Key(0.5, "loss weight of text pad tokens (3 and 0)", non_negative),
+    optim=Section("AdamW with moshi-finetune's OneCycle schedule", dict(
+        lr=Key(2e-6, "peak learning rate of the OneCycle schedule", positive),
+        weight_decay=Key(0.1, "AdamW decoupled weight decay", non_negative),
+        pct_start=Key(0.05, "warm-up fraction of max_steps", between(0, 1)),
+        b1=Key(0.9, "Adam beta1 when cycle_momentum is off", between(0, 1, high_open=True)),
+        b2=Key(0.95, "Adam beta2", between(0, 1, high_open=True)),
+        eps=Key(1e-8, "Adam epsilon", positive),
+        max_norm=Key(1.0, "global gradient-norm clip", positive),
+        cycle_momentum=Key(True, "beta1 0.95 -> 0.85 -> 0.95 with the LR, as torch OneCycleLR"),
+        ttt_lr_multiplier=Key(1.0, "LR multiplier of TTT weights", non_negative),
+        gate_lr_multiplier=Key(1.0, "LR multiplier of the TTT gates", non_negative),
+    )),
+    data=Section("training and evaluation data", dict(
+        train_data=Key("", "prepared dir(s), \"synthetic[:N]\", \"tfds:name\", or \"a:0.7,b:0.3\""),
+        shuffle=Key(True, "global shuffle, reshuffled every epoch"),
+        num_workers=Key(0, "grain worker processes", non_negative),
+    )),
+    evals=Section("evaluations: the trainer runs each every `freq` steps (0 = never); python -m tttjax.eval "
+            "--evals runs them on a checkpoint", dict(
+        standard=Section("token-weighted CE / perplexity per stream and codebook", dict(
+            freq=Key(0, "every this many steps; 0 = never (moshi-finetune's eval_freq)", non_negative),
+            data=Key("", "dataset spec, as data.train_data; \"\" = none (moshi-finetune's data.eval_data)"),
+            batches=Key(40, "batches per evaluation; 0 = the whole eval set (eval_batches)", non_negative),
         )),
-        model=S("moshi LM config (lm_kwargs) and how the temporal attention runs", dict(
-            attention_impl=K(DEFAULT_ATTENTION_IMPL, "temporal attention: auto | xla (full scores) | blockwise | splash (TPU) | "
-                             "cudnn (GPU)", one_of(*ATTENTION_IMPLS)),
-            **{name: K(value, "moshi LM option (lm_kwargs)", nullable=value is None)
-               for name, value in MOSHI_7B_LM_KWARGS.items()},
+        long_context=Section("CE at each frame index through the chunked streaming forward (TTT state carried)", dict(
+            freq=Key(0, "every this many steps; 0 = never", non_negative),
+            data=Key("", "codes .npy files [B, 17, T], comma-separated"),
+            chunk_size=Key(64, "frames per call with the state carried; 0 = one full-sequence forward",
+                         non_negative),
         )),
-        param_dtype=K("bfloat16", "stored parameter dtype (trainable params keep fp32 masters)", one_of(*DTYPES)),
-        dtype=K("bfloat16", "compute dtype; norms, RoPE, softmax and the TTT inner loop stay fp32", one_of(*DTYPES)),
-        remat=K("full", "remat of temporal, TTT and depformer layers: none | full (keep inputs) | dots (matmul "
-                "outputs)", one_of("none", "full", "dots")),
-        unroll_layers=K(False, "unroll the layer stacks (no per-layer stacking of residuals/grads; longer compiles)"),
-        moshi_paths=S("base weights", dict(
-            moshi_path=K("", "base weights: PyTorch .safetensors or a tttjax checkpoint dir; \"\" = random"),
-            config_path=K("", "moshi config.json for a .safetensors base; overrides `model`"),
+        paper_metrics=Section("sWUGGY / sBLIMP / sStoryCloze / tStoryCloze pairwise accuracies", dict(
+            freq=Key(0, "every this many steps; 0 = never", non_negative),
+            data=Key("", "task=PATH[,task=PATH...] or a manifest .jsonl (as tttjax.eval --paper_data)"),
+            mimi_weight=Key("", "local Mimi safetensors that encodes the wavs"),
+            max_pairs=Key(0, "the first N pairs of each task; 0 = all", non_negative),
+            batch_size=Key(8, "sequences per forward pass", at_least(1)),
         )),
-        lora=S("LoRA on every Linear", dict(
-            enable=K(True, "LoRA on every Linear"),
-            rank=K(128, "LoRA rank", at_least(1)),
-            scaling=K(LORA_SCALING, "plain multiplier of B(Ax) (moshi semantics, not alpha/rank)", finite),
-        )),
-        full_finetuning=K(False, "train every parameter (else LoRA + TTT + gates)"),
-        ttt=S("TTT-MLP layers", dict(
-            enable=K(False, "insert TTT-MLP layers"),
-            layers=K("1,5,10", "0-based temporal layers: \"1,5,10\" | \"all\" | \"middle\" | \"none\""),
-            base_lr=K(TTT_DEFAULTS["base_lr"], "inner-loop step size base", non_negative),
-            mini_batch_size=K(TTT_DEFAULTS["mini_batch_size"], "K: frames per inner mini-batch", at_least(1)),
-            initial_gating_alpha=K(TTT_DEFAULTS["initial_gating_alpha"], "gate init; tanh(alpha) scales the TTT "
-                                   "branch", finite),
-            causal=K(TTT_DEFAULTS["causal"], "causal step-size matrix; False = bidirectional compatibility mode"),
-            scan_remat_group=K(TTT_DEFAULTS["scan_remat_group"], "checkpoint the inner scan every this many "
-                               "mini-batches", at_least(1)),
-            num_heads=K(TTT_DEFAULTS["num_heads"], "TTT heads; 0 = the temporal heads", non_negative),
-        )),
-        first_codebook_weight_multiplier=K(100.0, "loss weight of the semantic codebook", non_negative),
-        text_padding_weight=K(0.5, "loss weight of text pad tokens (3 and 0)", non_negative),
-        optim=S("AdamW with moshi-finetune's OneCycle schedule", dict(
-            lr=K(2e-6, "peak learning rate of the OneCycle schedule", positive),
-            weight_decay=K(0.1, "AdamW decoupled weight decay", non_negative),
-            pct_start=K(0.05, "warm-up fraction of max_steps", between(0, 1)),
-            b1=K(0.9, "Adam beta1 when cycle_momentum is off", between(0, 1, high_open=True)),
-            b2=K(0.95, "Adam beta2", between(0, 1, high_open=True)),
-            eps=K(1e-8, "Adam epsilon", positive),
-            max_norm=K(1.0, "global gradient-norm clip", positive),
-            cycle_momentum=K(True, "beta1 0.95 -> 0.85 -> 0.95 with the LR, as torch OneCycleLR"),
-            ttt_lr_multiplier=K(1.0, "LR multiplier of TTT weights", non_negative),
-            gate_lr_multiplier=K(1.0, "LR multiplier of the TTT gates", non_negative),
-        )),
-        data=S("training and evaluation data", dict(
-            train_data=K("", "prepared dir(s), \"synthetic[:N]\", \"tfds:name\", or \"a:0.7,b:0.3\""),
-            shuffle=K(True, "global shuffle, reshuffled every epoch"),
-            num_workers=K(0, "grain worker processes", non_negative),
-        )),
-        evals=S("evaluations: the trainer runs each every `freq` steps (0 = never); python -m tttjax.eval "
-                "--evals runs them on a checkpoint", dict(
-            standard=S("token-weighted CE / perplexity per stream and codebook", dict(
-                freq=K(0, "every this many steps; 0 = never (moshi-finetune's eval_freq)", non_negative),
-                data=K("", "dataset spec, as data.train_data; \"\" = none (moshi-finetune's data.eval_data)"),
-                batches=K(40, "batches per evaluation; 0 = the whole eval set (eval_batches)", non_negative),
-            )),
-            long_context=S("CE at each frame index through the chunked streaming forward (TTT state carried)", dict(
-                freq=K(0, "every this many steps; 0 = never", non_negative),
-                data=K("", "codes .npy files [B, 17, T], comma-separated"),
-                chunk_size=K(64, "frames per call with the state carried; 0 = one full-sequence forward",
-                             non_negative),
-            )),
-            paper_metrics=S("sWUGGY / sBLIMP / sStoryCloze / tStoryCloze pairwise accuracies", dict(
-                freq=K(0, "every this many steps; 0 = never", non_negative),
-                data=K("", "task=PATH[,task=PATH...] or a manifest .jsonl (as tttjax.eval --paper_data)"),
-                mimi_weight=K("", "local Mimi safetensors that encodes the wavs"),
-                max_pairs=K(0, "the first N pairs of each task; 0 = all", non_negative),
-                batch_size=K(8, "sequences per forward pass", at_least(1)),
-            )),
-        )),
-        mesh=S("the (data, fsdp, tensor) device mesh", dict(
-            data=K(-1, "data-parallel axis; -1 = the remaining devices (per slice when a dcn_* is not 1)", mesh_axis),
-            fsdp=K(1, "fully-sharded axis: params, optimizer state and batch split over it", mesh_axis),
-            tensor=K(1, "tensor-parallel axis: heads, MLP hidden, vocab", mesh_axis),
-            dcn_data=K(1, "data axis across TPU slices (GPU/CPU: processes) over DCN; -1 = the remaining slices",
-                       mesh_axis),
-            dcn_fsdp=K(1, "fsdp axis across slices/processes (mesh axis size = fsdp * dcn_fsdp)", mesh_axis),
-            dcn_tensor=K(1, "tensor axis across slices/processes (rarely useful)", mesh_axis),
-        )),
-        memory_check=K("error", "start-up per-device memory estimate vs device memory: error | warn | off",
-                       one_of("error", "warn", "off")),
-        wandb=S("wandb logging", dict(
-            project=K("", "\"\" = wandb off"),
-            offline=K(True, "no network: write the run locally"),
-            run_name=K("", "defaults to the run_dir name"),
-        )),
-    ))
+    )),
+    mesh=Section("the (data, fsdp, tensor) device mesh", dict(
+        data=Key(-1, "data-parallel axis; -1 = the remaining devices (per slice when a dcn_* is not 1)", mesh_axis),
+        fsdp=Key(1, "fully-sharded axis: params, optimizer state and batch split over it", mesh_axis),
+        tensor=Key(1, "tensor-parallel axis: heads, MLP hidden, vocab", mesh_axis),
+        dcn_data=Key(1, "data axis across TPU slices (GPU/CPU: processes) over DCN; -1 = the remaining slices",
+                   mesh_axis),
+        dcn_fsdp=Key(1, "fsdp axis across slices/processes (mesh axis size = fsdp * dcn_fsdp)", mesh_axis),
+        dcn_tensor=Key(1, "tensor axis across slices/processes (rarely useful)", mesh_axis),
+    )),
+    memory_check=Key("error", "start-up per-device memory estimate vs device memory: error | warn | off",
+                   one_of("error", "warn", "off")),
+    wandb=Section("wandb logging", dict(
+        project=Key("", "\"\" = wandb off"),
+        offline=Key(True, "no network: write the run locally"),
+        run_name=Key("", "defaults to the run_dir name"),
+    )),
+))
 
 
-SCHEMA = _schema()
 # Other spellings of a key that configs may use (moshi-finetune's names): read as the key they name.
 ALIASES = {"eval_freq": "evals.standard.freq", "eval_batches": "evals.standard.batches",
            "data.eval_data": "evals.standard.data"}

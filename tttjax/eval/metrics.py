@@ -1,4 +1,4 @@
-"""Standard metrics (DESIGN.md section 8): token-weighted over the whole eval set, natural log.
+"""Standard metrics (docs/contract.md §8): token-weighted over the whole eval set, natural log.
 
 Batches are reduced to sums (`loss_terms`) on device and added up on the host, so the result is
 a mean over tokens, not a mean of batch means.

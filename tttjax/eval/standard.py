@@ -1,4 +1,4 @@
-"""Standard metrics of a checkpoint on a prepared dataset or a codes.npy array (DESIGN.md section 8).
+"""Standard metrics of a checkpoint on a prepared dataset or a codes.npy array (docs/contract.md §8).
 
 A `codes.npy` [N, 17, T] is evaluated row by row as given (no cutting, no shuffling); the last
 batch is filled with all -1 rows, which carry no loss. A dataset spec (prepared DATA_DIR,

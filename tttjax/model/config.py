@@ -175,7 +175,7 @@ class ModelConfig:
         return {k: json.loads(v) for k, v in self.lm_kwargs}
 
     def ttt_dict(self) -> dict[str, Any]:
-        """The `"ttt"` block of config.json (DESIGN.md section 7)."""
+        """The `"ttt"` block of config.json (docs/contract.md §7)."""
         return {
             "enable": bool(self.ttt_layers),
             "layers": ",".join(str(i) for i in self.ttt_layers) or "none",

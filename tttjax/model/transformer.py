@@ -144,7 +144,7 @@ class TransformerLayer(nnx.Module):
 
     def __call__(self, x, *, ttt: nnx.Module | None = None, offset=0, cache: LayerCache | None = None):
         """-> (y, cache). `ttt`: the layer's gated TTT branch (`ttt.TTTGatedBlock`), between the two
-        sub-blocks (DESIGN.md section 4). `cache` (decoding, chunked evaluation) carries the KV ring
+        sub-blocks (docs/contract.md §4). `cache` (decoding, chunked evaluation) carries the KV ring
         and the TTT state from the previous chunk; it comes back updated."""
         h, kv = self.self_attn(self.norm1(x), offset=offset, cache=None if cache is None else cache.kv)
         x = x + h

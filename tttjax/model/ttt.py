@@ -1,4 +1,4 @@
-"""TTT-MLP layer (DESIGN.md section 4): the gated TTT branch inserted into temporal layers.
+"""TTT-MLP layer (docs/contract.md §4): the gated TTT branch inserted into temporal layers.
 
 `TTTMLP` projects a layer's hidden states to per-head queries, keys, values and inner step
 sizes, runs the inner loop of every (sequence, head) (`ttt_inner`: the dual form for training,
@@ -38,7 +38,7 @@ def _param(init, key, shape, dtype, names):
 
 
 class TTTMLP(nnx.Module):
-    """TTT(h) = wo(post_norm(merged heads of the inner-loop output)), DESIGN.md section 4."""
+    """TTT(h) = wo(post_norm(merged heads of the inner-loop output)), docs/contract.md §4."""
 
     def __init__(self, dim: int, num_heads: int, *, mini_batch_size: int, base_lr: float, causal: bool = True,
                  scan_remat_group: int = 1, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):

@@ -1,4 +1,4 @@
-"""The TTT-MLP inner loop of one sequence and one head (DESIGN.md section 4), on arrays.
+"""The TTT-MLP inner loop of one sequence and one head (docs/contract.md §4), on arrays.
 
 The inner model per (batch element, head) is a 2-layer MLP `f(x) = x + LN(gelu(x W1 + b1) W2 + b2)`
 trained online on the sequence by gradient steps on `1/2 ||LN(f_res(XK)) - LNu(XV - XK)||^2`.

@@ -43,6 +43,7 @@ class RunLogger:
         handler = logging.FileHandler(logs / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.addHandler(handler)
+        self._terminal_handlers = _route_library_logs(handler)
         self._jsonl = open(logs / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
@@ -86,6 +87,28 @@ class RunLogger:
             self._tb.close()
             if self._wandb is not None:
                 self._wandb.finish()
+            root = logging.getLogger()
             for handler in list(self.log.handlers):
                 self.log.removeHandler(handler)
+                root.removeHandler(handler)
                 handler.close()
+            for handler in self._terminal_handlers:
+                root.addHandler(handler)
+
+
+def _route_library_logs(file_handler: logging.Handler) -> list[logging.Handler]:
+    """While the run lasts, what libraries log on the root logger goes to train.log, not the terminal
+    (Orbax's writer threads log every failure of a save with its traceback; the run says it in one
+    line). Returns the terminal handlers taken off, which `close` puts back, from then on without
+    Orbax's background threads (a failed save's threads may still log while the process exits)."""
+    root = logging.getLogger()
+    terminal = [h for h in root.handlers if getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__)]
+    for handler in terminal:
+        root.removeHandler(handler)
+        handler.addFilter(_not_a_checkpoint_thread)
+    root.addHandler(file_handler)
+    return terminal
+
+
+def _not_a_checkpoint_thread(record: logging.LogRecord) -> bool:
+    return not (record.name == "absl" and record.threadName != "MainThread")

@@ -26,8 +26,7 @@ from tttjax import rundir
 from tttjax.analysis import memory
 from tttjax.checkpoint import CheckpointManager, lock
 from tttjax.checkpoint.resume import RunIdentity, data_stream, resume
-from tttjax.cli import INTERRUPTED
-from tttjax.errors import UserError, is_out_of_memory
+from tttjax.errors import INTERRUPTED, UserError, is_out_of_memory
 from tttjax.eval import evaluators
 from tttjax.model.config import MOSHI_7B_LM_KWARGS
 from tttjax.parallel.distributed import initialize_distributed

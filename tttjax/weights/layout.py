@@ -4,7 +4,7 @@ Every PyTorch tensor is one `Row`: its name, the Flax parameter it lives in, whi
 (stacked) parameter it holds, and how the values are transformed. Import and export both walk
 these rows, tensor by tensor.
 
-Layouts (DESIGN.md section 7):
+Layouts (docs/contract.md §7):
   "moshi"   - moshi's in-memory names, what moshi-finetune writes (`self_attn.in_projs.S.weight`).
   "release" - the released/fused names (`self_attn.in_proj_weight`, `self_attn.out_proj.weight`,
               the depformer's per-step attention matrices concatenated on dim 0).

@@ -2,7 +2,7 @@
 
 Accepts the moshi in-memory layout (`in_projs.N`, what moshi-finetune writes) and the released
 fused layout (`in_proj_weight`), LoRA tensors in the weights file or in a separate LoRA file,
-and TTT tensors (DESIGN.md section 7) with a `"ttt"` block in config.json.
+and TTT tensors (docs/contract.md §7) with a `"ttt"` block in config.json.
 """
 
 from __future__ import annotations
