@@ -208,3 +208,15 @@ def test_every_step_damaged_is_refused_by_name_or_started_over(run_copy, trained
     assert stored_state(rundir.step_dir(run_copy, STEPS))[0].tobytes() == \
         stored_state(rundir.step_dir(trained, STEPS))[0].tobytes()  # the same run again, from scratch
     assert json.loads((rundir.step_dir(run_copy, STEPS) / rundir.DATA / rundir.DATA_FILE).read_text())["next_step"] == 3
+
+
+def test_local_copies_need_both_keys():
+    from tttjax.config import schema
+    from tttjax.errors import ConfigError
+
+    config = micro_config("unused", **{"checkpoint.local_dir": "/mnt/local"})
+    with pytest.raises(ConfigError, match=r"checkpoint.local_dir='/mnt/local' and checkpoint.local_ckpt_freq=0 go "
+                                          r"together"):
+        schema.validate(config)
+    config.checkpoint.local_ckpt_freq = 2
+    schema.validate(config)

@@ -93,3 +93,27 @@ def test_each_signal_at_each_phase_ends_the_run_promptly(tmp_path, phase):
             assert step in (2, 3, 4), committed
             position = json.loads((checkpoints / name / rundir.DATA / rundir.DATA_FILE).read_text())
             assert position["next_step"] == step and (checkpoints / name / rundir.DIGESTS).is_dir()
+
+
+def test_a_run_that_cannot_reach_a_step_boundary_is_cut_after_stop_timeout_s(tmp_path):
+    """Ctrl-C during a long evaluation (1000 batches) with checkpoint.stop_timeout_s=1: the watchdog
+    ends the process about a second later without a new save (step 2 was not saved yet: the
+    evaluation runs before the checkpoint)."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tttjax.main", *CLI, "--config.eval_batches=1000", "--config.data.eval_data=synthetic:4000",
+                             "--config.checkpoint.stop_timeout_s=1", f"--config.run_dir={run_dir}"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    deadline = time.monotonic() + 300
+    while not reached(run_dir, "eval standard step 2: started"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    assert time.monotonic() - sent < EARLY_BOUND_S and proc.returncode == 130, err[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert last == ("interrupted (Ctrl-C) while evaluation, and the run did not reach a step boundary within "
+                    "checkpoint.stop_timeout_s=1 s: stopped without a new save"), last
+    assert last in (run_dir / "logs" / "train.log").read_text()
+    assert not list(rundir.checkpoints_dir(run_dir).glob("checkpoint_*"))

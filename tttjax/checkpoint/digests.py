@@ -39,6 +39,7 @@ from orbax.checkpoint import future
 
 MASK = (1 << 32) - 1
 FORMAT = 1
+BLOCK_BYTES = 1 << 20  # the host digest reads an array in blocks this size (it stays in cache for both sums)
 
 
 def path_name(path) -> str:
@@ -83,8 +84,14 @@ def host_digest(block: np.ndarray, offsets, shape) -> tuple[int, int]:
     if b.ndim == 0:
         return int(b) & MASK, int(b) & MASK
     rows = b.reshape(-1, b.shape[-1])
-    last = rows.sum(axis=0, dtype=np.uint32)
-    leading = rows.sum(axis=1, dtype=np.uint32).reshape(b.shape[:-1])
+    last = np.zeros(rows.shape[1], np.uint32)
+    leading = np.empty(rows.shape[0], np.uint32)
+    step = max(1, BLOCK_BYTES // max(1, rows.shape[1] * rows.itemsize))
+    for start in range(0, rows.shape[0], step):  # both sums of a block while it is in cache: one read
+        block = rows[start:start + step]
+        last += block.sum(axis=0, dtype=np.uint32)
+        leading[start:start + step] = block.sum(axis=1, dtype=np.uint32)
+    leading = leading.reshape(b.shape[:-1])
     marginals = [leading.sum(axis=tuple(a for a in range(b.ndim - 1) if a != d), dtype=np.uint32)
                  for d in range(b.ndim - 1)] + [last]
     return _combine(marginals, offsets, shape, int(last.sum(dtype=np.uint64)))
