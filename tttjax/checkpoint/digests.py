@@ -123,10 +123,10 @@ def _device_lanes(xs, grids):
         for d in range(x.ndim):
             iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, d)
             ci, fi = ci + iota * np.uint32(c[d] & MASK), fi + iota * np.uint32(f[d] & MASK)
-        lanes = jnp.stack([bits * (2 * ci + 1), bits * (2 * fi + 1)], axis=-1)
         split = [n for g, size in zip(grid, x.shape) for n in (g, size // g)]
-        lanes = lanes.reshape(*split, 2).sum(axis=tuple(range(1, 2 * x.ndim, 2)), dtype=jnp.uint32)
-        out.append(lanes)
+        within = tuple(range(1, 2 * x.ndim, 2))  # each lane its own fused reduction: no array-sized temporary
+        out.append(jnp.stack([(bits * (2 * index + 1)).reshape(split).sum(axis=within, dtype=jnp.uint32)
+                              for index in (ci, fi)], axis=-1))
     return out
 
 
@@ -170,7 +170,9 @@ def start(state, *, on_device: bool | None = None) -> Pending:
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     if on_device is None:
         on_device = any(d.platform != "cpu" for _, x in leaves for d in x.sharding.device_set)
-    on_host = not on_device
+    named = [x.sharding for _, x in leaves if isinstance(x.sharding, jax.sharding.NamedSharding)]
+    one_mesh = len(named) == len(leaves) and len({sharding.mesh for sharding in named}) == 1
+    on_host = not (on_device and one_mesh)  # one device program needs every array on one mesh
     arrays = []
     for path, x in leaves:
         shards = [(_index(s, x.shape), s.replica_id, np.asarray(s.data) if on_host else None)

@@ -88,8 +88,7 @@ class Watchdog:
         self._thread.join(timeout=5)
         signal.set_wakeup_fd(self._previous_fd)
         for s, handler in self._previous.items():
-            if signal.getsignal(s) is not None:  # still ours (JAX's C handler is left in place)
-                signal.signal(s, handler)
+            signal.signal(s, handler)
         os.close(self._read)
         os.close(self._write)
 
