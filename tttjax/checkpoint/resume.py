@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+
 from tttjax import rundir
 from tttjax.checkpoint.compat import check_compatible
 from tttjax.checkpoint.manager import BrokenCheckpoint, CheckpointManager
@@ -113,7 +115,7 @@ def _restore(manager, step: int, checkpoint_config, identity: RunIdentity, abstr
         notes.append(f"{e}; accepted (checkpoint.allow_data_change): the run continues after the examples it has "
                      f"seen")
     state, position = manager.restore(step, abstract_state)
-    if not bool(all_finite(state)):
+    if not bool(jax.jit(all_finite)(state)):  # one program: eager ops over a sharded state are one each
         raise BrokenCheckpoint(f"{rundir.step_dir(run_dir, step)} holds non-finite values")
     start_example = int(position.get("next_example", position["next_step"] * saved_stream["batch_size"]))
     return Resumed(state, int(position["next_step"]), start_example, notes)
