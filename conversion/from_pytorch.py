@@ -15,9 +15,11 @@ import sys
 
 from conversion.pytorch import load_pytorch
 from tttjax.checkpoint.model_dir import save_model
+from tttjax.platforms import select_platforms
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(prog="python -m conversion.from_pytorch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="PyTorch safetensors (moshi or release layout)")
     parser.add_argument("--config", required=True, help="moshi LM config.json (lm_kwargs, + lora/ttt keys)")

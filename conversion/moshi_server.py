@@ -32,6 +32,7 @@ import torch
 from moshi.models import loaders
 
 from conversion.torch_ttt import check_config_streamable, load_ttt_moshi
+from tttjax.platforms import select_platforms
 from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, CONSOLIDATED, FULL_FILE, read_json
 
 
@@ -114,6 +115,7 @@ def server_checkpoint(checkpoint_dir, *, moshi_weights=None, mimi_weights=None, 
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(
         prog="python -m conversion.moshi_server", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="All other flags are moshi.server's (python -m moshi.server --help).")

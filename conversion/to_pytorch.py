@@ -19,10 +19,12 @@ import jax
 from conversion import layout
 from conversion.export import plan_export
 from tttjax import rundir
+from tttjax.platforms import select_platforms
 from tttjax.weights import open_weights
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(prog="python -m conversion.to_pytorch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")
     parser.add_argument("--out", required=True, help="output directory")

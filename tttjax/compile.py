@@ -25,6 +25,7 @@ from tttjax.analysis.flops import train_step_flops
 from tttjax.analysis.memory import format_bytes
 from tttjax.model.attention import resolve_impl
 from tttjax.parallel.sharding import batch_parallelism
+from tttjax.platforms import select_platforms
 from tttjax.train.program import build_program
 
 USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-64 [--num_slices=N] "
@@ -263,6 +264,7 @@ def parse_args(argv: list[str]):
 
 
 def main(argv=None) -> int:
+    select_platforms(for_tpu_compile=True)
     argv = sys.argv[1:] if argv is None else argv
     spec, overrides, args = parse_args(argv)
     try:

@@ -21,6 +21,7 @@ from flax import nnx
 
 from conversion.sources import materialize
 from tttjax import rundir
+from tttjax.platforms import select_platforms
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, chunked_forward
@@ -28,6 +29,7 @@ from tttjax.weights import add_attention_impl_flag, open_weights
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(prog="python -m tttjax.forward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
     parser.add_argument("--codes", required=True, help=".npy int array [B, 17, T]")

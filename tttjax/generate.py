@@ -23,10 +23,12 @@ import numpy as np
 from conversion.sources import materialize
 from tttjax.data.codes import load_codes
 from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
+from tttjax.platforms import select_platforms
 from tttjax.weights import open_weights
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(prog="python -m tttjax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
     parser.add_argument("--user_codes", required=True, help=".npy int array [B, n_q - dep_q, T]")

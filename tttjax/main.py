@@ -18,6 +18,7 @@ from absl import logging  # noqa: E402
 
 from configs import base  # noqa: E402
 from tttjax import run_config  # noqa: E402
+from tttjax.platforms import select_platforms  # noqa: E402
 from tttjax.checkpoint import CheckpointError, RunDirError  # noqa: E402
 from tttjax.train.loop import Trainer, TrainingError  # noqa: E402
 
@@ -34,6 +35,7 @@ def _help(spec: str | None, overrides) -> str:
 
 
 def main(argv=None) -> int:
+    select_platforms()
     argv = sys.argv[1:] if argv is None else argv
     try:
         spec, overrides, rest = run_config.split_config_args(argv)

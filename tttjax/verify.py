@@ -34,6 +34,7 @@ from conversion.safetensors_io import load as load_safetensors
 from conversion.sources import OrbaxSource, materialize
 from tttjax import rundir
 from tttjax.model.params import flat_abstract, flat_params, is_ttt
+from tttjax.platforms import select_platforms
 from tttjax.weights import Weights, open_weights
 
 
@@ -218,6 +219,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(prog="python -m tttjax.verify", description=__doc__.split("\n")[0],
                                      epilog="Exit status 1 lists every missing or different TTT tensor.")
     parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")

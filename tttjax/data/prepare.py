@@ -43,6 +43,7 @@ from tttjax.data.streams import (
     num_frames,
 )
 from tttjax.data.tfds_writer import write_tfds
+from tttjax.platforms import select_platforms
 
 log = logging.getLogger("tttjax.data.prepare")
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
@@ -370,6 +371,7 @@ def verify(data_dir: Path) -> None:
 
 
 def main(argv=None) -> None:
+    select_platforms()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)

@@ -36,6 +36,7 @@ from tttjax.eval import paper, standard  # noqa: E402
 from tttjax.eval.metrics import format_table  # noqa: E402
 from tttjax.model.config import from_run_config  # noqa: E402
 from tttjax.model.moshi import initial_tokens  # noqa: E402
+from tttjax.platforms import select_platforms  # noqa: E402
 from tttjax.verify import verify  # noqa: E402
 from tttjax.weights import add_attention_impl_flag, open_weights  # noqa: E402
 from conversion.sources import materialize  # noqa: E402
@@ -235,6 +236,7 @@ def _write_json(path, result) -> None:
 
 
 def main(argv=None) -> int:
+    select_platforms()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return evaluate(args)

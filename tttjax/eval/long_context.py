@@ -33,6 +33,7 @@ from flax import nnx
 from tttjax.data.codes import load_codes
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, iter_chunks
+from tttjax.platforms import select_platforms
 from tttjax.weights import add_attention_impl_flag, load_model
 
 DEFAULT_BUCKETS = (0, 2000, 8000, 32000)
@@ -226,6 +227,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
+    select_platforms()
     parser = argparse.ArgumentParser(prog="python -m tttjax.eval.long_context", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
     parser.add_argument("--codes", required=True, nargs="+", help=".npy int arrays [B, 17, T]")
