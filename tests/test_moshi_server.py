@@ -4,7 +4,8 @@ moshi's websocket protocol (handshake byte 0; kind 1 = opus audio, 2 = text), of
 The model: a random tttjax model (dim 64, 2 layers, TTT at layer 1, mini-batch 4; card 2048 and
 n_q 16 / dep_q 8 as Mimi needs; text_card = the test tokenizer's vocabulary), exported into a
 training step dir's `consolidated/`; a random Mimi with filled codebooks (DESIGN.md section 9) and a
-sentencepiece model trained here.
+sentencepiece model trained here. Refused before anything loads, in one line: a model whose card is
+not Mimi's (the README's tiny card 64), and no --static while the web client cannot be had (offline).
 """
 
 import asyncio
@@ -131,7 +132,9 @@ def test_server_talks_and_stops_cleanly(files, tmp_path):
     out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert proc.returncode == 0, err
     assert "Traceback" not in err and "Traceback" not in out, err
-    assert "Access the Web UI" in out and "text token" in out
+    # --static none serves no web UI, and the banner says where the websocket is instead
+    assert "Access the Web UI" not in out and "text token" in out
+    assert f"no web UI (--static none); the websocket is at ws://localhost:{port}/api/chat" in out
 
 
 def test_bad_flags_are_one_line_errors(files):
@@ -162,6 +165,47 @@ def test_bad_flags_are_one_line_errors(files):
     with pytest.raises(ValueError, match=r"lora.safetensors holds only the adapters \(LoRA/TTT\): pass the base "
                                          r"weights with --moshi-weight, or, .* python -m conversion.to_pytorch"):
         server_checkpoint(files["adapters"], **good)
+    with pytest.raises(ValueError, match=r"^--mimi-weight: .*tok.model: header length \d+ does not fit the file's \d+ bytes"):
+        server_checkpoint(files["step"], **dict(good, mimi_weights=files["tokenizer"]))
+
+
+def test_a_model_whose_card_is_not_mimis_is_refused(files, tmp_path):
+    """The README's tiny model (card 64) used to load and die at warm-up with an IndexError."""
+    from tttjax.checkpoint.model_dir import save_model
+    from tttjax.model.config import from_lm_kwargs
+    from tttjax.model.moshi import create_model
+
+    cfg = from_lm_kwargs(ref.lm_kwargs(card=64), ttt_layers=(1,), ttt_mini_batch_size=4)
+    save_model(tmp_path / "ckpt", create_model(cfg, seed=0))
+    assert to_pytorch_main(["--checkpoint_dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "export")]) == 0
+    with pytest.raises(ValueError) as error:
+        server_checkpoint(tmp_path / "export", mimi_weights=files["mimi"], tokenizer=files["tokenizer"])
+    assert str(error.value) == (
+        f"--checkpoint_dir {tmp_path / 'export'}: the model's card is 64 but the Mimi codec ({files['mimi']}) has "
+        "2048 codes per codebook; moshi's server needs a model trained with model.card=2048 (e.g. "
+        "--config.model.card=2048 with configs/tiny.py)")
+
+
+def test_the_web_client_is_checked_before_anything_loads(files, tmp_path):
+    from conversion.moshi_server import check_web_client
+
+    # Offline, no --static: one line, before a weight is read (it was a 21-frame hub traceback after).
+    env = dict(server_env(), HF_HOME=str(tmp_path / "empty_hf_home"))
+    run = subprocess.run([sys.executable, "-m", "conversion.moshi_server", "--checkpoint_dir", str(files["step"]),
+                          "--mimi-weight", str(files["mimi"]), "--tokenizer", str(files["tokenizer"]),
+                          "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == ("error: no web UI: moshi.server downloads it from the Hugging Face Hub "
+                          "(kyutai/moshi-artifacts, dist.tgz) and it is not in the local Hugging Face cache and the "
+                          "Hub cannot be reached; pass --static none (the /api/chat websocket only) or --static DIR "
+                          "(a local build of moshi's web client)\n")
+    # A local client build is a directory with its index.html.
+    with pytest.raises(ValueError, match=r"^--static .*client: no index.html there"):
+        check_web_client(str(tmp_path / "client"))
+    (tmp_path / "client").mkdir()
+    (tmp_path / "client" / "index.html").write_text("<html></html>")
+    check_web_client(str(tmp_path / "client"))
+    check_web_client("none")
 
 
 def test_checkpoint_layouts_load_the_same_model(files, tmp_path):

@@ -1,9 +1,18 @@
 """Small moshi-finetune-format inputs built locally: stereo wavs, alignments, a sentencepiece model
 and a random-weight Mimi. The tests and bench/data_pipeline.py use them to run prepare without
 downloads; they are also a template of the expected input layout.
+
+    python -m tttjax.data.toydata --mimi_weight mimi.safetensors --tokenizer tokenizer.model [--vocab_size 96]
+
+writes a random Mimi and a character-level tokenizer, for `tttjax.data.prepare` and
+`conversion.moshi_server` offline (docs/conversion.md): stand-ins with the real files' formats, not
+a codec or tokenizer that means anything.
 """
 
+import argparse
 import json
+import string
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +21,9 @@ from tttjax.data.streams import SAMPLE_RATE
 
 # Moshi's text tokenizer reserves 0 (unk), 1 (bos), 2 (eos), 3 (pad); the toy one does too.
 _SPM_SPECIAL = dict(unk_id=0, bos_id=1, eos_id=2, pad_id=3)
+# The CLI's tokenizer: one piece per printable ASCII character, the word boundary and the 4 specials.
+_CHARS = [c for c in string.printable if c.isprintable() and not c.isspace()]
+MAX_VOCAB = len(_CHARS) + 1 + len(_SPM_SPECIAL)
 
 
 def speech_like(
@@ -71,3 +83,36 @@ def save_random_mimi(path: Path, seed: int = 0) -> Path:
             buf.fill_(1)
     save_file({k: v.contiguous() for k, v in mimi.state_dict().items()}, str(path))
     return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tttjax.data.toydata", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mimi_weight", help="write a random Mimi here (safetensors)")
+    parser.add_argument("--tokenizer", help="write a character-level sentencepiece model here (.model)")
+    parser.add_argument("--vocab_size", type=int, default=96,
+                        help=f"tokenizer pieces, at least the model's text_card (default 96, configs/tiny.py's; "
+                             f"at most {MAX_VOCAB})")
+    parser.add_argument("--seed", type=int, default=0, help="Mimi's random weights")
+    args = parser.parse_args(argv)
+    if not (args.mimi_weight or args.tokenizer):
+        parser.error("give --mimi_weight, --tokenizer or both")
+    if not len(_SPM_SPECIAL) + 2 <= args.vocab_size <= MAX_VOCAB:
+        parser.error(f"--vocab_size={args.vocab_size}: the character tokenizer has {len(_SPM_SPECIAL) + 2} to "
+                     f"{MAX_VOCAB} pieces")
+    if args.tokenizer:
+        target = Path(args.tokenizer)
+        if target.suffix != ".model":
+            parser.error(f"--tokenizer={target}: name it NAME.model (sentencepiece writes NAME.model and NAME.vocab)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        chars = _CHARS[:args.vocab_size - 1 - len(_SPM_SPECIAL)]
+        train_tokenizer(target.with_suffix(""), [" ".join(chars)] * 4, vocab_size=args.vocab_size)
+        print(f"wrote {target} ({args.vocab_size} pieces)")
+    if args.mimi_weight:
+        Path(args.mimi_weight).parent.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {save_random_mimi(Path(args.mimi_weight), seed=args.seed)} (random Mimi)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
