@@ -10,6 +10,7 @@ not Mimi's (the README's tiny card 64), and no --static while the web client can
 
 import asyncio
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -66,7 +67,7 @@ def server_env():
                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
-async def talk(port: int, pcm: np.ndarray, expected_frames: int, timeout: float = 90.0):
+async def talk(port: int, pcm: np.ndarray, expected_frames: int, timeout: float = 90.0, host: str = "localhost"):
     """moshi's client protocol: wait for the handshake, stream pcm as opus at real-time pace, collect
     the replies until `expected_frames` frames of audio came back. Returns (pcm back, texts)."""
     import aiohttp
@@ -75,7 +76,7 @@ async def talk(port: int, pcm: np.ndarray, expected_frames: int, timeout: float 
     writer, reader = sphn.OpusStreamWriter(24000), sphn.OpusStreamReader(24000)
     audio, texts = [], []
     async with aiohttp.ClientSession() as session:
-        async with session.ws_connect(f"ws://localhost:{port}/api/chat") as ws:
+        async with session.ws_connect(f"ws://{host}:{port}/api/chat") as ws:
             assert await ws.receive_bytes(timeout=60) == b"\x00"
 
             async def receive():
@@ -229,3 +230,52 @@ def test_checkpoint_layouts_load_the_same_model(files, tmp_path):
     codes = ref.random_codes(KWARGS | dict(text_card=info.lm_config["text_card"]), batch=1, frames=6)
     a, b = ref.torch_forward(full, codes), ref.torch_forward(again, codes)
     np.testing.assert_array_equal(a["logits"][a["mask"]], b["logits"][b["mask"]])
+
+
+def recipe_commands() -> list[str]:
+    """The commands of docs/conversion.md's offline block, backslash continuations joined."""
+    doc = (REPO / "docs" / "conversion.md").read_text()
+    section = doc.split("### Offline, nothing downloaded: a tiny servable model", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [" ".join(c.split()) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def test_the_docs_offline_recipe_serves(tmp_path):
+    """docs/conversion.md's offline block as written, run from a directory that has the repository's
+    configs/ (as the repository root does); only the port is changed, to a free one."""
+    *prepare, serve = recipe_commands()
+    assert len(prepare) == 2 and serve.startswith("python -m conversion.moshi_server ")
+    port = free_port()
+    assert serve.count("--port 8998") == 1 and "--host 127.0.0.1" in serve and "--static none" in serve
+    serve = serve.replace("--port 8998", f"--port {port}")
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    env = dict(server_env(), PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    for command in prepare:
+        done = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+    with open(tmp_path / "out", "w") as stdout, open(tmp_path / "err", "w") as stderr:
+        proc = subprocess.Popen(shlex.split(serve), cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "err").read_text()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start listening in 180 s"
+                time.sleep(0.5)
+        pcm = toydata.speech_like(np.random.default_rng(1), SECONDS, channels=1)[0]
+        expected = int(SECONDS * 12.5) - 2 - 2  # as in test_server_talks_and_stops_cleanly
+        back, texts = asyncio.run(talk(port, pcm, expected, host="127.0.0.1"))
+        assert len(back) >= expected * FRAME and np.abs(back).max() > 0 and texts
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (tmp_path / "err").read_text()
+    out = (tmp_path / "out").read_text()
+    assert f"the websocket is at ws://127.0.0.1:{port}/api/chat" in out
