@@ -279,3 +279,20 @@ def test_the_docs_offline_recipe_serves(tmp_path):
     assert proc.returncode == 0, (tmp_path / "err").read_text()
     out = (tmp_path / "out").read_text()
     assert f"the websocket is at ws://127.0.0.1:{port}/api/chat" in out
+
+
+def test_toydata_cli_makes_the_asked_vocabulary_or_refuses(tmp_path, capsys):
+    import sentencepiece
+
+    assert toydata.main(["--tokenizer", str(tmp_path / "t.model"), "--vocab_size", "99"]) == 0
+    assert sentencepiece.SentencePieceProcessor(str(tmp_path / "t.model")).vocab_size() == 99
+    capsys.readouterr()
+    for argv, message in (
+            (["--tokenizer", str(tmp_path / "u.model"), "--vocab_size", "100"],
+             "--vocab_size=100: the character tokenizer has 6 to 99 pieces"),
+            (["--tokenizer", str(tmp_path / "t.spm")], "name it NAME.model"),
+            ([], "give --mimi_weight, --tokenizer or both")):
+        with pytest.raises(SystemExit) as exit_info:
+            toydata.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "u.model").exists()
