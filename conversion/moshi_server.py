@@ -33,6 +33,8 @@ import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from moshi import client_utils
 from moshi.models import loaders
 
@@ -88,14 +90,11 @@ def check_web_client(static: str | None) -> None:
             raise ValueError(f"--static {static}: no index.html there (a local build of moshi's web client, "
                              f"or none for the websocket only)")
         return
-    import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)  # not a warning per retry
     try:
-        huggingface_hub.hf_hub_download(*WEB_CLIENT)
+        hf_hub_download(*WEB_CLIENT)
     except LocalEntryNotFoundError:
         reason = "it is not in the local Hugging Face cache and the Hub cannot be reached"
     except OSError as e:

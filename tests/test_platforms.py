@@ -7,6 +7,7 @@
   (`conversion.to_pytorch`) maps no libtpu, holds no lock and prints none of its start-up lines;
   `tttjax.compile` compiles for a TPU topology while another process holds /tmp/libtpu_lockfile, and
   a user's explicit ALLOW_MULTIPLE_LIBTPU_LOAD=0 still wins (the one-line refusal).
+* Every command line's main() calls select_platforms first (read from the source).
 """
 
 import importlib.util
@@ -177,3 +178,21 @@ def test_compile_runs_beside_a_process_holding_libtpu(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# Every command line that may start a JAX backend (the lead's single CLI runner will take the call over).
+COMMAND_LINES = ("tttjax/main.py", "tttjax/compile.py", "tttjax/forward.py", "tttjax/generate.py", "tttjax/verify.py",
+                 "tttjax/eval/__main__.py", "tttjax/eval/long_context.py", "tttjax/data/prepare.py",
+                 "conversion/from_pytorch.py", "conversion/to_pytorch.py", "conversion/moshi_server.py")
+
+
+@pytest.mark.parametrize("path", COMMAND_LINES)
+def test_every_command_line_selects_platforms_first(path):
+    import ast
+
+    tree = ast.parse((REPO / path).read_text())
+    main = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main")
+    first = main.body[0]
+    assert isinstance(first, ast.Expr) and isinstance(first.value, ast.Call), path
+    assert ast.unparse(first.value) == ("select_platforms(for_tpu_compile=True)" if path == "tttjax/compile.py"
+                                        else "select_platforms()")
