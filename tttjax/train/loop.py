@@ -159,8 +159,8 @@ class Trainer:
         into one when the processes can agree on a step (jax.distributed), else taken as it comes."""
         if self.manager is not None and self.manager.reached_preemption(step):
             return "interrupted" if self.interrupted else "preempted"
-        if self.interrupted and not jax.distributed.is_initialized():
-            return "interrupted"
+        if self.interrupted and (self.manager is None or not jax.distributed.is_initialized()):
+            return "interrupted"  # nothing to agree on: no process saves
         return None
 
     def _on_sigint(self, signum, frame) -> None:
