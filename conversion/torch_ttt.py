@@ -23,8 +23,11 @@ cannot stream and is refused there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -272,24 +275,31 @@ def attach_ttt(lm, ttt: dict):
     return lm
 
 
-def load_ttt_moshi(weights: str | Path, config: str | Path, *, lora: str | Path | None = None,
+def load_ttt_moshi(weights: str | Path, config: str | Path | Mapping, *, lora: str | Path | None = None,
                    device: str = "cpu", dtype=torch.float32):
     """A moshi LMModel with TTT layers and the weights of a tttjax export (strict load).
 
     weights: a full export (`consolidated.safetensors`), or the base weights when `lora` (an
     adapters-only `lora.safetensors`: LoRA A/B if config.json says `"lora": true`, and the TTT
-    tensors) is given. The model is built on the meta device and takes the loaded tensors, so
-    the weights are in memory once, not after a random initialisation.
+    tensors) is given. config: the export's config.json, or its contents (a dict, as
+    `json.load` returns it; not modified). The model is built on the meta device and takes the
+    loaded tensors, so the weights are in memory once, not after a random initialisation.
     """
     from moshi.models import loaders
     from safetensors.torch import load_file
 
-    cfg = read_json(Path(config))
+    if isinstance(config, Mapping):
+        cfg, source = copy.deepcopy(dict(config)), "the config dict"
+    elif isinstance(config, (str, os.PathLike)):
+        cfg, source = read_json(Path(config)), str(config)
+    else:
+        raise TypeError(f"config: expected the path of a config.json or its contents as a dict, got "
+                        f"{type(config).__name__}")
     ttt = cfg.pop("ttt", {}) or {}
     adapter_keys = {k: cfg.pop(k) for k in ("lora", "lora_rank", "lora_scaling") if k in cfg}
     if lora is not None and adapter_keys.get("lora"):
         if "lora_rank" not in adapter_keys:
-            raise ValueError(f"{config}: a LoRA file needs lora_rank / lora_scaling in config.json")
+            raise ValueError(f"{source}: a LoRA file needs lora_rank / lora_scaling in config.json")
         cfg.update(lora=True, lora_rank=adapter_keys["lora_rank"], lora_scaling=adapter_keys.get("lora_scaling", LORA_SCALING))
     lm = loaders.get_moshi_lm(None, lm_kwargs=cfg, device="meta", dtype=dtype)
     with torch.device("meta"):

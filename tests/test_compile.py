@@ -103,6 +103,19 @@ def test_unknown_topology_is_one_line(capsys):
     assert err.count("\n") == 0 and "'v7x-8'" in err and "v5p:2x2x1" in err and "v5e-16" in err
 
 
+@needs_libtpu
+def test_a_shape_the_generation_lacks_is_one_line(capsys):
+    # libtpu refuses v5e:3x3 (its chips do not tile into 2x2 hosts); the line names the shape and the
+    # slices v5e has, where it used to be a JaxRuntimeError traceback
+    assert compile_cli.main(SMALL + ["--topology=v5e:3x3"]) == 2  # a topology the generation lacks: a usage error, as an unknown name
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: v5e-9: libtpu cannot build the topology v5e:3x3 (INVALID_ARGUMENT: ")
+    assert errors[0].endswith("v5e slices: 1x1 (v5e-1), 2x2 (v5e-4), 2x4 (v5e-8), 4x4 (v5e-16), 4x8 (v5e-32), "
+                              "8x8 (v5e-64), 8x16 (v5e-128), 16x16 (v5e-256)")
+
+
 def test_missing_libtpu_is_one_line(capsys, monkeypatch):
     real = topology.importlib.util.find_spec
     monkeypatch.setattr(topology.importlib.util, "find_spec", lambda name: None if name == "libtpu" else real(name))

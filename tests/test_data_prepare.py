@@ -16,7 +16,7 @@ import torch
 import toydata
 from moshi.models import loaders
 
-from tttjax.data import codec, make_dataset, make_eval_iterator, prepare, shards
+from tttjax.data import codec, make_dataset, make_eval_iterator, offline, prepare, shards
 from tttjax.data.sources import PreparedSource
 
 MAIN = "SPEAKER_MAIN"
@@ -62,8 +62,8 @@ def toy(tmp_path_factory):
         root=root,
         data=data,
         jsonl=jsonl,
-        tokenizer=toydata.train_tokenizer(root / "tok", CORPUS),
-        mimi=toydata.save_random_mimi(root / "mimi.safetensors"),
+        tokenizer=offline.train_tokenizer(root / "tok", CORPUS),
+        mimi=offline.save_random_mimi(root / "mimi.safetensors"),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch_reference as ref
 from flax import nnx
 
+from tttjax.data import offline
 from tttjax.eval import paper
 from tttjax.eval.manifest import (
     ManifestError,
@@ -254,7 +255,6 @@ def test_known_answers_by_codebook_choice_and_padding():
 def uniform_checkpoint(tmp_path_factory):
     """An imported TTT checkpoint whose audio logits are all 0: every audio token has log-likelihood
     -log(card) exactly, so summed scores favour the shorter wav and mean scores always tie."""
-    import toydata
 
     from tttjax.checkpoint.model_dir import save_model
 
@@ -263,7 +263,7 @@ def uniform_checkpoint(tmp_path_factory):
     model = create_model(cfg, seed=1)
     _set(model, {("linears", "kernel"): lambda v: v * 0})
     save_model(tmp / "ckpt", model)
-    mimi = toydata.save_random_mimi(tmp / "mimi.safetensors")
+    mimi = offline.save_random_mimi(tmp / "mimi.safetensors")
     return tmp / "ckpt", mimi
 
 

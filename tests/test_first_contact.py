@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tttjax.config import reader
+from tttjax.data import offline
 from tttjax.errors import ConfigError
 from tttjax.main import main as train_main
 
@@ -263,7 +264,7 @@ def test_paper_metrics_offline_path(run, tmp_path, monkeypatch):
 
     from tttjax.eval.__main__ import main as eval_main
 
-    mimi = toydata.save_random_mimi(tmp_path / "mimi.safetensors")
+    mimi = offline.save_random_mimi(tmp_path / "mimi.safetensors")
     (tmp_path / "story").mkdir()
     for i, kind in ((0, "correct"), (0, "incorrect"), (1, "correct"), (1, "incorrect")):
         pcm = toydata.speech_like(np.random.default_rng(len(kind) + i), 0.4, sample_rate=16000, channels=1)

@@ -117,7 +117,19 @@ def test_adapters_export_with_ttt_and_lora(tmp_path):
             "wv.weight", "wv.bias", "wo.weight", "wo.bias")]}
     torch_lm = load_ttt_moshi(weights, tmp_path / "a" / "config.json", lora=tmp_path / "a" / "lora.safetensors")
     codes = ref.random_codes(kwargs, batch=1, frames=9, seed=2)
-    assert_parity(flax_forward(model, codes), ref.torch_forward(torch_lm, codes))
+    want = ref.torch_forward(torch_lm, codes)
+    assert_parity(flax_forward(model, codes), want)
+    # config.json's contents as a dict (what json.load gives, as for moshi's get_moshi_lm) load the same
+    # model, and the dict is left as it was.
+    config_dict = json.loads((tmp_path / "a" / "config.json").read_text())
+    before = json.dumps(config_dict, sort_keys=True)
+    from_dict = load_ttt_moshi(weights, config_dict, lora=tmp_path / "a" / "lora.safetensors")
+    got = ref.torch_forward(from_dict, codes)
+    np.testing.assert_array_equal(got["logits"][got["mask"]], want["logits"][want["mask"]])
+    assert json.dumps(config_dict, sort_keys=True) == before and config_dict["ttt"]["layers"] == "0,2"
+    with pytest.raises(TypeError, match=r"^config: expected the path of a config.json or its contents as a dict, "
+                                        r"got list$"):
+        load_ttt_moshi(weights, [config_dict])
 
 
 def test_zero_gate_equals_plain_moshi(tmp_path):

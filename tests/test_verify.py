@@ -127,3 +127,25 @@ def test_eval_cli_on_the_step_dir(run, tmp_path, capsys):
     for key in ("text_ce", "text_ce_nonpad", "audio_ce", "audio_ce_semantic", "train_objective"):
         np.testing.assert_allclose(m[key], theirs[key], rtol=1e-5, err_msg=key)
         np.testing.assert_allclose(m[key], configured[key], rtol=1e-5, err_msg=key)
+
+
+def test_an_old_run_dir_evaluates_and_resumes(run, tmp_path, capsys):
+    """A run dir whose args.yaml predates the evals.* keys and model.attention_impl, and spells the
+    evaluation moshi-finetune's way (eval_freq, data.eval_data): evaluated and resumed as it is."""
+    import yaml
+
+    from tttjax.main import main as train_main
+
+    step = tampered(run, tmp_path, lambda step: None)
+    args = step.parents[1] / "args.yaml"
+    data = yaml.safe_load(args.read_text())
+    standard = data.pop("evals")["standard"]
+    del data["model"]["attention_impl"], data["checkpoint"]["allow_data_change"]
+    data.update(eval_freq=standard["freq"], eval_batches=standard["batches"])
+    data["data"]["eval_data"] = standard["data"]
+    args.write_text(yaml.safe_dump(data))
+    assert eval_main(["--checkpoint_dir", str(step), "--no_ttt_verify", "--output_json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["standard"]["data"] == standard["data"]
+    capsys.readouterr()
+    assert train_main([f"--config={args}", "--config.max_steps=3"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finished: steps 2->3 of 3")

@@ -16,6 +16,8 @@ import jax
 
 from tttjax.errors import INTERRUPTED, UserError, is_out_of_memory
 from tttjax.model.config import ATTENTION_IMPLS, DEFAULT_ATTENTION_IMPL
+from tttjax.platforms import select_platforms
+
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
@@ -26,9 +28,11 @@ def error(message: str) -> None:
     print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
 
 
-def run(main: Callable[[list[str]], int], argv: list[str] | None = None) -> int:
-    """`main(argv)` (default: sys.argv[1:]), with the project's errors as one line and an exit code."""
+def run(main: Callable[[list[str]], int], argv: list[str] | None = None, *, for_tpu_compile: bool = False) -> int:
+    """`main(argv)` (default: sys.argv[1:]), with the project's errors as one line and an exit code;
+    JAX's platforms are chosen first (tttjax/platforms.py; `for_tpu_compile`: tttjax.compile's rule)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    select_platforms(for_tpu_compile=for_tpu_compile)
     try:
         return main(argv)
     except UserError as e:

@@ -294,7 +294,7 @@ def _main(argv: list[str]) -> int:
 
 
 def main(argv=None) -> int:
-    return cli.run(_main, argv)
+    return cli.run(_main, argv, for_tpu_compile=True)
 
 
 if __name__ == "__main__":

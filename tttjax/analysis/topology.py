@@ -64,13 +64,22 @@ class Topology:
             return list(topologies.get_topology_desc(topology_name=f"{self.generation}:{self.shape}", platform="tpu",
                                                      **kwargs).devices)
         except Exception as e:  # XlaRuntimeError has no stable import path
-            if "libtpu_lockfile" not in str(e):
-                raise
-            raise UserError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
-                             "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
+            if "libtpu_lockfile" in str(e):
+                raise UserError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
+                                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"libtpu cannot build the topology {self.generation}:{self.shape} ({first}); "
+                              f"{self.generation} slices: {slice_shapes(self.generation)}") from None
 
     def hbm_per_device(self, num_devices: int) -> int:
         return HBM_PER_CHIP[self.generation] * self.chips // num_devices
+
+
+def slice_shapes(generation: str) -> str:
+    """The slice shapes of a generation with their Cloud TPU names: `2x2 (v5e-4), 2x4 (v5e-8), ...`."""
+    cores = generation in _CORES_IN_NAME
+    shapes = _SHAPES_3D if cores else _SHAPES_2D
+    return ", ".join(f"{shape} ({generation}-{chips * (2 if cores else 1)})" for chips, shape in shapes.items())
 
 
 def topology(name: str, num_slices: int = 1) -> Topology:

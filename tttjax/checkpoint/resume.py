@@ -117,8 +117,8 @@ def resume(manager: CheckpointManager, checkpoint_config, identity: RunIdentity,
         notes.append(f"skipped {'the local copy of ' if tier == 'local' else ''}checkpoint step {bad} ({error}); "
                      f"moved it to {moved}")
     if resumed is None:
-        notes.append(f"every checkpoint was damaged (checkpoint.if_all_broken=start_over): starting over from the "
-                     f"starting weights")
+        notes.append("every checkpoint was damaged (checkpoint.if_all_broken=start_over): starting over from the "
+                     "starting weights")
         return Resumed(None, 0, 0, notes, tier="none")
     _supersede(manager, resumed.next_step, notes, "")
     if local is not None:
@@ -177,7 +177,7 @@ def _restore(manager, step: int, checkpoint_config, identity: RunIdentity, abstr
         notes.append(f"{e}; accepted (checkpoint.allow_data_change): the run continues after the examples it has "
                      f"seen")
     state, position = manager.restore(step, abstract_state)
-    if not bool(all_finite(state)):
+    if not bool(jax.jit(all_finite)(state)):  # one program: eager ops over a sharded state are one each
         raise BrokenCheckpoint(f"{rundir.step_dir(run_dir, step)} holds non-finite values")
     start_example = int(position.get("next_example", position["next_step"] * saved_stream["batch_size"]))
     return Resumed(state, int(position["next_step"]), start_example, notes)

@@ -113,6 +113,12 @@ class SafetensorsReader:
         return out
 
 
+def partial_path(path: str | Path) -> Path:
+    """Where SafetensorsWriter writes `path` until every tensor is in."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
 class SafetensorsWriter:
     """Writes the tensors of `specs` ({name: (shape, dtype)}) one by one in sorted name order.
     The file appears under its name only once every tensor is written."""
@@ -134,9 +140,14 @@ class SafetensorsWriter:
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._partial = partial_path(self.path)
         self._file = open(self._partial, "wb")
-        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        try:
+            self._file.write(len(blob).to_bytes(8, "little") + blob)
+        except BaseException:
+            self._file.close()
+            self._partial.unlink(missing_ok=True)
+            raise
         self._next = 0  # index into _order of the tensor to write next
 
     def __enter__(self):
