@@ -19,6 +19,7 @@ from typing import Mapping
 import jax
 from jax.sharding import PartitionSpec
 
+from tttjax.errors import UserError
 from tttjax.model.attention import attention_band, resolve_impl
 from tttjax.model.config import ModelConfig
 from tttjax.model.params import flat_abstract, trainable
@@ -207,8 +208,6 @@ def check_memory(need: int, capacity: int | None, *, mode: str, what: str, sourc
     step's or the analytic estimate; `detail` its breakdown, logged) with `capacity` bytes of
     `where`; raise (mode "error", one line) or warn when it does not fit. Returns the warning text,
     if any. mode: "error" | "warn" | "off"."""
-    if mode not in ("error", "warn", "off"):
-        raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
     if mode == "off" or capacity is None:
         return None
     text = (f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} of {where} "
@@ -216,7 +215,7 @@ def check_memory(need: int, capacity: int | None, *, mode: str, what: str, sourc
     if need > capacity:
         if mode == "error":
             log.info("%s%s", text, detail and "\n" + detail)
-            raise ValueError(f"{text} does not fit: {ADVICE} (memory_check=warn runs anyway)")
+            raise UserError(f"{text} does not fit: {ADVICE} (memory_check=warn runs anyway)")
         text += f"\ndoes not fit: {ADVICE}"
     elif need > 0.9 * capacity:
         text += "\nwithin 10% of device memory"
@@ -261,7 +260,7 @@ def compiled_figures(compiled) -> dict | None:
     return out
 
 
-class BatchTooLarge(ValueError):
+class BatchTooLarge(UserError):
     """--batch_size does not fit the device memory; the message says what would."""
 
 
@@ -286,11 +285,6 @@ def check_batch(cfg: ModelConfig, batch_size: int, frames: int, *, compiled=None
     raise BatchTooLarge(f"--batch_size={batch_size} with {frames}-frame sequences needs about "
                         f"{need / GiB:.1f} GiB for activations and logits but only {free / GiB:.1f} GiB is free; "
                         f"{hint}")
-
-
-def is_oom(error: BaseException) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
 
 
 def oom_message(batch_size: int, frames: int) -> str:

@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh
 
+from tttjax.errors import ConfigError, UserError
+
 GiB = 1024 ** 3
 
 # HBM per chip (Cloud TPU system architecture pages, cloud.google.com/tpu/docs/<gen>:
@@ -56,26 +58,35 @@ class Topology:
     def devices(self) -> list:
         """The topology's abstract devices; ValueError where libtpu is missing or held by another process."""
         if importlib.util.find_spec("libtpu") is None:
-            raise ValueError("compiling for TPU needs libtpu: pip install \"jax[tpu]==<the installed jax version>\"")
+            raise UserError("compiling for TPU needs libtpu: pip install \"jax[tpu]==<the installed jax version>\"")
         kwargs = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
         try:
             return list(topologies.get_topology_desc(topology_name=f"{self.generation}:{self.shape}", platform="tpu",
                                                      **kwargs).devices)
         except Exception as e:  # XlaRuntimeError has no stable import path
-            if "libtpu_lockfile" not in str(e):
-                raise
-            raise ValueError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
-                             "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
+            if "libtpu_lockfile" in str(e):
+                raise UserError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
+                                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"libtpu cannot build the topology {self.generation}:{self.shape} ({first}); "
+                              f"{self.generation} slices: {slice_shapes(self.generation)}") from None
 
     def hbm_per_device(self, num_devices: int) -> int:
         return HBM_PER_CHIP[self.generation] * self.chips // num_devices
 
 
+def slice_shapes(generation: str) -> str:
+    """The slice shapes of a generation with their Cloud TPU names: `2x2 (v5e-4), 2x4 (v5e-8), ...`."""
+    cores = generation in _CORES_IN_NAME
+    shapes = _SHAPES_3D if cores else _SHAPES_2D
+    return ", ".join(f"{shape} ({generation}-{chips * (2 if cores else 1)})" for chips, shape in shapes.items())
+
+
 def topology(name: str, num_slices: int = 1) -> Topology:
-    """`v5p-64` or `v5p:4x4x4` (num_slices of them); ValueError naming the name and the accepted forms."""
-    bad = ValueError(f"unknown TPU topology {name!r}: expected {FORMS}")
+    """`v5p-64` or `v5p:4x4x4` (num_slices of them); ConfigError (a usage error) naming the name and the accepted forms."""
+    bad = ConfigError(f"unknown TPU topology {name!r}: expected {FORMS}")
     if num_slices < 1:
-        raise ValueError(f"--num_slices={num_slices} must be >= 1")
+        raise ConfigError(f"--num_slices={num_slices} must be >= 1")
     text = name.strip().lower()
     if ":" in text:
         gen, _, shape = text.partition(":")
@@ -94,7 +105,7 @@ def topology(name: str, num_slices: int = 1) -> Topology:
     chips = count // 2 if gen in _CORES_IN_NAME else count
     shapes = _SHAPES_3D if gen in _CORES_IN_NAME else _SHAPES_2D
     if chips not in shapes or (gen in _CORES_IN_NAME and count % 2):
-        raise ValueError(f"{name!r}: no {gen} slice of that size (sizes: "
+        raise ConfigError(f"{name!r}: no {gen} slice of that size (sizes: "
                          f"{', '.join(f'{gen}-{c * (2 if gen in _CORES_IN_NAME else 1)}' for c in shapes)})")
     return Topology(gen, shapes[chips], num_slices)
 

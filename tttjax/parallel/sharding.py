@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tttjax.errors import UserError
 from tttjax.parallel.mesh import MESH_AXES
 
 # logical axis -> mesh axes (None = replicated). FSDP shards the model dim of every weight;
@@ -142,7 +143,7 @@ def check_batch(mesh: Mesh, batch_size: int, num_microbatches: int) -> None:
     ways = batch_parallelism(mesh)
     micro = batch_size // max(num_microbatches, 1)
     if micro % ways:
-        raise ValueError(f"batch_size={batch_size} / num_microbatches={num_microbatches} = {micro} sequences per "
+        raise UserError(f"batch_size={batch_size} / num_microbatches={num_microbatches} = {micro} sequences per "
                          f"microbatch is not divisible by mesh data x fsdp = {ways} "
                          f"(mesh {dict(mesh.shape)}); change batch_size or mesh.*")
 
@@ -163,7 +164,7 @@ def process_batch_slice(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
     mine = frozenset(per_process[jax.process_index()])
     size = sum(stop - start for start, stop in mine)
     if count * size != global_batch_size:
-        raise ValueError(f"mesh {dict(mesh.shape)}: processes hold overlapping batch rows; cannot split the "
+        raise UserError(f"mesh {dict(mesh.shape)}: processes hold overlapping batch rows; cannot split the "
                          f"batch of {global_batch_size} by process")
     return row_sets.index(mine), count
 
