@@ -25,7 +25,7 @@ from tttjax.model import ttt as ttt_module
 from tttjax.model.params import flat_params, path_of
 from tttjax.model.transformer import layer_at
 from tttjax.model.ttt_inner import gelu_tanh, inner_layer_norm, l2_normalize, reconstruction_target
-from tttjax.train.loss import model_terms, objective
+from tttjax.objective import model_terms, objective
 
 
 def ttt_inputs(model, codes) -> list[jax.Array]:
@@ -77,7 +77,7 @@ def layer_inner_losses(block, h):
     [B, heads, ...] of one `TTTGatedBlock` on its input h [B, T, D]; whole mini-batches only."""
     m = block.ttt
     B, T, _ = h.shape
-    xq, xk, xv = (proj(h).reshape(B, T, m.num_heads, m.head_dim) for proj in (m.wq, m.wk, m.wv))
+    xk, xv = (proj(h).reshape(B, T, m.num_heads, m.head_dim) for proj in (m.wk, m.wv))
     lr = m.inner_lr(h)
     dt = m.inner_dtype
     weights = [p[...].astype(dt) for p in (m.W1, m.b1, m.W2, m.b2)]

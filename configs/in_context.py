@@ -1,5 +1,5 @@
 """The in-context learning experiment (bench/in_context.py, docs/experiments.md): a small Moshi trained
-from scratch on a per-sequence key -> value recall task whose pairs lie beyond the attention window.
+from scratch on the per-sequence "voice" task, whose evidence lies beyond its 4-frame attention window.
 
 bench/in_context.py writes the data and sets data.train_data / run_dir; this file holds the model
 and the training recipe shared by its three variants (TTT, window only: ttt.enable=false, full

@@ -1,17 +1,23 @@
 """A TTT layer trained by tttjax uses context its attention cannot see (bench/in_context.py).
 
 The flagship test runs the demo's test preset as a user would: `python -m tttjax.main` trains the
-TTT model and the same model without TTT (attention window 4 frames, 2 layers: receptive field 7
-frames) for 300 steps on the per-sequence voice task, `python -m tttjax.eval.long_context`
-scores both on 64 held-out sequences of 128 frames. Asserted:
-* the TTT model's mean CE of the semantic codebook past the receptive field is below the
-  window-only model's by more than MARGIN = 0.1 nats (observed: 0.22);
-* the same check fails for the same TTT model with its gates forced to zero (the TTT branch off:
-  observed 0.16 nats *worse* than the window-only model);
-* the chunked evaluation (16 frames per call, TTT state carried) gives the full-sequence forward's
-  curve: max |diff| < 1e-4 nats per frame (fp32; observed 1e-6).
-Unit tests check the Bayes bounds the demo draws against enumeration of every voice set, and the
-probe's inner-loop updates (jax.grad of the inner loss) against the dual form's final state.
+TTT model for 300 steps (attention window 4 frames, 2 layers: receptive field 7 frames, a TTT
+layer at layer 1) on the per-sequence voice task, `python -m tttjax.eval.long_context` scores it on 64 held-out
+sequences of 128 frames. Asserted, on the semantic codebook's mean CE past the receptive field:
+* the TTT model is below the window-only Bayes bound, the best CE any model that sees only the
+  last 7 frames can reach on these sequences (so below every window-only model, the trained one
+  of the demo included: docs/experiments.md), by more than MARGIN nats. MARGIN = 0.05 is over ten
+  standard errors of a model's (CE - bound) on these 64 sequences (0.003-0.005 nats, from 8 groups
+  of 8): a window-only model, at or above the bound in expectation, cannot pass by chance; the
+  trained TTT model is 0.15 below it (3x MARGIN);
+* the same check fails for the same trained model with its gates forced to zero (tanh(0) = 0:
+  the TTT branch off, what is left is a window-only model): observed 0.22 nats *above* the bound;
+* the chunked evaluation (12 frames per call, TTT state carried across calls, mid mini-batch)
+  gives the full-sequence forward's curve: max |diff| < 1e-4 nats per frame (fp32; observed 1e-6).
+The demo's trained window-only and full-attention models are not trained here (time): the bound
+is the stricter comparison. Unit tests check the Bayes bounds against enumeration of every voice
+set, and the probe's inner-loop updates (jax.grad of the inner loss) against the dual form's final
+state.
 """
 
 import itertools
@@ -23,32 +29,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch_reference as ref
 from flax import nnx
 
+from tttjax import rundir
 from tttjax.eval.long_context import chunked_curve
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model
 from tttjax.model.params import flat_params
-from tttjax.model.transformer import layer_at
 from tttjax.model.ttt import TTTGatedBlock
 from tttjax.model.ttt_inner import ttt_mlp_dual
 from tttjax.train.step import make_loss_fn
-from tttjax.weights import load_model
-
-import torch_reference as ref
+from tttjax.weights.loader import load_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import in_context  # noqa: E402
-import ttt_probe  # noqa: E402
+import in_context
+import ttt_probe
 
-MARGIN = 0.1
+MARGIN = 0.05
+# TTT-Moshi's learning-rate multipliers (its TTTArgs: weight_lr_multiplier 10, alpha_lr_multiplier
+# 100): the test preset's 300 steps then gain 0.15 nats over the bound (3x MARGIN), against 0.09-0.12
+# with our defaults (1, 1) (docs/experiments.md, the sweep).
+RECIPE = ["optim.ttt_lr_multiplier=10.0", "optim.gate_lr_multiplier=100.0"]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("in_context")
-    status = in_context.main(["--preset", "test", "--variants", "ttt,window", "--out_dir", str(out), "--no_probe",
-                              "--margin", str(MARGIN)])
+    status = in_context.main(["--preset", "test", "--variants", "ttt", "--out_dir", str(out), "--no_probe",
+                              "--margin", str(MARGIN), *(f"--set={s}" for s in RECIPE)])
     return status, out, json.loads((out / "in_context.json").read_text())
 
 
@@ -56,16 +65,15 @@ def test_ttt_beats_the_window_and_not_with_its_gate_off(demo):
     status, out, result = demo
     receptive = result["receptive_field"]
     assert receptive == 7 and result["frames"] == 128
-    ttt, window = (np.asarray(result["variants"][v]["curve"]) for v in ("ttt", "window"))
-    ok, message = in_context.check_gain(ttt, window, receptive, MARGIN)
+    bound = np.asarray(result["bounds"]["window"])
+    ok, message = in_context.check_gain(np.asarray(result["variants"]["ttt"]["curve"]), bound, receptive, MARGIN)
     assert ok and status == 0 and result["gain"]["ok"], message
     # The TTT branch switched off (tanh(0) = 0): the same check must fail.
-    step = in_context.step_dirs(out / "runs" / "ttt")[-1][1]
-    model = load_model(step)
+    model = load_model(rundir.step_dir(out / "runs" / "ttt", result["steps"]))
     model.ttt.gating_alpha.set_value(jnp.zeros_like(model.ttt.gating_alpha.get_value()))
     codes = np.load(out / "data" / "heldout.npy")
     gate_off = chunked_curve(model, [codes], chunk_size=in_context.CHUNK_SIZE).mean("audio_q0")
-    ok, message = in_context.check_gain(gate_off, window, receptive, MARGIN)
+    ok, message = in_context.check_gain(gate_off, bound, receptive, MARGIN)
     assert not ok, message
     # The chunked curve (what inference sees) is the full-sequence forward's (what training optimised).
     assert result["variants"]["ttt"]["chunked_vs_full_sequence_max_abs_diff"] < 1e-4
