@@ -22,7 +22,9 @@ def get_config():
     c.export_dtype = "float32"
     c.checkpoint.async_save = False
 
-    c.model.update(dim=128, num_layers=2, num_heads=4, hidden_scale=4.125, context=4, card=32,
+    # attention window 4 frames, 2 layers: a window-only model sees the last 7 frames; card = the
+    # task's vocabulary (bench/in_context.py --card sets it too)
+    c.model.update(dim=128, num_layers=2, num_heads=4, hidden_scale=4.125, context=4, card=64,
                    text_card=16, depformer_dim=64, depformer_num_layers=1, depformer_num_heads=4,
                    depformer_dim_feedforward=264)
     c.param_dtype = "float32"
