@@ -27,8 +27,6 @@ def get_config():
     c.ttt.mini_batch_size = 16
     c.ttt.scan_remat_group = 4
     c.optim.lr = 2e-6
-    c.optim.ttt_lr_multiplier = 10.0
-    c.optim.gate_lr_multiplier = 10.0
     c.first_codebook_weight_multiplier = 100.0
     c.text_padding_weight = 0.5
     c.evals.standard.freq = 100

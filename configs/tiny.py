@@ -31,7 +31,6 @@ def get_config():
 
     c.optim.lr = 3e-3
     c.optim.pct_start = 0.1
-    c.optim.ttt_lr_multiplier = 1.0
     c.first_codebook_weight_multiplier = 1.0
 
     c.data.train_data = "synthetic:2048"

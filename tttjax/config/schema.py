@@ -167,8 +167,9 @@ SCHEMA = Section("a tttjax training run", dict(
         eps=Key(1e-8, "Adam epsilon", positive),
         max_norm=Key(1.0, "global gradient-norm clip", positive),
         cycle_momentum=Key(True, "beta1 0.95 -> 0.85 -> 0.95 with the LR, as torch OneCycleLR"),
-        ttt_lr_multiplier=Key(1.0, "LR multiplier of TTT weights", non_negative),
-        gate_lr_multiplier=Key(1.0, "LR multiplier of the TTT gates", non_negative),
+        ttt_lr_multiplier=Key(10.0, "LR multiplier of TTT weights (TTT-Moshi's weight_lr_multiplier)", non_negative),
+        gate_lr_multiplier=Key(100.0, "LR multiplier of the TTT gates (TTT-Moshi's alpha_lr_multiplier)",
+                               non_negative),
     )),
     data=Section("training and evaluation data", dict(
         train_data=Key("", "prepared dir(s), \"synthetic[:N]\", \"tfds:name\", or \"a:0.7,b:0.3\""),

@@ -204,19 +204,22 @@ class Trainer:
 
     def _end_now(self, message: str, code: int, wait_for_save: bool) -> None:
         """The watchdog's way out (from its thread): the save being written commits first if asked,
-        the reason goes to the terminal and train.log, the lock is released, the process exits."""
-        if wait_for_save:
-            try:
-                self._wait_for_save()
-            except Exception:  # noqa: BLE001 - a failed save: the committed steps stay intact
-                pass
-        if self.logger is not None:
-            self.logger.say(message, warning=True)
-            self.logger.flush()
-        else:
-            say_early(self.run_dir, message)
-        lock.release(self.run_dir)
-        os._exit(code)
+        the reason goes to the terminal and train.log, the lock is released, the process exits,
+        whatever fails on the way (the main thread may be closing the log under it)."""
+        try:
+            if wait_for_save:
+                try:
+                    self._wait_for_save()
+                except Exception:  # noqa: BLE001 - a failed save: the committed steps stay intact
+                    pass
+            if self.logger is not None:
+                self.logger.say(message, warning=True)
+                self.logger.flush()
+            else:
+                say_early(self.run_dir, message)
+            lock.release(self.run_dir)
+        finally:
+            os._exit(code)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> int:

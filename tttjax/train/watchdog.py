@@ -38,6 +38,7 @@ EARLY = ("start-up", "compilation and the first step")  # phases with nothing to
 UNCUT = ("saving", "export", "finishing")  # phases the deadline waits for
 POLL_S = 0.1  # how often the thread looks at the signal pipe
 STORE_POLL_S = 1.0  # how often it asks JAX's key-value store (notice, heartbeats)
+EXIT_WAIT_S = 30.0  # how long a failed collective waits for the thread to end the process
 
 
 def _exit_now(message: str, code: int) -> None:
@@ -150,5 +151,10 @@ class Watchdog:
 
     def wait_for_lost_process(self) -> bool:
         """After a collective failed (several processes): waits up to the heartbeat timeout for the
-        thread to find the lost process (it then ends this one); False if none was lost."""
-        return self._lost.wait(self.heartbeat_timeout_s + 2 * STORE_POLL_S)
+        thread to find the lost process; False if none was lost. If one was, the thread is ending
+        this process (exit LOST_PROCESS): the caller waits for that rather than unwind under it,
+        which closed the log the thread was writing its line to, and JAX's shutdown then aborted."""
+        if not self._lost.wait(self.heartbeat_timeout_s + 2 * STORE_POLL_S):
+            return False
+        time.sleep(EXIT_WAIT_S)
+        return True
