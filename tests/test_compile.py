@@ -61,7 +61,7 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
                                                  m.generated_code_size_in_bytes)
     assert figures["total_bytes"] == (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                                       - m.alias_size_in_bytes)
-    assert report["model_flops_per_step"] == train_step_flops(program.cfg, 8, 16)
+    assert report["model_flops_per_step"] == train_step_flops(program.cfg, 8, 16, full_finetuning=False)
     assert "headroom" in captured.out and captured.out.rstrip().endswith("fits")
     assert "[compile]" in captured.err  # progress goes to stderr
 

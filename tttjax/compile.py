@@ -5,7 +5,8 @@ The step is the trainer's own (`build_program`: the same mesh, shardings, donati
 remat and dtypes), lowered for abstract parameters over the topology's abstract devices (libtpu's
 compiler, `jax.experimental.topologies`; nothing is allocated), as MaxText's train_compile does.
 It reports the compiler's per-device memory against the chip's HBM, the analytic estimate beside
-it, FLOPs and the collectives of one step (docs/distributed.md). A run that does not fit exits 1.
+it, FLOPs and the collectives of one step, and the predicted step time, MFU and frames/s per chip
+(analysis/perf.py, from the optimized HLO; docs/distributed.md). A run that does not fit exits 1.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from tttjax import run_config, rundir
-from tttjax.analysis import memory, topology
+from tttjax.analysis import memory, perf, topology
 from tttjax.data.streams import FRAME_RATE, num_frames
 from tttjax.eval.standard import Evaluator
 from tttjax.analysis.flops import train_step_flops
@@ -76,23 +77,28 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
     log(f"compiled in {compile_s:.0f} s" if compiled else f"the compiler refused it for HBM after {compile_s:.0f} s")
     figures = memory.compiled_figures(compiled) if compiled else None
     estimate = _train_estimate(program, config.batch_size, frames, config.num_microbatches)
+    text = compiled.as_text() if compiled else ""
+    model_flops = train_step_flops(cfg, config.batch_size, frames, full_finetuning=program.full_finetuning)
     report = {
         "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
         "remat": cfg.remat, "full_finetuning": program.full_finetuning,
         "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
-        "per_device": figures, "hbm_bytes": hbm, "hbm_source": topology.HBM_SOURCE[topo.generation],
+        "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),
         "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
         "estimate_bytes": estimate.total, "estimate": dataclasses.asdict(estimate),
-        "model_flops_per_step": train_step_flops(cfg, config.batch_size, frames),
+        "model_flops_per_step": model_flops,
         "compiler_flops_per_device": topology.compiler_flops(compiled) if compiled else None,
-        "collectives": topology.collectives(compiled.as_text(), program.mesh) if compiled else None,
+        "collectives": topology.collectives(text, program.mesh) if compiled else None,
+        "performance": perf.predict(text, program.mesh, topo.chip, model_flops=model_flops,
+                                    frames_per_step=config.batch_size * frames, slice_shape=topo.dims,
+                                    num_slices=topo.num_slices, attention_window=cfg.context) if compiled else None,
         "compile_s": compile_s, "eval": None,
     }
     if dump_hlo is not None and compiled:
-        (dump_hlo / "train_step.hlo.txt").write_text(compiled.as_text())
+        (dump_hlo / "train_step.hlo.txt").write_text(text)
     if with_eval and report["fits"]:
         report["eval"] = _compile_eval(config, program, hbm, dump_hlo, log)
         report["fits"] = report["eval"]["fits"]
@@ -168,19 +174,21 @@ def format_report(report: dict) -> str:
         lines.append(f"per device   arguments {format_bytes(m['argument_bytes'])}, outputs {format_bytes(m['output_bytes'])} "
                      f"(aliased {format_bytes(m['alias_bytes'])}), temporaries {format_bytes(m['temp_bytes'])}, "
                      f"code {format_bytes(m['generated_code_bytes'])}")
-        lines.append(f"             total {format_bytes(m['total_bytes'])} of {format_bytes(hbm)} HBM ({report['hbm_source']}): "
+        lines.append(f"             total {format_bytes(m['total_bytes'])} of {format_bytes(hbm)} HBM ({report['hbm_source'].split(':')[0]}): "
                      f"headroom {format_bytes(report['headroom_bytes'])} ({report['headroom_bytes'] / hbm:.0%})")
         lines.append(f"estimate     {format_bytes(report['estimate_bytes'])} "
                      f"({report['estimate_bytes'] / max(m['total_bytes'], 1):.2f} x the compiler's total)")
     else:
         r = report["compiler_refused"]
         lines.append(f"per device   refused by the compiler: {format_bytes(r['needed_bytes'])} of temporaries, "
-                     f"{format_bytes(r['available_bytes'])} usable ({format_bytes(hbm)} HBM, {report['hbm_source']})")
+                     f"{format_bytes(r['available_bytes'])} usable ({format_bytes(hbm)} HBM, {report['hbm_source'].split(':')[0]})")
         lines.append(f"estimate     {format_bytes(report['estimate_bytes'])}")
     if report["compiler_flops_per_device"] is not None:
         per_device = report["model_flops_per_step"] / report["num_devices"]
         lines.append(f"flops        model {report['model_flops_per_step']:.3e} per step ({per_device:.3e} per device); "
                      f"compiler {report['compiler_flops_per_device']:.3e} per device")
+    if report.get("performance"):
+        lines += perf.format_performance(report["performance"])
     for kind, c in (report["collectives"] or {}).items():
         if c["count"]:
             axes = ", ".join(f"{a} {v['count']}x {format_bytes(v['bytes'])}" for a, v in c["by_axes"].items())
