@@ -62,6 +62,15 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
     assert figures["total_bytes"] == (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                                       - m.alias_size_in_bytes)
     assert report["model_flops_per_step"] == train_step_flops(program.cfg, 8, 16, full_finetuning=False)
+    # the performance model: every part of the model found by its source, little left unattributed
+    performance = report["performance"]
+    assert {"temporal_attention", "temporal_mlp", "ttt_inner_scan", "ttt_branch", "depformer", "loss",
+            "optimizer"} <= set(performance["parts"])
+    assert performance["parts"].get("other", {"share": 0})["share"] < 0.1
+    step = performance["step_s"]
+    assert 0 < step["overlap"] <= step["roofline"] <= step["serial"]
+    assert performance["flops_per_device"]["dot"] > 0 and performance["flops_per_device"]["kernels"] > 0  # splash
+    assert "predicted" in captured.out
     assert "headroom" in captured.out and captured.out.rstrip().endswith("fits")
     assert "[compile]" in captured.err  # progress goes to stderr
 

@@ -83,7 +83,7 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
         "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
-        "remat": cfg.remat, "full_finetuning": program.full_finetuning,
+        "remat": cfg.remat, "full_finetuning": program.full_finetuning, "attention_window": cfg.context,
         "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
         "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),

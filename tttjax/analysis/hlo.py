@@ -423,8 +423,7 @@ def _fusion_cost(module: Module, ins: Instruction, depth: int = 0) -> tuple[list
             dots += d
             other += o
     users = _users(instrs)
-    params = {int(re.match(r"\((\d+)\)", i.attrs).group(1)) if re.match(r"\((\d+)\)", i.attrs) else n: i
-              for n, i in enumerate(p for p in instrs if p.opcode == "parameter")}
+    params = {int(i.operand_text): i for i in instrs if i.opcode == "parameter" and i.operand_text.strip().isdigit()}
     read = 0
     for index, operand in enumerate(ins.operands):
         arrays_ = [a for a in module.shape(operand) if a.memory_space == 0]

@@ -39,7 +39,7 @@ from collections import defaultdict
 import numpy as np
 from jax.sharding import Mesh
 
-from tttjax.analysis import hlo
+from tttjax.analysis import hlo, topology
 from tttjax.analysis.chips import Chip, wraparound
 from tttjax.analysis.flops import mean_context
 
@@ -124,21 +124,15 @@ def _ici_bandwidth(chip: Chip, members: list, slice_shape: tuple[int, ...] | Non
 
 def _collective_rows(collectives: list[hlo.Collective], mesh: Mesh, chip: Chip, slice_shape, num_slices: int):
     flat = mesh.devices.reshape(-1)
-    slices = np.vectorize(lambda d: getattr(d, "slice_index", 0) or 0)(mesh.devices)
-    slice_axes = tuple(n for a, n in enumerate(mesh.axis_names) if (np.diff(slices, axis=a) != 0).any())
     dcn_bw = chip.dcn_host_bw / chip.chips_per_host
     rows = {}
     for c in collectives:
         if c.groups is None:  # Megascale: the cross-slice part of a collective
-            axes, n, dcn, bw = "+".join(slice_axes) or "none", max(num_slices, 2), True, dcn_bw
+            axes, n, dcn, bw = "+".join(topology.slice_axes(mesh)) or "none", max(num_slices, 2), True, dcn_bw
         else:
-            group = [flat[i] for i in c.groups[0] if i < flat.size]
-            coords = np.array([np.unravel_index(i, mesh.devices.shape) for g in c.groups for i in g if i < flat.size])
-            axes = "+".join(mesh.axis_names[a] for a in range(mesh.devices.ndim)
-                            if len(coords) and len(set(coords[:, a])) > 1) or "none"
-            n = len(c.groups[0])
-            dcn = len({getattr(d, "slice_index", 0) for d in group}) > 1
-            bw = dcn_bw if dcn else _ici_bandwidth(chip, group, slice_shape)
+            axes = "+".join(topology.group_axes(c.groups, mesh)) or "none"
+            n, dcn = len(c.groups[0]), topology.crosses_slices(c.groups, mesh)
+            bw = dcn_bw if dcn else _ici_bandwidth(chip, [flat[i] for i in c.groups[0] if i < flat.size], slice_shape)
         factor = _ring_factor(c.kind, n)
         row = rows.setdefault((c.kind, axes, dcn), {"kind": c.kind, "axes": axes, "link": "DCN" if dcn else "ICI",
                                                    "count": 0, "bytes": 0, "wire_bytes": 0.0, "seconds": 0.0,

@@ -109,7 +109,7 @@ def topology(name: str, num_slices: int = 1) -> Topology:
 # The collectives of an optimized HLO (hlo.py walks it)
 
 
-def _axes(groups: list[list[int]], mesh: Mesh) -> tuple[str, ...]:
+def group_axes(groups: list[list[int]], mesh: Mesh) -> tuple[str, ...]:
     """The mesh axes along which the members of a collective's groups differ."""
     varying = set()
     for group in groups:
@@ -143,7 +143,7 @@ def collectives(text: str, mesh: Mesh) -> dict:
         if c.groups is None:
             axes, dcn = "+".join(slice_axes(mesh)) or "none", True
         else:
-            axes, dcn = "+".join(_axes(c.groups, mesh)) or "none", crosses_slices(c.groups, mesh)
+            axes, dcn = "+".join(group_axes(c.groups, mesh)) or "none", crosses_slices(c.groups, mesh)
         _add(out[c.kind], axes, c.times, c.bytes * c.times, dcn=dcn)
     return out
 
