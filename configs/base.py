@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh.dcn_fsdp = 1  # fsdp axis across slices/processes (mesh axis size = fsdp * dcn_fsdp)
     c.mesh.dcn_tensor = 1  # tensor axis across slices/processes (rarely useful)
     c.memory_check = "error"  # start-up per-device memory estimate vs device memory: error | warn | off
+    c.compiled_step = ""  # a step tttjax.compile --save_executable wrote: loaded, not compiled; refused unless it is this run's
 
     c.wandb = ml_collections.ConfigDict()
     c.wandb.project = ""  # "" = wandb off

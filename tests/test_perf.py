@@ -231,3 +231,19 @@ def test_a_tpu_aot_program_counts_every_loop_trip():
     # 16 rows per device of a 128 tile: the dots run at 1/8 of the MXU
     assert report["mxu"]["efficiency"] == pytest.approx(16 / 128)
     assert report["mfu"]["overlap"] <= 16 / 128 + 1e-9
+
+
+def test_the_trainers_rates_use_the_useful_flops_and_the_chips_peak():
+    from configs import tiny
+    from tttjax.analysis.flops import train_step_flops
+    from tttjax.model.config import from_run_config
+
+    cfg = from_run_config(tiny.get_config())
+    devices = [types.SimpleNamespace(device_kind="TPU v5 lite")] * 4
+    rates = perf.step_rates(cfg, batch_size=8, frames=50, full_finetuning=False, devices=devices)(0.5)
+    assert rates["frames_per_s_per_chip"] == pytest.approx(8 * 50 / 0.5 / 4)
+    assert rates["mfu"] == pytest.approx(train_step_flops(cfg, 8, 50, full_finetuning=False) / 0.5 / (4 * 197e12))
+    assert chips.for_device("TPU v5") is chips.CHIPS["v5p"] and chips.for_device("NVIDIA H200") is chips.CHIPS["h200"]
+    cpu = perf.step_rates(cfg, batch_size=8, frames=50, full_finetuning=False,
+                          devices=[types.SimpleNamespace(device_kind="cpu")])(0.5)
+    assert "mfu" not in cpu

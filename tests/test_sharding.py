@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tttjax.analysis import memory
+from tttjax.analysis import fit, memory
 from tttjax.parallel import distributed, mesh as mesh_lib, sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,24 +152,36 @@ def test_memory_estimate_7b():
     fused = _estimate("none", data=8, fsdp=1, tensor=1)  # auto on GPU in bf16: cudnn
     # 2 sequences per device x 32 layers x 32 heads x T^2 x (fp32 scores + bf16 probs) = 19.2 GB
     assert data_parallel.total - fused.total > 2 * 32 * 32 * 1250 ** 2 * 6
-    est = dict(source="analytic estimate")
-    with pytest.raises(ValueError, match="analytic estimate.*does not fit.*mesh.fsdp"):
-        memory.check_memory(data_parallel.total, 80 * 10**9, mode="error", what="8xH100 data-parallel", **est)
-    assert "does not fit" in memory.check_memory(data_parallel.total, 80 * 10**9, mode="warn", what="x", **est)
-    assert memory.check_memory(h100.total, 80 * 10**9, mode="error", what="8xH100 fsdp", **est) is None
+    est = dict(source="analytic estimate", advice=fit.train_advice("none", {"data": 8}))
+    with pytest.raises(fit.OutOfMemory, match="analytic estimate.*does not fit.*mesh.fsdp"):
+        fit.check(data_parallel.total, 80 * 10**9, mode="error", what="8xH100 data-parallel", **est)
+    assert "does not fit" in fit.check(data_parallel.total, 80 * 10**9, mode="warn", what="x", **est)
+    assert fit.check(h100.total, 80 * 10**9, mode="error", what="8xH100 fsdp", **est) is None
+    assert "within 10%" in fit.check(int(0.95 * 80 * 10**9), 80 * 10**9, mode="error", what="x", **est)  # tight
     with pytest.raises(ValueError, match="memory_check"):
-        memory.check_memory(h100.total, None, mode="typo", what="", **est)
+        fit.check(h100.total, None, mode="typo", what="", **est)
 
 
 def test_compile_oom_figures():
-    """XLA:TPU's compile-time refusals, in both forms it prints, give (needed, available) bytes."""
-    temps = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-                         "temporaries (48.79G) exceeds available HBM (15.75G).")
-    assert memory.compile_oom(temps) == (int(48.79 * memory.GiB), int(15.75 * memory.GiB))
-    used = RuntimeError("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 20.50G of "
-                        "15.48G hbm. Exceeded hbm capacity by 5.02G.")
-    assert memory.compile_oom(used) == (int(20.5 * memory.GiB), int(15.48 * memory.GiB))
-    assert memory.compile_oom(RuntimeError("INTERNAL: something else")) is None
+    """XLA:TPU's compile-time refusals (a JaxRuntimeError with status RESOURCE_EXHAUSTED), in both
+    forms it prints, give (needed, available) bytes; other errors are not out-of-memory."""
+    temps = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                       "HLO temporaries (48.79G) exceeds available HBM (15.75G).")
+    assert fit.refusal(temps) == fit.Refusal(int(48.79 * memory.GiB), int(15.75 * memory.GiB))
+    used = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                                      "memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G.")
+    assert fit.refusal(used) == fit.Refusal(int(20.5 * memory.GiB), int(15.48 * memory.GiB))
+    assert fit.refusal(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
+    assert fit.refusal(RuntimeError("RESOURCE_EXHAUSTED: not the runtime's")) is None  # the class decides
+
+    def failing(error):
+        def build():
+            raise error
+        return build
+
+    assert fit.compile_program(failing(temps)) == (None, fit.refusal(temps))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        fit.compile_program(failing(jax.errors.JaxRuntimeError("INTERNAL: x")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,24 +12,28 @@ it, FLOPs and the collectives of one step, and the predicted step time, MFU and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
+import jax
+
 from tttjax import run_config, rundir
-from tttjax.analysis import memory, perf, topology
+from tttjax.analysis import fit, memory, perf, topology
 from tttjax.data.streams import FRAME_RATE, num_frames
 from tttjax.eval.standard import Evaluator
 from tttjax.analysis.flops import train_step_flops
 from tttjax.analysis.memory import format_bytes
 from tttjax.model.attention import resolve_impl
 from tttjax.parallel.sharding import batch_parallelism
+from tttjax.train import executable
 from tttjax.train.program import build_program
 
 USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-64 [--num_slices=N] "
-         "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--no_eval] "
+         "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--save_executable DIR] [--no_eval] "
          "[--find_max_duration [--per_device_batch N]]")
 
 
@@ -42,26 +46,24 @@ def _progress(message: str) -> None:
 
 
 def _compile(lowered, what: str):
-    """(compiled, None), or (None, (needed, available)) where XLA:TPU refuses the program for its HBM."""
+    """(compiled, None), or (None, Refusal) where XLA:TPU refuses the program for its HBM."""
     try:
-        return lowered.compile(), None
-    except Exception as e:  # XlaRuntimeError has no stable import path
-        refused = memory.compile_oom(e)
-        if refused is None:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CompileError(f"compiling the {what} failed: {first}") from None
-        return None, refused
+        return fit.compile_program(lowered.compile)
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompileError(f"compiling the {what} failed: {first}") from None
 
 
 def _fit(figures: dict | None, refused, hbm: int) -> dict:
     """`fits` and `headroom_bytes` from the compiler's figures (or its refusal)."""
-    need = figures["total_bytes"] if figures else refused[0]
-    return {"fits": figures is not None and need <= hbm, "headroom_bytes": hbm - need}
+    need = figures["total_bytes"] if figures else refused.need
+    return {"fits": figures is not None and fit.verdict(need, hbm) != "does not fit", "headroom_bytes": hbm - need}
 
 
 def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump_hlo: Path | None = None,
-                log=_progress) -> dict:
-    """Compile `config`'s train step (and eval step) for `topo`; the report `--output_json` writes."""
+                save_executable: Path | None = None, log=_progress) -> dict:
+    """Compile `config`'s train step (and eval step) for `topo`; the report `--output_json` writes.
+    `save_executable`: write the compiled train step there for a run's `compiled_step`."""
     devices = topo.devices()
     program = build_program(config, devices)
     cfg, mesh = program.cfg, dict(program.mesh.shape)
@@ -72,7 +74,8 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
     tic = time.perf_counter()
     lowered = program.lower()
     log(f"lowered in {time.perf_counter() - tic:.0f} s; compiling (a 7B step takes minutes)")
-    compiled, refused = _compile(lowered, "train step")
+    with executable.fresh_compile() if save_executable is not None else contextlib.nullcontext():
+        compiled, refused = _compile(lowered, "train step")
     compile_s = time.perf_counter() - tic
     log(f"compiled in {compile_s:.0f} s" if compiled else f"the compiler refused it for HBM after {compile_s:.0f} s")
     figures = memory.compiled_figures(compiled) if compiled else None
@@ -87,7 +90,7 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
         "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
         "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),
-        "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
+        "compiler_refused": None if compiled else {"needed_bytes": refused.need, "available_bytes": refused.available},
         "estimate_bytes": estimate.total, "estimate": dataclasses.asdict(estimate),
         "model_flops_per_step": model_flops,
         "compiler_flops_per_device": topology.compiler_flops(compiled) if compiled else None,
@@ -99,6 +102,9 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
     }
     if dump_hlo is not None and compiled:
         (dump_hlo / "train_step.hlo.txt").write_text(text)
+    if save_executable is not None and compiled:
+        executable.save(save_executable, program, lowered, compiled)
+        log(f"wrote the compiled train step to {save_executable} (run it with --config.compiled_step={save_executable})")
     if with_eval and report["fits"]:
         report["eval"] = _compile_eval(config, program, hbm, dump_hlo, log)
         report["fits"] = report["eval"]["fits"]
@@ -128,17 +134,6 @@ def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict
             "compile_s": time.perf_counter() - tic}
 
 
-def advice(report: dict) -> str:
-    tips = []
-    if report["remat"] != "full":
-        tips.append("remat=full")
-    if report["mesh"]["data"] > 1:
-        tips.append("mesh.fsdp in place of mesh.data")
-    tips.append("a shorter duration_sec or a smaller batch_size")
-    tips.append("a larger topology")
-    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
-
-
 def not_fit_message(report: dict) -> str:
     """One line: the topology, the figures and the biggest contributors."""
     hbm, step = report["hbm_bytes"], report
@@ -157,7 +152,8 @@ def not_fit_message(report: dict) -> str:
                    f"{format_bytes(hbm)} HBM is usable")
     parts = sorted(((v, k) for k, v in report["estimate"].items() if k != "margin"), reverse=True)[:2]
     biggest = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in parts)
-    return f"{report['topology']}: {what} does not fit: {figures}; biggest in the estimate: {biggest}; {advice(report)}"
+    return (f"{report['topology']}: {what} does not fit: {figures}; biggest in the estimate: {biggest}; "
+            f"{fit.train_advice(report['remat'], report['mesh'], topology=True)}")
 
 
 def format_report(report: dict) -> str:
@@ -199,7 +195,9 @@ def format_report(report: dict) -> str:
         total = format_bytes(e["per_device"]["total_bytes"]) if e["per_device"] else "refused by the compiler"
         lines.append(f"eval step    {total} per device, estimate {format_bytes(e['estimate_bytes'])}, "
                      f"compile {e['compile_s']:.0f} s")
-    lines.append("fits" if report["fits"] else "DOES NOT FIT")
+    tight = report["fits"] and report["headroom_bytes"] < (1 - fit.MARGIN) * hbm
+    lines.append(("fits, within {:.0%} of HBM".format(1 - fit.MARGIN) if tight else "fits") if report["fits"]
+                 else "DOES NOT FIT")
     return "\n".join(lines)
 
 
@@ -260,6 +258,8 @@ def parse_args(argv: list[str]):
     parser.add_argument("--output_json", help="write the report here (keys in docs/distributed.md)")
     parser.add_argument("--dump_hlo", help="write the optimized HLO of each step into this directory")
     parser.add_argument("--no_eval", action="store_true", help="compile the train step only")
+    parser.add_argument("--save_executable", help="write the compiled train step into this directory, for a run's "
+                        "--config.compiled_step (on the topology it was compiled for)")
     parser.add_argument("--find_max_duration", action="store_true",
                         help="bisect duration_sec for the longest train step that fits")
     parser.add_argument("--per_device_batch", type=int, default=1,
@@ -282,6 +282,9 @@ def main(argv=None) -> int:
         dump_hlo = Path(args.dump_hlo).absolute() if args.dump_hlo else None
         if dump_hlo is not None:
             rundir.check_output_dir(dump_hlo, "--dump_hlo")
+        save_executable = Path(args.save_executable).absolute() if args.save_executable else None
+        if save_executable is not None:
+            rundir.check_output_dir(save_executable, "--save_executable")
     except ValueError as e:  # ConfigError is one
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -293,7 +296,8 @@ def main(argv=None) -> int:
                   f"({args.per_device_batch} per batch shard): {report['max_duration_sec']:g} s = "
                   f"{report['max_frames']} frames")
         else:
-            report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo)
+            report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo,
+                                 save_executable=save_executable)
             print(format_report(report))
     except ValueError as e:  # CompileError, and a config the program refuses (mesh, batch)
         print(f"error: {topo.name}: {e}", file=sys.stderr)

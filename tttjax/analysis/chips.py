@@ -1,7 +1,7 @@
 """The accelerators a compiled step is predicted for: one table, each figure with its public source.
 
 API: `CHIPS[name]` -> `Chip` (names: v4, v5e, v5p, v6e, h100, h200); `chip(name)` refuses an
-unknown name in one line. Rates are per chip (a v4 / v5p chip is two TensorCores that XLA drives
+unknown name in one line; `for_device(device_kind)` finds a JAX device's entry. Rates are per chip (a v4 / v5p chip is two TensorCores that XLA drives
 as one device, so the per-device figure equals the per-chip one there too).
 
 Conventions: bandwidths are bytes/s in ONE direction (a bidirectional figure is twice these);
@@ -76,3 +76,15 @@ def wraparound(chip_: Chip, shape: tuple[int, ...]) -> tuple[bool, ...]:
     if chip_.torus_dims == 3:
         return (all(d % 4 == 0 for d in shape),) * len(shape)
     return tuple(d == 16 for d in shape)
+
+
+_DEVICE_KINDS = {"tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e", "tpu v5p": "v5p", "tpu v5": "v5p",
+                 "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def for_device(device_kind: str) -> Chip | None:
+    """The entry for a JAX device's `device_kind` ("TPU v5 lite", "NVIDIA H100 80GB HBM3"), None if unknown."""
+    kind = device_kind.lower()
+    if kind in _DEVICE_KINDS:
+        return CHIPS[_DEVICE_KINDS[kind]]
+    return next((c for name, c in CHIPS.items() if c.torus_dims == 0 and name in kind), None)

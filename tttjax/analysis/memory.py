@@ -1,5 +1,6 @@
-"""Per-device memory: the one estimate of a step (training or forward-only), the device's memory,
-and the checks that refuse what would not fit (docs/distributed.md, bench/memory_estimate.py).
+"""Per-device memory: the one estimate of a step (training or forward-only), the device's memory and
+a compiled program's own figures (docs/distributed.md, bench/memory_estimate.py); fit.py compares
+them with capacity and refuses what would not fit.
 
 The estimate counts parameters and optimizer state from the real parameter shapes and sharding
 rules, and activations from a per-layer count of what the forward pass materialises (bytes per
@@ -10,10 +11,8 @@ compiled program reports its own figures (`memory_analysis()` on TPU / GPU), tho
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
-import re
 from typing import Mapping
 
 import jax
@@ -24,7 +23,6 @@ from tttjax.model.config import ModelConfig
 from tttjax.model.params import flat_abstract, trainable
 from tttjax.parallel.sharding import batch_parallelism, param_spec
 
-log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
 
@@ -194,55 +192,7 @@ def free_bytes(device=None) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks
-
-
-ADVICE = ("lower batch_size / duration_sec, use remat=full, raise num_microbatches or mesh.fsdp (shards params "
-          "and optimizer state)")
-
-
-def check_memory(need: int, capacity: int | None, *, mode: str, what: str, source: str,
-                 where: str = "device memory", detail: str = "") -> str | None:
-    """Training start-up: compare a step's per-device bytes (`source` says whose figure: the compiled
-    step's or the analytic estimate; `detail` its breakdown, logged) with `capacity` bytes of
-    `where`; raise (mode "error", one line) or warn when it does not fit. Returns the warning text,
-    if any. mode: "error" | "warn" | "off"."""
-    if mode not in ("error", "warn", "off"):
-        raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
-    if mode == "off" or capacity is None:
-        return None
-    text = (f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} of {where} "
-            f"({source})")
-    if need > capacity:
-        if mode == "error":
-            log.info("%s%s", text, detail and "\n" + detail)
-            raise ValueError(f"{text} does not fit: {ADVICE} (memory_check=warn runs anyway)")
-        text += f"\ndoes not fit: {ADVICE}"
-    elif need > 0.9 * capacity:
-        text += "\nwithin 10% of device memory"
-    else:
-        log.info("%s%s", text, detail and "\n" + detail)
-        return None
-    log.warning("%s%s", text, detail and "\n" + detail)
-    return text
-
-
-_COMPILE_OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
-                re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
-_UNIT = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
-
-
-def compile_oom(error: BaseException) -> tuple[int, int] | None:
-    """(bytes needed, bytes available) from XLA:TPU's compile-time out-of-memory error, else None.
-
-    XLA:TPU refuses at compile time a program whose buffers exceed HBM; it reports either its
-    temporaries or all it uses, against the HBM it can use (a little under the chip's)."""
-    for pattern in _COMPILE_OOM:
-        match = pattern.search(str(error))
-        if match:
-            need, unit, have, have_unit = match.groups()
-            return int(float(need) * _UNIT[unit]), int(float(have) * _UNIT[have_unit])
-    return None
+# A compiled program's figures (fit.py compares them with capacity)
 
 
 def compiled_figures(compiled) -> dict | None:
@@ -259,40 +209,3 @@ def compiled_figures(compiled) -> dict | None:
            "generated_code_bytes": int(m.generated_code_size_in_bytes)}
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
     return out
-
-
-class BatchTooLarge(ValueError):
-    """--batch_size does not fit the device memory; the message says what would."""
-
-
-def check_batch(cfg: ModelConfig, batch_size: int, frames: int, *, compiled=None, margin: float = 0.9) -> None:
-    """Evaluation: raise BatchTooLarge if a [batch_size, 17, frames] forward would not fit the free memory.
-
-    `compiled` (a jax Compiled) adds XLA's own temp-size figure where the backend reports one.
-    """
-    if batch_size < 1:
-        raise BatchTooLarge(f"--batch_size={batch_size} must be >= 1")
-    need = estimate_memory(cfg, batch_size=batch_size, num_frames=frames, training=False,
-                           platform=jax.default_backend()).activations
-    figures = compiled_figures(compiled) if compiled is not None else None
-    if figures is not None:
-        need = max(need, figures["temp_bytes"] + figures["output_bytes"])
-    free = free_bytes()
-    if free is None or need <= margin * free:
-        return
-    per_row = max(1, need // batch_size)
-    fits = int(margin * free // per_row)
-    hint = f"try --batch_size={fits}" if fits >= 1 else "even --batch_size=1 does not fit; use a larger device"
-    raise BatchTooLarge(f"--batch_size={batch_size} with {frames}-frame sequences needs about "
-                        f"{need / GiB:.1f} GiB for activations and logits but only {free / GiB:.1f} GiB is free; "
-                        f"{hint}")
-
-
-def is_oom(error: BaseException) -> bool:
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
-
-
-def oom_message(batch_size: int, frames: int) -> str:
-    return (f"out of device memory evaluating --batch_size={batch_size} with {frames}-frame sequences; "
-            f"lower --batch_size")

@@ -10,6 +10,8 @@ from the optimized HLO (hlo.py, every loop's trip count applied) and a chip (chi
                      element), opaque kernels (Pallas splash attention, counted analytically:
                      `kernel_flops`), the analytic useful FLOPs (flops.py) and their ratio;
   hbm_bytes_per_device  operands + results of every top-level op (slice-aware; on-chip memory excluded);
+  op_executions      top-level ops run per step (loops unrolled): where each costs a few microseconds
+                     of launch and pipeline latency that the model does not add, this says how much;
   collectives        one row per (kind, mesh axes): count, bytes, link (ICI / DCN), the ring factor
                      applied, bandwidth and seconds;
   time_s             {compute, memory, collectives, ici, dcn}: compute is each dot's FLOPs at the
@@ -35,13 +37,16 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from typing import Callable
 
 import numpy as np
 from jax.sharding import Mesh
 
 from tttjax.analysis import hlo, topology
+from tttjax.analysis import chips
 from tttjax.analysis.chips import Chip, wraparound
-from tttjax.analysis.flops import mean_context
+from tttjax.analysis.flops import mean_context, train_step_flops
+from tttjax.model.config import ModelConfig
 
 # Parts of the model, by the Python that built each op (hlo stack frames, innermost first). A rule
 # marked "anywhere" wins if its function is anywhere in the chain; otherwise the innermost frame that
@@ -178,6 +183,8 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
         totals["compute_s"] += compute
         totals["memory_s"] += memory
         totals["roofline_s"] += max(compute, memory)
+        totals["op_executions"] += op.times
+        parts[part]["op_executions"] += op.times
         parts[part]["compute_s"] += compute
         parts[part]["memory_s"] += memory
         parts[part]["time_s"] += max(compute, memory)
@@ -199,6 +206,7 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
             continue
         part_table[name] = {"time_s": p["time_s"], "compute_s": p["compute_s"], "memory_s": p["memory_s"],
                             "collective_bytes": int(p["collective_bytes"]), "dot_flops": p["dot_flops"],
+                            "op_executions": int(p["op_executions"]),
                             "share": p["time_s"] / max(totals["roofline_s"], 1e-30),
                             "mxu_efficiency": p["ideal_s"] / p["mxu_s"] if p["mxu_s"] else None}
     return {
@@ -207,6 +215,7 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
                              "model": per_device,
                              "compiled_per_model": (totals["dot"] + totals["kernels"]) / per_device if per_device else None},
         "hbm_bytes_per_device": totals["hbm"],
+        "op_executions": int(totals["op_executions"]),
         "collectives": rows,
         "time_s": {"compute": compute, "memory": memory, "collectives": comm, "ici": ici, "dcn": dcn},
         "step_s": step,
@@ -218,6 +227,23 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
                 "worst": [{"part": part, "batch": d.batch, "m": d.m, "k": d.k, "n": d.n, "efficiency": eff,
                            "executions": times, "lost_s": lost} for lost, d, times, eff, part in dot_rows[:top_dots]]},
     }
+
+
+def step_rates(cfg: ModelConfig, *, batch_size: int, frames: int, full_finetuning: bool, devices) -> Callable:
+    """For the trainer's log: `rates(seconds)` -> {frames_per_s_per_chip, mfu} of a step that took
+    `seconds` (measured), MFU from the same useful FLOPs as the prediction (flops.py) against the
+    chips.py peak of the devices (no MFU where the device is not in the table, e.g. a CPU)."""
+    flops = train_step_flops(cfg, batch_size, frames, full_finetuning=full_finetuning)
+    chip, n = chips.for_device(devices[0].device_kind), len(devices)
+
+    def rates(seconds: float) -> dict:
+        seconds = max(seconds, 1e-9)
+        out = {"frames_per_s_per_chip": batch_size * frames / seconds / n}
+        if chip is not None:
+            out["mfu"] = flops / seconds / (n * chip.bf16_flops)
+        return out
+
+    return rates
 
 
 def _s(seconds: float) -> str:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from conversion.export import plan_export
 from conversion.sources import ModelSource, copy_into
 from tttjax import data as data_lib
-from tttjax.analysis import memory
+from tttjax.analysis import fit, memory, perf
 from tttjax import rundir
 from tttjax.checkpoint import BrokenCheckpoint, CheckpointManager, check_compatible, lock
 from tttjax.checkpoint.compat import check_base_compatible
@@ -95,6 +95,8 @@ class Trainer:
         self.step_fn = program.step
         self.lr_at = optim_lib.one_cycle_lr(config.optim.lr, config.max_steps, config.optim.pct_start)
         self.num_frames = data_lib.num_frames(config.duration_sec)
+        self._rates = perf.step_rates(self.cfg, batch_size=config.batch_size, frames=self.num_frames,  # MFU in the log
+                                      full_finetuning=self.full, devices=self.mesh.devices.reshape(-1))
         self.manager = None
         self.logger = None
         self._saving = collections.deque()  # (step, start time) of saves not yet committed, oldest first
@@ -142,39 +144,23 @@ class Trainer:
         self.fingerprint = state_lib.fingerprint(self.frozen)
 
     def _check_memory(self) -> None:
-        """Start-up check of the step's per-device memory: on an accelerator (TPU, GPU) the compiled
-        step's own figures where the backend reports them (exact), against the device's memory; on
-        CPU the analytic estimate against the host's available memory shared by its devices, before
-        anything compiles."""
+        """Start-up check of the step's per-device memory (analysis/fit.py): on an accelerator the
+        compiled step's own figures against the device's memory; on CPU the analytic estimate against
+        the host's available memory, before anything compiles. A `compiled_step` is loaded here."""
         config = self.config
-        if config.memory_check == "off":
-            memory.check_memory(0, None, mode=config.memory_check, what="", source="")  # validates the mode
-            return
-        what = (f"batch_size={config.batch_size}, duration_sec={config.duration_sec}, remat={self.cfg.remat}, "
-                f"mesh {dict(self.mesh.shape)}")
-        capacity, where = memory.device_memory_bytes(), "device memory"
-        if capacity is not None:
-            try:
-                figures = memory.compiled_figures(self.program.compile())
-            except Exception as e:  # XlaRuntimeError has no stable import path
-                oom = memory.compile_oom(e)
-                if oom is None:
-                    raise
-                raise ValueError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
-                                 f"the {memory.format_bytes(oom[1])} it can use: {memory.ADVICE}") from None
-            if figures is not None:
-                memory.check_memory(figures["total_bytes"], capacity, mode=config.memory_check, what=what,
-                                    source="the compiled step's memory_analysis")
-                return
-        elif jax.default_backend() == "cpu":
-            free = memory.free_bytes()
-            capacity, where = (free // jax.local_device_count() if free else None), "available host memory"
-        estimate = memory.estimate_memory(
-            self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
-            num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
-            mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform)
-        memory.check_memory(estimate.total, capacity, mode=config.memory_check, what=what, where=where,
-                            source="analytic estimate", detail=estimate.table())
+        fit.check_train_step(
+            self.program.compile,
+            lambda: memory.estimate_memory(
+                self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
+                num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
+                mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform),
+            mode=config.memory_check, what=self._sizes(), advice=fit.train_advice(self.cfg.remat, dict(self.mesh.shape)),
+            platform=self.mesh.devices.flat[0].platform, compile_anyway=bool(config.compiled_step))
+
+    def _sizes(self) -> str:
+        config = self.config
+        return fit.step_sizes(config.batch_size, config.duration_sec, self.cfg.remat, config.num_microbatches,
+                              self.mesh.shape)
 
     def _cast(self, params):
         return jax.tree.map(lambda x: x.astype(self.cfg.jnp_param_dtype), params)
@@ -346,21 +332,18 @@ class Trainer:
                 try:
                     self.state, metrics = self.step_fn(self.state, self.frozen, self._global_batch(next(batches)))
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                except Exception as e:  # XLA's RESOURCE_EXHAUSTED (compile or run) is the user's sizes
-                    if not memory.is_oom(e):
-                        raise
-                    raise TrainingError(
-                        f"out of memory at step {step + 1} with batch_size={config.batch_size}, "
-                        f"duration_sec={config.duration_sec}, remat={self.cfg.remat}, num_microbatches="
-                        f"{config.num_microbatches}, mesh {dict(self.mesh.shape)}: lower batch_size / duration_sec, "
-                        f"use remat=full, raise num_microbatches or mesh.fsdp") from None
+                except jax.errors.JaxRuntimeError as e:  # out of memory (compile or run) is the user's sizes
+                    fit.raise_if_oom(e, TrainingError(f"out of memory at step {step + 1} with {self._sizes()}: "
+                                                      f"{fit.train_advice(self.cfg.remat, dict(self.mesh.shape))}"))
+                    raise
                 done = step + 1
                 if not metrics.pop("all_finite"):
                     raise self._diverged(done, metrics)
                 last_loss = metrics["loss"]
                 elapsed = time.perf_counter() - tic
                 tic = time.perf_counter()
-                metrics.update(lr=float(self.lr_at(step)), frames_per_s=frames_per_step / max(elapsed, 1e-9))
+                metrics.update(lr=float(self.lr_at(step)), frames_per_s=frames_per_step / max(elapsed, 1e-9),
+                               **self._rates(elapsed))
                 progress.update(1)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", fps=f"{metrics['frames_per_s']:.0f}")
                 if done % config.log_freq == 0 or done == config.max_steps:

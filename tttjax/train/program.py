@@ -24,6 +24,7 @@ from tttjax.model.params import path_of, trainable_filter
 from tttjax.parallel.mesh import make_mesh
 from tttjax.parallel.sharding import (batch_sharding, check_batch, opt_state_shardings, replicated, state_shardings,
                                       under_mesh)
+from tttjax.train import executable
 from tttjax.train import optimizer as optim_lib
 from tttjax.train.step import make_loss_fn, make_train_step
 
@@ -66,9 +67,11 @@ class TrainProgram:
             return self.train_step.lower(self.state, self.frozen, self.batch)
 
     def compile(self):
-        """Compile the step ahead of time (once), for its memory figures; `step` runs this program."""
+        """Compile the step ahead of time (once), for its memory figures, or load the one
+        `compiled_step` names (train/executable.py); `step` runs this program."""
         if self.compiled is None:
-            self.compiled = self.lower().compile()
+            saved = self.config.compiled_step
+            self.compiled = executable.load(saved, self) if saved else self.lower().compile()
         return self.compiled
 
     def eval_model(self):
