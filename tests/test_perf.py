@@ -247,3 +247,32 @@ def test_the_trainers_rates_use_the_useful_flops_and_the_chips_peak():
     cpu = perf.step_rates(cfg, batch_size=8, frames=50, full_finetuning=False,
                           devices=[types.SimpleNamespace(device_kind="cpu")])(0.5)
     assert "mfu" not in cpu
+
+
+def test_convolution_taps_match_a_direct_count():
+    """The closed-form count of (output, tap) pairs that land on real input elements (padding, strides,
+    lhs and rhs dilation) against enumerating them, on random windows."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        w = {"size": int(rng.integers(1, 10)), "stride": int(rng.integers(1, 9)), "lo": int(rng.integers(0, 5)),
+             "hi": 0, "lhs_dilate": int(rng.integers(1, 9)), "rhs_dilate": int(rng.integers(1, 4))}
+        size_in, size_out = int(rng.integers(1, 11)), int(rng.integers(1, 13))
+        span = (size_in - 1) * w["lhs_dilate"]
+        positions = [o * w["stride"] + k * w["rhs_dilate"] - w["lo"] for o in range(size_out) for k in range(w["size"])]
+        direct = sum(1 for p in positions if 0 <= p <= span and p % w["lhs_dilate"] == 0)
+        assert hlo._valid_taps(size_in, size_out, w) == direct, (w, size_in, size_out)
+
+
+def test_a_cublas_gemm_counts_as_a_dot():
+    """XLA:GPU writes dots as cuBLAS custom calls whose backend config carries the dimension numbers
+    (the form of XLA's GPU HLO; no GPU compile is available here to take one from)."""
+    text = """HloModule gemm
+ENTRY %main (a: bf16[4,64,256], b: bf16[4,256,128]) -> (bf16[4,64,128], s8[1024]) {
+  %a = bf16[4,64,256]{2,1,0} parameter(0)
+  %b = bf16[4,256,128]{2,1,0} parameter(1)
+  ROOT %g = (bf16[4,64,128]{2,1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"dot_dimension_numbers":{"lhs_contracting_dimensions":["2"],"rhs_contracting_dimensions":["1"],"lhs_batch_dimensions":["0"],"rhs_batch_dimensions":["0"]}}}
+}
+"""
+    [op] = hlo.ops(hlo.parse(text))
+    [dot] = op.dots
+    assert (dot.batch, dot.m, dot.k, dot.n, dot.flops) == (4, 64, 256, 128, 2 * 4 * 64 * 256 * 128)

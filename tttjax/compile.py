@@ -99,6 +99,7 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
                                     frames_per_step=config.batch_size * frames, slice_shape=topo.dims,
                                     num_slices=topo.num_slices, attention_window=cfg.context) if compiled else None,
         "compile_s": compile_s, "eval": None,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()), "mesh_config": config.mesh.to_dict(),
     }
     if dump_hlo is not None and compiled:
         (dump_hlo / "train_step.hlo.txt").write_text(text)
@@ -302,6 +303,7 @@ def main(argv=None) -> int:
     except ValueError as e:  # CompileError, and a config the program refuses (mesh, batch)
         print(f"error: {topo.name}: {e}", file=sys.stderr)
         return 1
+    report["command"] = " ".join(["python -m tttjax.compile", *argv])
     if output is not None:
         output.write_text(json.dumps(report, indent=1) + "\n")
     if not args.find_max_duration and not report["fits"]:

@@ -9,8 +9,8 @@ condition) and yields what each top-level operation costs per step:
     for op in ops(module): ...        # one `Op` per top-level instruction that does work
     for c in collective_ops(module): ...  # one `Collective` per collective instruction
 
-`Op`: `times` (executions per step), `dots` (every dot / convolution inside it with its FLOPs and
-its (batch, M, K, N) shape), `other_flops` (elementwise and reductions, one per element),
+`Op`: `times` (executions per step), `dots` (every dot / convolution / cuBLAS gemm inside it with
+its FLOPs and its (batch, M, K, N) shape), `other_flops` (elementwise and reductions, one per element),
 `hbm_bytes` (what it reads and writes in device memory per execution: operands and results,
 slice-aware for fusion parameters, in-place for dynamic-update-slice, arrays in on-chip memory
 spaces excluded), `kernel` (a custom call XLA cannot see into, e.g. a Pallas kernel, with its
@@ -141,6 +141,7 @@ class Module:
     computations: dict[str, list[Instruction]]
     entry: str
     functions: dict[int, tuple[tuple[str, str], ...]]  # stack frame -> ((file, function), ...) innermost first
+    _users: dict = dataclasses.field(default_factory=dict, repr=False)
 
     @cached_property
     def by_name(self) -> dict[str, Instruction]:
@@ -169,6 +170,12 @@ class Module:
 
         visit(self.entry, 1)
         return counts
+
+    def users(self, computation: str) -> dict[str, list[Instruction]]:
+        """{instruction name: the instructions of `computation` that use it} (cached)."""
+        if computation not in self._users:
+            self._users[computation] = _users(self.computations.get(computation, []))
+        return self._users[computation]
 
     @cached_property
     def fused(self) -> set[str]:
@@ -284,8 +291,14 @@ class Op:
 
 
 def dot_shape(ins: Instruction, lhs: list[Array], rhs: list[Array]) -> tuple[int, int, int, int]:
-    """(batch, M, K, N) of an HLO dot from its dimension numbers."""
+    """(batch, M, K, N) of an HLO dot from its dimension numbers, or of a cuBLAS gemm custom call
+    from the dot_dimension_numbers of its backend config."""
+    gemm = re.search(r'"dot_dimension_numbers":\{([^}]*)\}', ins.attrs) if ins.opcode == "custom-call" else None
+
     def dims(key):
+        if gemm:
+            found = re.search(rf'"{key.replace("_dims", "_dimensions")}":\[([^\]]*)\]', gemm.group(1))
+            return [int(d) for d in re.findall(r"\d+", found.group(1))] if found else []
         return [int(d) for d in re.findall(r"\d+", ins.attr(key) or "")]
     l, r = lhs[0].dims, rhs[0].dims
     lb, lc, rb, rc = dims("lhs_batch_dims"), dims("lhs_contracting_dims"), dims("rhs_batch_dims"), \
@@ -325,9 +338,13 @@ def _valid_taps(size_in: int, size_out: int, w: dict) -> int:
         if dilate == 1:
             total += hi - lo + 1
             continue
-        period = dilate // math.gcd(stride, dilate)  # outputs between two that land on a real element
-        first = next((o for o in range(lo, min(hi, lo + period - 1) + 1) if (o * stride + c) % dilate == 0), None)
-        if first is not None:
+        g = math.gcd(stride, dilate)
+        if c % g:
+            continue  # o * stride + c never lands on a real element
+        period = dilate // g  # solutions of o * stride + c = 0 (mod dilate) repeat every `period` outputs
+        o0 = (-c // g) * pow(stride // g, -1, period) % period if period > 1 else 0
+        first = lo + (o0 - lo) % period
+        if first <= hi:
             total += (hi - first) // period + 1
     return total
 
@@ -372,13 +389,13 @@ def _users(instrs: list[Instruction]) -> dict[str, list[Instruction]]:
 _VIEWS = {"bitcast", "reshape", "copy", "transpose"}
 
 
-def _read_bytes(name: str, full: int, users: dict[str, list[Instruction]], depth: int = 0) -> int:
+def _read_bytes(module: "Module", name: str, full: int, users: dict[str, list[Instruction]], depth: int = 0) -> int:
     """Bytes a fused computation reads of its parameter `name` (`full` bytes): a parameter used only
     through (dynamic-)slices reads the slices; the buffer a dynamic-update-slice updates in place is
-    not read; views (bitcast) pass the question on."""
+    not read; views (bitcast) and nested fusions pass the question on."""
     uses = users.get(name, [])
     if not uses or depth > 8:
-        return full if not uses else full
+        return full
     total = 0
     for use in uses:
         if use.opcode in ("dynamic-slice", "slice") and use.operands and use.operands[0] == name:
@@ -386,7 +403,14 @@ def _read_bytes(name: str, full: int, users: dict[str, list[Instruction]], depth
         elif use.opcode == "dynamic-update-slice" and use.operands and use.operands[0] == name:
             continue
         elif use.opcode == "bitcast":
-            total += _read_bytes(use.name, full, users, depth + 1)
+            total += _read_bytes(module, use.name, full, users, depth + 1)
+        elif use.opcode == "fusion" and use.callees("calls"):
+            called = use.callees("calls")[0]
+            inner, inner_users = module.computations.get(called, []), module.users(called)
+            for index, operand in enumerate(use.operands):
+                param = next((i for i in inner if i.opcode == "parameter" and i.operand_text.strip() == str(index)), None)
+                if operand == name and param is not None:
+                    total += _read_bytes(module, param.name, full, inner_users, depth + 1)
         else:
             return full
     return min(total, full)
@@ -422,14 +446,14 @@ def _fusion_cost(module: Module, ins: Instruction, depth: int = 0) -> tuple[list
             d, o, _ = _fusion_cost(module, inner, depth + 1)
             dots += d
             other += o
-    users = _users(instrs)
+    users = module.users(comp)
     params = {int(i.operand_text): i for i in instrs if i.opcode == "parameter" and i.operand_text.strip().isdigit()}
     read = 0
     for index, operand in enumerate(ins.operands):
         arrays_ = [a for a in module.shape(operand) if a.memory_space == 0]
         full = sum(a.bytes for a in arrays_)
         param = params.get(index)
-        read += _read_bytes(param.name, full, users) if param is not None and full else full
+        read += _read_bytes(module, param.name, full, users) if param is not None and full else full
     root = next((i for i in instrs if i.root), None)
     written = _written_bytes(root, local, ins.outputs) if root else sum(
         a.bytes for a in ins.outputs if a.memory_space == 0)
@@ -441,11 +465,12 @@ def _compute(module: Module, ins: Instruction, local: dict[str, Instruction]) ->
     def shape(name):
         return local[name].outputs if name in local else module.shape(name)
     functions = module.functions.get(ins.stack_frame, ())
-    if ins.opcode in ("dot", "convolution") and len(ins.operands) >= 2:
+    gemm = ins.opcode == "custom-call" and re.search(r'custom_call_target="__cublas\$(lt\$)?(gemm|matmul)', ins.attrs)
+    if (ins.opcode in ("dot", "convolution") or gemm) and len(ins.operands) >= 2:
         lhs, rhs = shape(ins.operands[0]), shape(ins.operands[1])
         if not lhs or not rhs:
             return [], 0.0
-        if ins.opcode == "dot":
+        if ins.opcode != "convolution":
             batch, m, k, n = dot_shape(ins, lhs, rhs)
             flops = 2.0 * batch * m * k * n
         else:
