@@ -149,14 +149,9 @@ def _collective_rows(collectives: list[hlo.Collective], mesh: Mesh, chip: Chip, 
     return list(rows.values()), [(c, part_of(c.functions)) for c in collectives]
 
 
-def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per_step: int,
-            slice_shape: tuple[int, ...] | None = None, num_slices: int = 1,
-            attention_window: int | None = None, top_dots: int = 8) -> dict:
-    """The performance report of one compiled step (module docstring). `model_flops`: the analytic
-    useful FLOPs of the whole step (all devices); `frames_per_step`: batch x frames."""
-    module = hlo.parse(text)
-    num_devices = mesh.devices.size
-    chips_count = num_devices  # a v4 / v5p device is a chip (megacore), as on v5e / v6e and GPUs
+def _charge_ops(module: hlo.Module, chip: Chip, attention_window: int | None):
+    """Each op's compute (dots at peak over their MXU efficiency, kernels at peak) and memory time,
+    summed overall and by part; and every dot with the time padding costs it."""
     parts = {p: defaultdict(float) for p in PARTS}
     totals = defaultdict(float)
     dot_rows = []
@@ -165,29 +160,42 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
         compute = 0.0
         for dot in op.dots:
             eff = mxu_efficiency(dot, chip.mxu_tile)
-            seconds = dot.flops * op.times / (chip.bf16_flops * max(eff, 1e-9))
+            ideal = dot.flops * op.times / chip.bf16_flops
+            seconds = ideal / max(eff, 1e-9)
             compute += seconds
             dot_part = part_of(dot.functions or op.functions)
             parts[dot_part]["dot_flops"] += dot.flops * op.times
-            parts[dot_part]["ideal_s"] += dot.flops * op.times / chip.bf16_flops
+            parts[dot_part]["ideal_s"] += ideal
             parts[dot_part]["mxu_s"] += seconds
             totals["dot"] += dot.flops * op.times
-            dot_rows.append((seconds - dot.flops * op.times / chip.bf16_flops, dot, op.times, eff, dot_part))
+            totals["mxu_s"] += seconds
+            dot_rows.append((seconds - ideal, dot, op.times, eff, dot_part))
         if op.kernel:
             flops = kernel_flops(op.kernel, attention_window) * op.times
             totals["kernels"] += flops
             compute += flops / chip.bf16_flops
         memory = op.hbm_bytes * op.times / chip.hbm_bw
-        totals["other"] += op.other_flops * op.times
-        totals["hbm"] += op.hbm_bytes * op.times
-        totals["compute_s"] += compute
-        totals["memory_s"] += memory
-        totals["roofline_s"] += max(compute, memory)
-        totals["op_executions"] += op.times
-        parts[part]["op_executions"] += op.times
-        parts[part]["compute_s"] += compute
-        parts[part]["memory_s"] += memory
-        parts[part]["time_s"] += max(compute, memory)
+        for key, value in (("other", op.other_flops * op.times), ("hbm", op.hbm_bytes * op.times),
+                           ("compute_s", compute), ("memory_s", memory), ("roofline_s", max(compute, memory)),
+                           ("op_executions", op.times)):
+            totals[key] += value
+        for key, value in (("op_executions", op.times), ("compute_s", compute), ("memory_s", memory),
+                           ("time_s", max(compute, memory))):
+            parts[part][key] += value
+    dot_rows.sort(key=lambda r: -r[0])
+    return parts, totals, dot_rows
+
+
+def predict(text: str | hlo.Module, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per_step: int,
+            slice_shape: tuple[int, ...] | None = None, num_slices: int = 1,
+            attention_window: int | None = None, top_dots: int = 8) -> dict:
+    """The performance report of one compiled step (module docstring): `text` its optimized HLO (or
+    an hlo.parse of it); `model_flops`: the analytic useful FLOPs of the whole step (all devices);
+    `frames_per_step`: batch x frames."""
+    module = hlo.parse(text) if isinstance(text, str) else text
+    num_devices = mesh.devices.size
+    chips_count = num_devices  # a v4 / v5p device is a chip (megacore), as on v5e / v6e and GPUs
+    parts, totals, dot_rows = _charge_ops(module, chip, attention_window)
     rows, by_part = _collective_rows(hlo.collective_ops(module, num_devices), mesh, chip, slice_shape, num_slices)
     for c, part in by_part:
         parts[part]["collective_bytes"] += c.bytes * c.times
@@ -199,7 +207,6 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
             "serial": compute + memory + comm}
     per_device = model_flops / num_devices
     bound = max((compute, "compute"), (memory, "memory"), (comm, "collectives"))[1]
-    dot_rows.sort(key=lambda r: -r[0])
     part_table = {}
     for name, p in parts.items():
         if not any(p.values()):
@@ -223,7 +230,7 @@ def predict(text: str, mesh: Mesh, chip: Chip, *, model_flops: float, frames_per
         "frames_per_s_per_chip": {k: frames_per_step / v / chips_count if v else None for k, v in step.items()},
         "bound": bound,
         "parts": part_table,
-        "mxu": {"efficiency": (totals["dot"] / chip.bf16_flops) / max(sum(p["mxu_s"] for p in parts.values()), 1e-30),
+        "mxu": {"efficiency": (totals["dot"] / chip.bf16_flops) / max(totals["mxu_s"], 1e-30),
                 "worst": [{"part": part, "batch": d.batch, "m": d.m, "k": d.k, "n": d.n, "efficiency": eff,
                            "executions": times, "lost_s": lost} for lost, d, times, eff, part in dot_rows[:top_dots]]},
     }
