@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 GiB = 1024 ** 3
@@ -60,9 +61,14 @@ SPEED_HEADER = ("| recipe | topology | layout (mesh; --search: later) | batch | 
                 "bound | TTT inner scan | date | command |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def _command(command: str) -> str:
+    """The compile command without where it wrote its files (--output_json, --dump_hlo)."""
+    return re.sub(r" --(output_json|dump_hlo)[= ]\S+", "", command)
+
+
 def speed_row(report: dict) -> str:
     recipe = f"{_trains(report)}, {report['duration_sec']:g} s"
-    command = f"`{report['command']}`" if report.get("command") else "-"
+    command = f"`{_command(report['command'])}`" if report.get("command") else "-"
     head = (f"| {recipe} | {report['topology']} | {_mesh(report)} | {report['batch_size']} x {report['duration_sec']:g} s | "
             f"{'yes' if report['fits'] else 'NO'} | ")
     p = report.get("performance")
