@@ -160,7 +160,9 @@ class Module:
             for ins in self.computations[name]:
                 if ins.opcode == "while":
                     condition = ins.callees("condition")
-                    trip = trip_count(ins, self.computations.get(condition[0], []) if condition else [])
+                    trip = counted_trips(self, ins)
+                    if trip is None:
+                        trip = trip_count(ins, self.computations.get(condition[0], []) if condition else [])
                     for body in ins.callees("body"):
                         visit(body, times * trip, depth + 1)
                 for key in ("calls", "branch_computations", "true_computation", "false_computation"):
@@ -254,6 +256,50 @@ def trip_count(while_ins: Instruction, condition: list[Instruction]) -> int:
     values = [int(ins.operand_text) for ins in condition if ins.opcode == "constant"
               and re.match(r"s32\[\]", ins.type_text) and ins.operand_text.strip().isdigit()]
     return max(values, default=1)
+
+
+def _through_copies(module: "Module", name: str) -> Instruction | None:
+    ins = module.by_name.get(name)
+    while ins is not None and ins.opcode == "copy" and ins.operands:
+        ins = module.by_name.get(ins.operands[0])
+    return ins
+
+
+def counted_trips(module: "Module", while_ins: Instruction) -> int | None:
+    """The trips of a loop XLA did not annotate, from its induction variable: the condition compares
+    tuple element k with a constant bound, the loop starts k at a constant and its body adds a
+    constant step (XLA:TPU's windowed-einsum loops count u32 from 0 by 2: a bound of 8 is 4 trips).
+    None where the loop has another form, or a `known_trip_count`."""
+    if "known_trip_count" in while_ins.attrs:
+        return None
+    condition = module.computations.get((while_ins.callees("condition") or [""])[0], [])
+    body = module.computations.get((while_ins.callees("body") or [""])[0], [])
+    local = {i.name: i for i in condition}
+    root = next((i for i in condition if i.root), None)
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
+        return None
+    counter, bound = (local.get(o) for o in root.operands)
+    direction = re.search(r"direction=(\w+)", root.attrs)
+    if not (counter and bound and direction and counter.opcode == "get-tuple-element" and bound.opcode == "constant"
+            and direction.group(1) in ("LT", "LE", "NE") and bound.operand_text.strip().isdigit()):
+        return None
+    k = int(re.search(r"index=(\d+)", counter.attrs).group(1))
+    init_tuple = module.by_name.get(while_ins.operands[0]) if while_ins.operands else None
+    start = _through_copies(module, init_tuple.operands[k]) if init_tuple is not None and \
+        init_tuple.opcode == "tuple" and k < len(init_tuple.operands) else None
+    body_local = {i.name: i for i in body}
+    body_root = next((i for i in body if i.root), None)
+    update = body_local.get(body_root.operands[k]) if body_root is not None and body_root.opcode == "tuple" and \
+        k < len(body_root.operands) else None
+    if start is None or start.opcode != "constant" or not start.operand_text.strip().isdigit() or \
+            update is None or update.opcode != "add":
+        return None
+    steps = [int(body_local[o].operand_text) for o in update.operands
+             if o in body_local and body_local[o].opcode == "constant" and body_local[o].operand_text.strip().isdigit()]
+    if len(steps) != 1 or steps[0] < 1:
+        return None
+    span = int(bound.operand_text) - int(start.operand_text) + (direction.group(1) == "LE")
+    return max(0, -(-span // steps[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -518,13 +564,19 @@ class Collective:
     groups: list[list[int]] | None  # device groups (logical ids); None: a Megascale (cross-slice) transfer
     megascale: bool
     functions: tuple[tuple[str, str], ...]
+    instruction: str = ""  # its name in the module (hlo.Module.by_name), for tracing what it moves
 
 
 def collective_ops(module: Module, num_devices: int) -> list[Collective]:
     """Every collective of the step. XLA:TPU writes a reduce-scatter as a fusion around an all-reduce
     (`all-reduce-scatter`); it counts as a reduce-scatter. Across slices, XLA:TPU hands a collective
-    to the Megascale runtime as a host-transfer `send` whose rendezvous names the collective."""
+    to the Megascale runtime as a host-transfer `send` whose rendezvous names the collective.
+
+    XLA:TPU's async collective fusion runs one collective as a chain of fusions (the start, then
+    continuations fused with other work, then the done), each printing the collective with the same
+    channel_id and chain_id: the chain counts once."""
     scatter_fusions = {name for name in module.computations if name.startswith("all-reduce-scatter")}
+    chains: set[tuple[str, str]] = set()
     out = []
     for comp, instrs in module.computations.items():
         times = module.executions.get(comp, 0)
@@ -547,11 +599,17 @@ def collective_ops(module: Module, num_devices: int) -> list[Collective]:
             kind = ins.opcode.removesuffix("-start")
             if kind not in COLLECTIVES:
                 continue
+            chain = re.search(r'chain_id="(\d+)"', ins.attrs)
+            if chain:
+                key = (ins.attr("channel_id") or ins.name, chain.group(1))
+                if key in chains:
+                    continue
+                chains.add(key)
             results = [a for a in ins.outputs if a.dims]  # scalars are the async ops' sync flags
             if ins.opcode.endswith("-start") and kind in ("all-gather", "collective-permute"):
                 results = results[len(results) // 2:]  # (operands, results): count the results
             out.append(Collective(kind, sum(a.bytes for a in results), times, groups(ins, num_devices), False,
-                                  functions))
+                                  functions, ins.name))
     return out
 
 

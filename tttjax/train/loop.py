@@ -172,7 +172,8 @@ class Trainer:
         estimate = memory.estimate_memory(
             self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
             num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
-            mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform)
+            mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform,
+            frozen_weights=config.frozen_weights)
         memory.check_memory(estimate.total, capacity, mode=config.memory_check, what=what, where=where,
                             source="analytic estimate", detail=estimate.table())
 
