@@ -98,6 +98,7 @@ def test_compiled_gathers_follow_the_data_to_the_weight():
 def _tiny(**changes):
     c = tiny.get_config()
     c.param_dtype = "bfloat16"
+    c.remat = "full"
     for k, v in changes.items():
         c[k] = v
     return from_run_config(c)
@@ -106,7 +107,8 @@ def _tiny(**changes):
 @pytest.mark.parametrize("placement", ["sharded", "gather_once", "replicated"])
 def test_minimum_gathers_by_placement_and_microbatches(placement):
     """Against a count written out by hand for the tiny model: every weight split over fsdp, two passes
-    per microbatch (one for an embedding table), frozen weights per their placement."""
+    per microbatch under remat (one for an embedding table, one without remat), frozen weights per
+    their placement."""
     cfg = _tiny()
     mesh = {"data": 1, "fsdp": 4, "tensor": 1}
     got = gathers.minimum_gathers(cfg, mesh, num_microbatches=2, frozen_weights=placement)
@@ -120,6 +122,10 @@ def test_minimum_gathers_by_placement_and_microbatches(placement):
     lora_a = L * D * cfg.lora_rank * 2  # trainable, split over fsdp: always 2 passes per microbatch
     assert got["transformer.self_attn.in_proj.lora_a"] == 2 * 2 * lora_a
     assert gathers.minimum_gathers(cfg, {"data": 4, "fsdp": 1, "tensor": 1}) == {}  # nothing split over fsdp
+    no_remat = gathers.minimum_gathers(_tiny(remat="none"), mesh, num_microbatches=2, frozen_weights=placement)
+    if placement == "sharded":  # without remat the backward reads the forward's gathered weight
+        assert no_remat["transformer.self_attn.in_proj.kernel"] == 2 * in_proj
+    assert no_remat["transformer.self_attn.in_proj.lora_a"] == 2 * lora_a
 
 
 def test_reconcile_reports_the_ratio_and_the_params_over_their_minimum():

@@ -1,9 +1,11 @@
 """Weight gathers of a train step: the analytic minimum for a layout, beside what the compiled program moves.
 
 A weight split over `fsdp` must be gathered before a matmul uses it. Per microbatch, the least a
-step can do is one gather for the forward and one for the backward (dx = dy W^T; with remat the
-recomputed forward runs in the same backward iteration and can share that gather), and one
-forward gather for an embedding table (its lookup has no backward through the table). Frozen
+step can do under remat (dots or full: neither policy saves a weight) is one gather for the
+forward and one for the backward (dx = dy W^T; the recomputed forward runs in the same backward
+iteration and can share that gather); without remat the forward's gathered weight is a residual
+the backward reads, so one gather. An embedding table is gathered once (its lookup has no backward
+through the table). Frozen
 weights (config `frozen_weights`) change this: `gather_once` gathers them once per step, whatever
 the microbatches; `replicated` never. Trainables (LoRA, TTT, gates; everything for full
 fine-tuning) are always gathered per pass: their gradients leave by reduce-scatter, not gather.
@@ -43,7 +45,8 @@ def _axes_of(spec) -> list[str]:
 
 def minimum_gathers(cfg: ModelConfig, mesh_axes: Mapping[str, int], *, full_finetuning: bool = False,
                     num_microbatches: int = 1, frozen_weights: str = "sharded") -> dict[str, int]:
-    """{param path: the least all-gather bytes per step on one device}, for params split over fsdp."""
+    """{param path: the least all-gather bytes per step on one device}, for params split over fsdp
+    (remat: `cfg.remat`)."""
     if mesh_axes.get("fsdp", 1) <= 1:
         return {}
     pbytes = _DTYPE_BYTES[cfg.param_dtype]  # trainables are cast to param_dtype before the forward
@@ -58,7 +61,7 @@ def minimum_gathers(cfg: ModelConfig, mesh_axes: Mapping[str, int], *, full_fine
         if "fsdp" not in axes:
             continue
         gathered = math.prod(variable.shape) * pbytes // math.prod(mesh_axes[a] for a in axes if a != "fsdp")
-        passes = 1 if path[0] in EMBEDDINGS else 2
+        passes = 1 if path[0] in EMBEDDINGS or cfg.remat == "none" else 2
         if trains or frozen_weights == "sharded":
             out[".".join(path)] = gathered * passes * num_microbatches
         else:  # gather_once

@@ -421,7 +421,8 @@ _VIEWS = {"bitcast", "reshape", "copy", "transpose"}
 def _read_bytes(name: str, full: int, users: dict[str, list[Instruction]], depth: int = 0) -> int:
     """Bytes a fused computation reads of its parameter `name` (`full` bytes): a parameter used only
     through (dynamic-)slices reads the slices; the buffer a dynamic-update-slice updates in place is
-    not read; views (bitcast) pass the question on."""
+    not read; views (bitcast) pass the question on; a parameter handed out unchanged by the root
+    tuple (an async collective fusion carrying its buffers, aliased) is not read for that."""
     uses = users.get(name, [])
     if not uses or depth > 8:
         return full if not uses else full
@@ -431,6 +432,8 @@ def _read_bytes(name: str, full: int, users: dict[str, list[Instruction]], depth
             total += sum(a.bytes for a in use.outputs)
         elif use.opcode == "dynamic-update-slice" and use.operands and use.operands[0] == name:
             continue
+        elif use.opcode == "tuple" and use.root:
+            continue
         elif use.opcode == "bitcast":
             total += _read_bytes(use.name, full, users, depth + 1)
         else:
@@ -439,12 +442,16 @@ def _read_bytes(name: str, full: int, users: dict[str, list[Instruction]], depth
 
 
 def _written_bytes(root: Instruction, by_name: dict[str, Instruction], outputs: list[Array]) -> int:
-    """Bytes a fusion writes: its results, except that an in-place dynamic-update-slice writes its update."""
+    """Bytes a fusion writes: its results, except that an in-place dynamic-update-slice writes its update,
+    a parameter handed out unchanged writes nothing and a collective's result is the network's to
+    write (collective_ops / perf count it)."""
     parts = [by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
     total = 0
     for part, out in zip(parts, outputs):
         while part is not None and part.opcode == "bitcast" and part.operands:
             part = by_name.get(part.operands[0])
+        if part is not None and (part.opcode == "parameter" or part.opcode in COLLECTIVES):
+            continue
         if part is not None and part.opcode == "dynamic-update-slice" and len(part.operands) > 1:
             update = by_name.get(part.operands[1])
             total += sum(a.bytes for a in update.outputs) if update else out.bytes
@@ -469,8 +476,7 @@ def _fusion_cost(module: Module, ins: Instruction, depth: int = 0) -> tuple[list
             dots += d
             other += o
     users = _users(instrs)
-    params = {int(re.match(r"\((\d+)\)", i.attrs).group(1)) if re.match(r"\((\d+)\)", i.attrs) else n: i
-              for n, i in enumerate(p for p in instrs if p.opcode == "parameter")}
+    params = {int(i.operand_text): i for i in instrs if i.opcode == "parameter" and i.operand_text.strip().isdigit()}
     read = 0
     for index, operand in enumerate(ins.operands):
         arrays_ = [a for a in module.shape(operand) if a.memory_space == 0]
