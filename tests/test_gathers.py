@@ -87,6 +87,10 @@ def test_loops_counting_by_two_and_collective_chains_counting_once():
     gathers_ = by_kind["all-gather"]
     assert sorted((c.bytes, c.times) for c in gathers_) == [(32 * 4, 1), (WEIGHT, 1)]  # the chain once
     assert [(c.bytes, c.times) for c in by_kind["collective-permute"]] == [(SHARD, 4)]
+    # A continuation fusion's HBM bytes: the shard its collective reads and its own f32[8] in and out;
+    # the gathered result is the network's to write (the collective's time counts it)
+    mid = next(op for op in hlo.ops(module) if op.name == "mid")
+    assert mid.hbm_bytes == SHARD + 2 * 8 * 4
 
 
 def test_compiled_gathers_follow_the_data_to_the_weight():
