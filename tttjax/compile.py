@@ -70,7 +70,13 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
     log(f"{topo.name}: {len(devices)} devices ({devices[0].device_kind}), mesh {mesh}, "
         f"batch {config.batch_size} x {frames} frames; lowering the train step")
     tic = time.perf_counter()
-    lowered = program.lower()
+    try:
+        lowered = program.lower()
+    except RuntimeError as e:  # JAX's cuDNN attention reads the cuDNN version while tracing
+        if "cuDNN" not in str(e):
+            raise
+        raise CompileError(f"{e} (cuDNN attention traces only with libcudnn installed, pip install "
+                           f"nvidia-cudnn-cu12; or --config.model.attention_impl=blockwise)") from None
     log(f"lowered in {time.perf_counter() - tic:.0f} s; compiling (a 7B step takes minutes)")
     compiled, refused = _compile(lowered, "train step")
     compile_s = time.perf_counter() - tic
@@ -85,7 +91,7 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
         "remat": cfg.remat, "full_finetuning": program.full_finetuning, "frozen_weights": config.frozen_weights,
         "num_microbatches": int(config.num_microbatches),
-        "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
+        "attention_impl": resolve_impl(cfg.attention_impl, topo.platform, frames, cfg.jnp_dtype),
         "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),
         "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
@@ -113,7 +119,7 @@ def _train_estimate(program, batch_size: int, frames: int, num_microbatches: int
     """The analytic estimate of `program`'s train step on TPU (where attention `auto` is splash)."""
     return memory.estimate_memory(program.cfg, batch_size=batch_size, num_frames=frames,
                                   num_microbatches=num_microbatches, full_finetuning=program.full_finetuning,
-                                  mesh_axes=dict(program.mesh.shape), platform="tpu",
+                                  mesh_axes=dict(program.mesh.shape), platform=program.mesh.devices.flat[0].platform,
                                   frozen_weights=program.config.frozen_weights)
 
 
@@ -128,7 +134,8 @@ def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict
     if dump_hlo is not None and compiled:
         (dump_hlo / "eval_step.hlo.txt").write_text(compiled.as_text())
     estimate = memory.estimate_memory(program.cfg, batch_size=config.batch_size, num_frames=program.batch.shape[2],
-                                      mesh_axes=dict(program.mesh.shape), training=False, platform="tpu",
+                                      mesh_axes=dict(program.mesh.shape), training=False,
+                                      platform=program.mesh.devices.flat[0].platform,
                                       frozen_weights=config.frozen_weights)
     return {"per_device": figures, **_fit(figures, refused, hbm), "estimate_bytes": estimate.total,
             "compile_s": time.perf_counter() - tic}
