@@ -49,6 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.scaling = 2.0  # plain multiplier of B(Ax) (moshi semantics, not alpha/rank)
 
     c.full_finetuning = False  # train every parameter (else LoRA + TTT + gates)
+    c.frozen_weights = "sharded"  # frozen base: sharded (FSDP, gathered at each use) | gather_once (per step, held) | replicated
 
     c.ttt = ml_collections.ConfigDict()
     c.ttt.enable = False  # insert TTT-MLP layers

@@ -142,7 +142,7 @@ def test_topology_names(name, slices, generation, shape, chips):
 def test_impossible_slice_sizes_are_named():
     with pytest.raises(ValueError, match="no v5p slice of that size.*v5p-8"):
         topology.topology("v5p-12")
-    with pytest.raises(ValueError, match="unknown TPU topology 'v5e:2x2x2'"):
+    with pytest.raises(ValueError, match="unknown topology 'v5e:2x2x2'"):
         topology.topology("v5e:2x2x2")
 
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import jax
 
-from tttjax import run_config, rundir
-from tttjax.analysis import fit, memory, perf, topology
+from tttjax import layout_search, run_config, rundir
+from tttjax.analysis import fit, gathers, memory, perf, topology
 from tttjax.data.streams import FRAME_RATE, num_frames
 from tttjax.eval.standard import Evaluator
 from tttjax.analysis.flops import train_step_flops
@@ -34,7 +34,7 @@ from tttjax.train.program import build_program
 
 USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-64 [--num_slices=N] "
          "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--save_executable DIR] [--no_eval] "
-         "[--find_max_duration [--per_device_batch N]]")
+         "[--find_max_duration [--per_device_batch N]] [--search [--search_budget N] [--search_layers N]]")
 
 
 class CompileError(ValueError):
@@ -72,7 +72,13 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
     log(f"{topo.name}: {len(devices)} devices ({devices[0].device_kind}), mesh {mesh}, "
         f"batch {config.batch_size} x {frames} frames; lowering the train step")
     tic = time.perf_counter()
-    lowered = program.lower()
+    try:
+        lowered = program.lower()
+    except RuntimeError as e:  # JAX's cuDNN attention reads the cuDNN version while tracing
+        if "cuDNN" not in str(e):
+            raise
+        raise CompileError(f"{e} (cuDNN attention traces only with libcudnn installed, pip install "
+                           f"nvidia-cudnn-cu12; or --config.model.attention_impl=blockwise)") from None
     log(f"lowered in {time.perf_counter() - tic:.0f} s; compiling (a 7B step takes minutes)")
     with executable.fresh_compile() if save_executable is not None else contextlib.nullcontext():
         compiled, refused = _compile(lowered, "train step")
@@ -86,8 +92,9 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
         "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
-        "remat": cfg.remat, "full_finetuning": program.full_finetuning, "attention_window": cfg.context,
-        "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
+        "remat": cfg.remat, "full_finetuning": program.full_finetuning, "frozen_weights": config.frozen_weights,
+        "num_microbatches": int(config.num_microbatches), "attention_window": cfg.context,
+        "attention_impl": resolve_impl(cfg.attention_impl, topo.platform, frames, cfg.jnp_dtype),
         "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),
         "compiler_refused": None if compiled else {"needed_bytes": refused.need, "available_bytes": refused.available},
@@ -98,6 +105,9 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
         "performance": perf.predict(text, program.mesh, topo.chip, model_flops=model_flops,
                                     frames_per_step=config.batch_size * frames, slice_shape=topo.dims,
                                     num_slices=topo.num_slices, attention_window=cfg.context) if compiled else None,
+        "weight_gathers": gathers.weight_gathers(text, cfg, mesh, full_finetuning=program.full_finetuning,
+                                                 num_microbatches=config.num_microbatches,
+                                                 frozen_weights=config.frozen_weights) if compiled else None,
         "compile_s": compile_s, "eval": None,
         "date": time.strftime("%Y-%m-%d", time.gmtime()), "mesh_config": config.mesh.to_dict(),
     }
@@ -116,7 +126,8 @@ def _train_estimate(program, batch_size: int, frames: int, num_microbatches: int
     """The analytic estimate of `program`'s train step on TPU (where attention `auto` is splash)."""
     return memory.estimate_memory(program.cfg, batch_size=batch_size, num_frames=frames,
                                   num_microbatches=num_microbatches, full_finetuning=program.full_finetuning,
-                                  mesh_axes=dict(program.mesh.shape), platform="tpu")
+                                  mesh_axes=dict(program.mesh.shape), platform=program.mesh.devices.flat[0].platform,
+                                  frozen_weights=program.config.frozen_weights)
 
 
 def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict:
@@ -130,7 +141,9 @@ def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict
     if dump_hlo is not None and compiled:
         (dump_hlo / "eval_step.hlo.txt").write_text(compiled.as_text())
     estimate = memory.estimate_memory(program.cfg, batch_size=config.batch_size, num_frames=program.batch.shape[2],
-                                      mesh_axes=dict(program.mesh.shape), training=False, platform="tpu")
+                                      mesh_axes=dict(program.mesh.shape), training=False,
+                                      platform=program.mesh.devices.flat[0].platform,
+                                      frozen_weights=config.frozen_weights)
     return {"per_device": figures, **_fit(figures, refused, hbm), "estimate_bytes": estimate.total,
             "compile_s": time.perf_counter() - tic}
 
@@ -163,7 +176,8 @@ def format_report(report: dict) -> str:
              f"mesh         {' '.join(f'{k}={v}' for k, v in report['mesh'].items())}",
              f"step         batch {report['batch_size']} x {report['num_frames']} frames "
              f"({report['duration_sec']:g} s), remat={report['remat']}, attention={report['attention_impl']}, "
-             f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}; "
+             f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}, frozen weights "
+             f"{report['frozen_weights']}; "
              f"compile {report['compile_s']:.0f} s"]
     hbm = report["hbm_bytes"]
     m = report["per_device"]
@@ -186,6 +200,8 @@ def format_report(report: dict) -> str:
                      f"compiler {report['compiler_flops_per_device']:.3e} per device")
     if report.get("performance"):
         lines += perf.format_performance(report["performance"])
+    if report.get("weight_gathers"):
+        lines.append(gathers.format_weight_gathers(report["weight_gathers"]))
     for kind, c in (report["collectives"] or {}).items():
         if c["count"]:
             axes = ", ".join(f"{a} {v['count']}x {format_bytes(v['bytes'])}" for a, v in c["by_axes"].items())
@@ -265,7 +281,14 @@ def parse_args(argv: list[str]):
                         help="bisect duration_sec for the longest train step that fits")
     parser.add_argument("--per_device_batch", type=int, default=1,
                         help="with --find_max_duration: sequences per batch shard (default 1)")
+    parser.add_argument("--search", action="store_true",
+                        help="compile candidate layouts (mesh, remat, microbatches, frozen_weights) and rank them")
+    parser.add_argument("--search_budget", type=int, default=6, help="with --search: layouts to compile (default 6)")
+    parser.add_argument("--search_layers", type=int, default=0,
+                        help="with --search: compile N and N-1 plain temporal layers and extrapolate (0: the full model)")
     args = parser.parse_args(rest)
+    if args.search_budget < 1 or args.search_layers < 0 or args.search_layers == 1:
+        parser.error("--search_budget must be >= 1 and --search_layers 0 or >= 2")
     if spec is None:
         parser.error("--config is required")
     return spec, overrides, args
@@ -290,7 +313,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        if args.find_max_duration:
+        if args.search:
+            report = layout_search.search(
+                config, topo, lambda c, t: compile_run(c, t, with_eval=False, log=lambda _: None),
+                budget=args.search_budget, layers=args.search_layers or None, log=_progress)
+            print(layout_search.format_search(report))
+            report = layout_search.as_json(report)
+        elif args.find_max_duration:
             report = find_max_duration(config, topo, per_device_batch=args.per_device_batch)
             report["topology"] = topo.name
             print(f"{topo.name}: longest train step that fits at batch {report['batch_size']} "
@@ -306,6 +335,8 @@ def main(argv=None) -> int:
     report["command"] = " ".join(["python -m tttjax.compile", *argv])
     if output is not None:
         output.write_text(json.dumps(report, indent=1) + "\n")
+    if args.search:
+        return 0 if report["best"] else 1
     if not args.find_max_duration and not report["fits"]:
         print(f"error: {not_fit_message(report)}", file=sys.stderr)
         return 1

@@ -161,7 +161,9 @@ class Module:
             for ins in self.computations[name]:
                 if ins.opcode == "while":
                     condition = ins.callees("condition")
-                    trip = trip_count(ins, self.computations.get(condition[0], []) if condition else [])
+                    trip = counted_trips(self, ins)
+                    if trip is None:
+                        trip = trip_count(ins, self.computations.get(condition[0], []) if condition else [])
                     for body in ins.callees("body"):
                         visit(body, times * trip, depth + 1)
                 for key in ("calls", "branch_computations", "true_computation", "false_computation"):
@@ -261,6 +263,50 @@ def trip_count(while_ins: Instruction, condition: list[Instruction]) -> int:
     values = [int(ins.operand_text) for ins in condition if ins.opcode == "constant"
               and re.match(r"s32\[\]", ins.type_text) and ins.operand_text.strip().isdigit()]
     return max(values, default=1)
+
+
+def _through_copies(module: "Module", name: str) -> Instruction | None:
+    ins = module.by_name.get(name)
+    while ins is not None and ins.opcode == "copy" and ins.operands:
+        ins = module.by_name.get(ins.operands[0])
+    return ins
+
+
+def counted_trips(module: "Module", while_ins: Instruction) -> int | None:
+    """The trips of a loop XLA did not annotate, from its induction variable: the condition compares
+    tuple element k with a constant bound, the loop starts k at a constant and its body adds a
+    constant step (XLA:TPU's windowed-einsum loops count u32 from 0 by 2: a bound of 8 is 4 trips).
+    None where the loop has another form, or a `known_trip_count`."""
+    if "known_trip_count" in while_ins.attrs:
+        return None
+    condition = module.computations.get((while_ins.callees("condition") or [""])[0], [])
+    body = module.computations.get((while_ins.callees("body") or [""])[0], [])
+    local = {i.name: i for i in condition}
+    root = next((i for i in condition if i.root), None)
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
+        return None
+    counter, bound = (local.get(o) for o in root.operands)
+    direction = re.search(r"direction=(\w+)", root.attrs)
+    if not (counter and bound and direction and counter.opcode == "get-tuple-element" and bound.opcode == "constant"
+            and direction.group(1) in ("LT", "LE", "NE") and bound.operand_text.strip().isdigit()):
+        return None
+    k = int(re.search(r"index=(\d+)", counter.attrs).group(1))
+    init_tuple = module.by_name.get(while_ins.operands[0]) if while_ins.operands else None
+    start = _through_copies(module, init_tuple.operands[k]) if init_tuple is not None and \
+        init_tuple.opcode == "tuple" and k < len(init_tuple.operands) else None
+    body_local = {i.name: i for i in body}
+    body_root = next((i for i in body if i.root), None)
+    update = body_local.get(body_root.operands[k]) if body_root is not None and body_root.opcode == "tuple" and \
+        k < len(body_root.operands) else None
+    if start is None or start.opcode != "constant" or not start.operand_text.strip().isdigit() or \
+            update is None or update.opcode != "add":
+        return None
+    steps = [int(body_local[o].operand_text) for o in update.operands
+             if o in body_local and body_local[o].opcode == "constant" and body_local[o].operand_text.strip().isdigit()]
+    if len(steps) != 1 or steps[0] < 1:
+        return None
+    span = int(bound.operand_text) - int(start.operand_text) + (direction.group(1) == "LE")
+    return max(0, -(-span // steps[0]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,7 +438,9 @@ _VIEWS = {"bitcast", "reshape", "copy", "transpose"}
 def _read_bytes(module: "Module", name: str, full: int, users: dict[str, list[Instruction]], depth: int = 0) -> int:
     """Bytes a fused computation reads of its parameter `name` (`full` bytes): a parameter used only
     through (dynamic-)slices reads the slices; the buffer a dynamic-update-slice updates in place is
-    not read; views (bitcast) and nested fusions pass the question on."""
+    not read; views (bitcast) and nested fusions pass the question on; a parameter handed out
+    unchanged by the root tuple (an async collective fusion carrying its buffers, aliased) is not
+    read for that."""
     uses = users.get(name, [])
     if not uses or depth > 8:
         return full
@@ -401,6 +449,8 @@ def _read_bytes(module: "Module", name: str, full: int, users: dict[str, list[In
         if use.opcode in ("dynamic-slice", "slice") and use.operands and use.operands[0] == name:
             total += sum(a.bytes for a in use.outputs)
         elif use.opcode == "dynamic-update-slice" and use.operands and use.operands[0] == name:
+            continue
+        elif use.opcode == "tuple" and use.root:
             continue
         elif use.opcode == "bitcast":
             total += _read_bytes(module, use.name, full, users, depth + 1)
@@ -417,12 +467,16 @@ def _read_bytes(module: "Module", name: str, full: int, users: dict[str, list[In
 
 
 def _written_bytes(root: Instruction, by_name: dict[str, Instruction], outputs: list[Array]) -> int:
-    """Bytes a fusion writes: its results, except that an in-place dynamic-update-slice writes its update."""
+    """Bytes a fusion writes: its results, except that an in-place dynamic-update-slice writes its update,
+    a parameter handed out unchanged writes nothing and a collective's result is the network's to
+    write (collective_ops / perf count it)."""
     parts = [by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
     total = 0
     for part, out in zip(parts, outputs):
         while part is not None and part.opcode == "bitcast" and part.operands:
             part = by_name.get(part.operands[0])
+        if part is not None and (part.opcode == "parameter" or part.opcode in COLLECTIVES):
+            continue
         if part is not None and part.opcode == "dynamic-update-slice" and len(part.operands) > 1:
             update = by_name.get(part.operands[1])
             total += sum(a.bytes for a in update.outputs) if update else out.bytes
@@ -542,13 +596,19 @@ class Collective:
     groups: list[list[int]] | None  # device groups (logical ids); None: a Megascale (cross-slice) transfer
     megascale: bool
     functions: tuple[tuple[str, str], ...]
+    instruction: str = ""  # its name in the module (hlo.Module.by_name), for tracing what it moves
 
 
 def collective_ops(module: Module, num_devices: int) -> list[Collective]:
     """Every collective of the step. XLA:TPU writes a reduce-scatter as a fusion around an all-reduce
     (`all-reduce-scatter`); it counts as a reduce-scatter. Across slices, XLA:TPU hands a collective
-    to the Megascale runtime as a host-transfer `send` whose rendezvous names the collective."""
+    to the Megascale runtime as a host-transfer `send` whose rendezvous names the collective.
+
+    XLA:TPU's async collective fusion runs one collective as a chain of fusions (the start, then
+    continuations fused with other work, then the done), each printing the collective with the same
+    channel_id and chain_id: the chain counts once."""
     scatter_fusions = {name for name in module.computations if name.startswith("all-reduce-scatter")}
+    chains: set[tuple[str, str]] = set()
     out = []
     for comp, instrs in module.computations.items():
         times = module.executions.get(comp, 0)
@@ -571,11 +631,17 @@ def collective_ops(module: Module, num_devices: int) -> list[Collective]:
             kind = ins.opcode.removesuffix("-start")
             if kind not in COLLECTIVES:
                 continue
+            chain = re.search(r'chain_id="(\d+)"', ins.attrs)
+            if chain:
+                key = (ins.attr("channel_id") or ins.name, chain.group(1))
+                if key in chains:
+                    continue
+                chains.add(key)
             results = [a for a in ins.outputs if a.dims]  # scalars are the async ops' sync flags
             if ins.opcode.endswith("-start") and kind in ("all-gather", "collective-permute"):
                 results = results[len(results) // 2:]  # (operands, results): count the results
             out.append(Collective(kind, sum(a.bytes for a in results), times, groups(ins, num_devices), False,
-                                  functions))
+                                  functions, ins.name))
     return out
 
 

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec
 from tttjax.model.attention import attention_band, resolve_impl
 from tttjax.model.config import ModelConfig
 from tttjax.model.params import flat_abstract, trainable
-from tttjax.parallel.sharding import batch_parallelism, param_spec
+from tttjax.parallel.sharding import batch_parallelism, frozen_storage_drop, param_spec, without_axes
 
 
 GiB = 1024 ** 3
@@ -43,7 +43,7 @@ class MemoryEstimate:
 
     frozen_params: int  # frozen weights in param_dtype, sharded (every weight for a forward-only step)
     trainable_state: int  # fp32 masters + Adam mu/nu + fp32 grads + param_dtype copy, sharded
-    gathered_weights: int  # FSDP all-gathered weights of ~2 layers in flight
+    gathered_weights: int  # FSDP all-gathered weights of ~2 layers in flight (+ the frozen base held by gather_once)
     saved_activations: int  # what the backward pass keeps (depends on remat)
     layer_workspace: int  # one layer's full activations while it is (re)computed
     logits: int  # text + audio logits and their gradients (fp32)
@@ -70,33 +70,42 @@ def _shards(spec: PartitionSpec, axis_sizes: Mapping[str, int], skip: tuple[str,
 
 
 def _per_device_param_bytes(cfg: ModelConfig, axis_sizes: Mapping[str, int], full_finetuning: bool,
-                            training: bool) -> tuple[int, int, int]:
-    """(frozen bytes, trainable param count, bytes of the largest layer gathered over fsdp), per device."""
+                            training: bool, frozen_weights: str = "sharded") -> tuple[int, int, int, int]:
+    """(frozen bytes stored, trainable param count, bytes of the largest layer gathered over fsdp at
+    each use, frozen bytes a step holds gathered (gather_once)), per device."""
     pbytes = _DTYPE_BYTES[cfg.param_dtype]
-    frozen, train_count, layer_bytes = 0, 0, {}
+    drop = frozen_storage_drop(frozen_weights)
+    frozen, train_count, held, layer_bytes = 0, 0, 0, {}
     for path, variable in flat_abstract(cfg).items():
         spec = param_spec(variable, path, axis_sizes)
         size = math.prod(variable.shape)
-        if training and trainable(path, full_finetuning):
+        trains = trainable(path, full_finetuning)
+        if training and trains:
             train_count += size // _shards(spec, axis_sizes)
         else:
-            frozen += size // _shards(spec, axis_sizes) * pbytes
+            frozen += size // _shards(spec if trains else without_axes(spec, drop), axis_sizes) * pbytes
+        holds = training and frozen_weights == "gather_once"
+        if not trains and holds:
+            held += size // _shards(spec, axis_sizes, skip=("fsdp",)) * pbytes
+        if not trains and (holds or frozen_weights == "replicated"):
+            continue  # held or replicated: not gathered layer by layer
         if path[0] in ("transformer", "depformer", "ttt"):  # stacked: one layer, all-gathered over fsdp
             stack = "depformer" if path[0] == "depformer" else "transformer"
             one_layer = size // variable.shape[0] // _shards(spec, axis_sizes, skip=("fsdp",))
             layer_bytes[stack] = layer_bytes.get(stack, 0) + one_layer * pbytes
-    return frozen, train_count, max(layer_bytes.values(), default=0)
+    return frozen, train_count, max(layer_bytes.values(), default=0), held
 
 
 def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_microbatches: int = 1,
                     full_finetuning: bool = False, mesh_axes: Mapping[str, int] = SINGLE_DEVICE,
-                    training: bool = True, platform: str = "cpu") -> MemoryEstimate:
+                    training: bool = True, platform: str = "cpu", frozen_weights: str = "sharded") -> MemoryEstimate:
     """Per-device memory of a training step (or, `training=False`, of a forward pass: evaluation)
     of model `cfg` on a mesh of `mesh_axes` sizes, on `platform` (which attention `auto` picks).
     See docs/distributed.md for the formulas."""
     act = _DTYPE_BYTES[cfg.dtype]
     pbytes = _DTYPE_BYTES[cfg.param_dtype]
-    frozen, train_count, layer_gathered = _per_device_param_bytes(cfg, mesh_axes, full_finetuning, training)
+    frozen, train_count, layer_gathered, held = _per_device_param_bytes(cfg, mesh_axes, full_finetuning, training,
+                                                                        frozen_weights)
     # fp32 master + Adam mu + nu + fp32 grads (+ their accumulator with microbatches) + the cast copy
     trainable_state = train_count * (4 + 8 + 4 + (4 if num_microbatches > 1 else 0) + pbytes)
 
@@ -150,7 +159,7 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_m
         workspace += b * ttt_extra
     # fp32 logits and their gradient, text and dep_q audio heads (the log-softmax fuses into the loss)
     logits = b * T * 4 * 2 * (cfg.text_card + S * cfg.card) // tp
-    gathered = 2 * layer_gathered if mesh_axes["fsdp"] > 1 else 0
+    gathered = (2 * layer_gathered + held) if mesh_axes["fsdp"] > 1 else 0
     parts = dict(frozen_params=frozen, trainable_state=trainable_state, gathered_weights=gathered,
                  saved_activations=saved, layer_workspace=workspace, logits=logits)
     return MemoryEstimate(**{k: int(v) for k, v in parts.items()}, margin=int(MARGIN * sum(parts.values())))

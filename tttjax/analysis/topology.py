@@ -33,14 +33,49 @@ _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-FORMS = "a Cloud TPU name (v5e-16, v5p-64, v6e-8, v4-32) or <gen>:<shape> (v5e:4x4, v5p:2x2x1)"
+FORMS = ("a Cloud TPU name (v5e-16, v5p-64, v6e-8, v4-32), <gen>:<shape> (v5e:4x4, v5p:2x2x1) or a GPU node "
+         "(h100-8, h200-8; --num_slices nodes)")
+GPUS = ("h100", "h200")  # NVIDIA GPUs compiled for without a device: the CUDA plugin and a target config
+# The CUDA plugin wheels `tttjax.compile --topology=h100-8` needs (no GPU, no CUDA libraries: ~180 MB).
+GPU_PLUGIN = "pip install --no-deps jax-cuda12-plugin==<the installed jax> jax-cuda12-pjrt==<the installed jax>"
+
+
+def gpu_target_config(chip: chips.Chip, description: str) -> str:
+    """XLA's GpuTargetConfigProto (text) of a Hopper GPU, as `get_topology_for_devices(...).target_config`
+    prints it on one (xla/tools/hlo_opt/gpu_specs/ keeps such specs): compute capability 9.0, 132 SMs,
+    228 KiB of shared memory per SM, 50 MiB of L2; memory size and bandwidth from the chip table."""
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {int(chip.hbm_bw)} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {int(chip.hbm_bytes)} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 minor: 0 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{description}"
+"""
+
+
+_GPU_NAMES = {"h100": "NVIDIA H100 80GB HBM3", "h200": "NVIDIA H200"}
+
+
+def cuda_plugin_installed() -> bool:
+    return importlib.util.find_spec("jax_plugins") is not None and \
+        importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
 
 
 @dataclasses.dataclass(frozen=True)
 class Topology:
-    generation: str  # v4 | v5e | v5p | v6e
-    shape: str  # chips per dimension, e.g. 4x4x4
-    num_slices: int = 1
+    generation: str  # v4 | v5e | v5p | v6e | h100 | h200
+    shape: str  # chips per dimension, e.g. 4x4x4 (a GPU node: its GPUs, "8")
+    num_slices: int = 1  # TPU slices over DCN, or GPU nodes
+
+    @property
+    def platform(self) -> str:
+        return "gpu" if self.generation in GPUS else "tpu"
 
     @property
     def chips(self) -> int:
@@ -52,7 +87,14 @@ class Topology:
         return f"{self.num_slices} x " * (self.num_slices > 1) + f"{self.generation}-{per_slice}"
 
     def devices(self) -> list:
-        """The topology's abstract devices; ValueError where libtpu is missing or held by another process."""
+        """The topology's abstract devices; ValueError where libtpu (the CUDA plugin) is missing or
+        libtpu is held by another process."""
+        if self.platform == "gpu":
+            if not cuda_plugin_installed():
+                raise ValueError(f"compiling for {self.generation} needs JAX's CUDA plugin: {GPU_PLUGIN}")
+            config = gpu_target_config(self.chip, _GPU_NAMES[self.generation])
+            return list(topologies.get_topology_desc(platform="cuda", target_config=config,
+                                                     topology=f"1x{self.num_slices}x{self.shape}").devices)
         if importlib.util.find_spec("libtpu") is None:
             raise ValueError("compiling for TPU needs libtpu: pip install \"jax[tpu]==<the installed jax version>\"")
         kwargs = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
@@ -79,7 +121,7 @@ class Topology:
 
 def topology(name: str, num_slices: int = 1) -> Topology:
     """`v5p-64` or `v5p:4x4x4` (num_slices of them); ValueError naming the name and the accepted forms."""
-    bad = ValueError(f"unknown TPU topology {name!r}: expected {FORMS}")
+    bad = ValueError(f"unknown topology {name!r}: expected {FORMS}")
     if num_slices < 1:
         raise ValueError(f"--num_slices={num_slices} must be >= 1")
     text = name.strip().lower()
@@ -94,6 +136,10 @@ def topology(name: str, num_slices: int = 1) -> Topology:
     match = re.fullmatch(r"([a-z0-9]+)-(\d+)", text)
     if not match:
         raise bad
+    if match.group(1) in GPUS:
+        if int(match.group(2)) not in (1, 2, 4, 8):
+            raise ValueError(f"{name!r}: a {match.group(1)} node has 1, 2, 4 or 8 GPUs (more nodes: --num_slices)")
+        return Topology(match.group(1), match.group(2), num_slices)
     gen, count = _ALIASES.get(match.group(1), match.group(1)), int(match.group(2))
     if gen not in GENERATIONS:
         raise bad

@@ -153,7 +153,8 @@ class Trainer:
             lambda: memory.estimate_memory(
                 self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
                 num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.full,
-                mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform),
+                mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform,
+                frozen_weights=config.frozen_weights),
             mode=config.memory_check, what=self._sizes(), advice=fit.train_advice(self.cfg.remat, dict(self.mesh.shape)),
             platform=self.mesh.devices.flat[0].platform, compile_anyway=bool(config.compiled_step))
 

@@ -22,8 +22,8 @@ from tttjax.model.config import ModelConfig, from_run_config
 from tttjax.model.moshi import abstract_model
 from tttjax.model.params import path_of, trainable_filter
 from tttjax.parallel.mesh import make_mesh
-from tttjax.parallel.sharding import (batch_sharding, check_batch, opt_state_shardings, replicated, state_shardings,
-                                      under_mesh)
+from tttjax.parallel.sharding import (batch_sharding, check_batch, check_frozen_placement, frozen_storage_drop,
+                                      opt_state_shardings, replicated, state_shardings, under_mesh)
 from tttjax.train import executable
 from tttjax.train import optimizer as optim_lib
 from tttjax.train.step import make_loss_fn, make_train_step
@@ -89,6 +89,9 @@ def check_config(config) -> None:
                          f"num_microbatches={config.num_microbatches}")
     if not config.full_finetuning and not config.lora.enable and not config.ttt.enable:
         raise ValueError("nothing to train: enable lora, ttt or full_finetuning")
+    check_frozen_placement(config.frozen_weights)
+    if config.full_finetuning and config.frozen_weights != "sharded":
+        raise ValueError(f"frozen_weights={config.frozen_weights!r} needs frozen weights: full_finetuning trains them all")
 
 
 def build_program(config, devices=None) -> TrainProgram:
@@ -101,7 +104,11 @@ def build_program(config, devices=None) -> TrainProgram:
     masters = _abstract(nnx.to_pure_dict(trainable), nnx.to_pure_dict(state_shardings(trainable, mesh)), jnp.float32)
     if not jax.tree.leaves(masters):
         raise ValueError("no trainable parameters: enable lora, ttt or full_finetuning")
-    frozen = _abstract(nnx.to_pure_dict(frozen), nnx.to_pure_dict(state_shardings(frozen, mesh)))
+    held = None  # gather_once: the frozen weights' shardings while a step holds them (gathered over fsdp)
+    if config.frozen_weights == "gather_once":
+        held = nnx.to_pure_dict(state_shardings(frozen, mesh, ("fsdp",)))
+    frozen = _abstract(nnx.to_pure_dict(frozen),
+                       nnx.to_pure_dict(state_shardings(frozen, mesh, frozen_storage_drop(config.frozen_weights))))
     labels = jax.tree_util.tree_map_with_path(lambda p, _: optim_lib.param_group(path_of(p)), masters)
     optimizer = optim_lib.make_optimizer(config.optim, config.max_steps, labels)
     opt_state = jax.eval_shape(optimizer.init, masters)
@@ -113,7 +120,7 @@ def build_program(config, devices=None) -> TrainProgram:
     loss_fn = make_loss_fn(graphdef, cfg, text_padding_weight=config.text_padding_weight,
                            first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.num_microbatches),
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.num_microbatches, hold_frozen=held),
                          in_shardings=(shardings(state), shardings(frozen), batch.sharding),
                          out_shardings=(shardings(state), rep), donate_argnums=(0,))
     return TrainProgram(config, cfg, mesh, graphdef, state, frozen, batch, optimizer, train_step)

@@ -18,6 +18,7 @@ from flax import nnx
 
 from conversion.sources import copy_into
 from tttjax.model.params import init_model, is_adapter, trainable_filter
+from tttjax.parallel.sharding import frozen_storage_drop
 from tttjax.weights import open_weights
 
 
@@ -25,7 +26,8 @@ def initial_weights(program) -> tuple[dict, dict]:
     """(fp32 master trainables, frozen params) of the run's starting model, born on the mesh: random
     init (seed), then the base weights of moshi_paths if set, streamed straight onto the mesh."""
     config = program.config
-    model = init_model(program.cfg, program.mesh, config.seed)
+    model = init_model(program.cfg, program.mesh, config.seed, full_finetuning=program.full_finetuning,
+                       frozen_drop=frozen_storage_drop(config.frozen_weights))
     base = config.moshi_paths.moshi_path
     if base:
         copy_into(model, open_weights(base, config.moshi_paths.config_path or None).source,
