@@ -35,9 +35,9 @@ sys.path.insert(0, str(REPO))
 from checkpoint_io import disk_write, drop_from_page_cache  # noqa: E402  (bench/ is the script dir)
 from ttt_layer import _cpu_name  # noqa: E402
 
-from conversion import layout  # noqa: E402
-from conversion.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
 from tttjax.model.config import MOSHI_7B_LM_KWARGS, from_lm_kwargs  # noqa: E402
+from tttjax.weights import layout  # noqa: E402
+from tttjax.weights.safetensors_io import SafetensorsReader, SafetensorsWriter  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "conversion_io.json"
 PROBE_BYTES = 4 << 30
@@ -135,7 +135,7 @@ def main() -> None:
     print(f"wrote {weights} ({size / 1e9:.2f} GB) in {generate_s:.0f} s", flush=True)
 
     drop_from_page_cache(root)
-    onto_devices = run_cli(["-c", f"from conversion.pytorch import load_pytorch; "
+    onto_devices = run_cli(["-c", f"from tttjax.weights.pytorch import load_pytorch; "
                                   f"load_pytorch({str(weights)!r}, {str(config)!r})"])
     drop_from_page_cache(root)
     imported = run_cli(["-m", "conversion.from_pytorch", "--weights", str(weights), "--config", str(config),

@@ -12,13 +12,17 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tttjax.data import make_batch_iterator, make_dataset, num_frames, prepare, toydata
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import toydata  # noqa: E402  (tests/toydata.py: the local inputs the tests build)
+
+from tttjax.data import make_batch_iterator, make_dataset, num_frames, offline, prepare  # noqa: E402
 
 WORDS = "hello world this is moshi speaking how are you today fine thanks".split()
 
@@ -36,8 +40,8 @@ def bench_prepare(root: Path, files: int, file_sec: float, duration_sec: float) 
         toydata.write_alignments(wav, words)
         entries.append((wav.name, file_sec))
     toydata.write_jsonl(data / "train.jsonl", entries)
-    tokenizer = toydata.train_tokenizer(root / "tok", [" ".join(WORDS)] * 4)
-    mimi = toydata.save_random_mimi(root / "mimi.safetensors")
+    tokenizer = offline.train_tokenizer(root / "tok", [" ".join(WORDS)] * 4)
+    mimi = offline.save_random_mimi(root / "mimi.safetensors")
     argv = ["--jsonl", str(data / "train.jsonl"), "--out", str(root / "prepared"), "--mimi_weight", str(mimi),
             "--tokenizer", str(tokenizer), "--duration_sec", str(duration_sec)]
     start = time.perf_counter()

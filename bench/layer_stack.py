@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flops import matmul_rate  # noqa: E402
+
 from tttjax.analysis.flops import layer_flops, ttt_flops  # noqa: E402
 
 QUICK = dict(dim=256, num_heads=4)  # --quick: the same stack, narrow enough for a 2-core CPU

@@ -34,6 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flops import matmul_rate  # noqa: E402
+
 from tttjax.analysis.flops import forward_flops_per_frame  # noqa: E402
 from tttjax.model.config import from_lm_kwargs  # noqa: E402
 

@@ -1,10 +1,10 @@
-"""One TTT-MLP layer, forward + backward: tttjax dual form vs tttjax primal form vs a PyTorch eager port.
+"""One TTT-MLP layer, forward + backward: tttjax dual form vs tttjax primal form vs the project's PyTorch port.
 
     python bench/ttt_layer.py [--quick]
 
 Measures grad of sum(y^2) w.r.t. every parameter and the input x at D=1024, H=8 (d=128), K=16,
 B=1, fp32, causal, for T in (256, 1024, 2048): the dual form (scan_remat_group 1, and 4), the
-primal form and a PyTorch eager port of the same maths (2 threads); prints a table and writes
+primal form and the project's PyTorch port of the same maths (conversion/torch_ttt.py, eager, 2 threads); prints a table and writes
 bench/results/ttt_layer.json. Each (implementation, T) runs in its own subprocess so that its peak
 RSS (getrusage ru_maxrss, the whole process incl. the ~0.3-0.5 GiB runtime baseline) is its own;
 for JAX we also report XLA's memory analysis of the compiled step (arguments + outputs + temps).
@@ -108,84 +108,36 @@ def run_jax(form: str, group: int, T: int, reps: int) -> dict:
                 grad_w1_norm=_norm64(grads[0]["W1"][...]), xla_mib=xla_mib, baseline_rss_mib=baseline)
 
 
-def torch_ttt_mlp(p: dict, x, *, mini_batch_size: int, base_lr: float):
-    """PyTorch eager port of the same maths (causal dual form, loop over mini-batches, autograd)."""
+def torch_layer(params: dict):
+    """The project's PyTorch TTT-MLP (conversion/torch_ttt.py, what moshi's LMModel runs) with `params`."""
     import torch
-    import torch.nn.functional as F
 
-    Bx, T, Dx = x.shape
-    Hx, d = p["W1"].shape[0], p["W1"].shape[1]
-    Kx = mini_batch_size
+    from conversion.torch_ttt import TTTMLP
 
-    def proj(name):
-        return (x @ p[f"{name}.kernel"] + p[f"{name}.bias"]).view(Bx, T, Hx, d).transpose(1, 2)  # [B,H,T,d]
-
-    xq = F.normalize(proj("wq"), dim=-1, eps=1e-12)
-    xk = F.normalize(proj("wk"), dim=-1, eps=1e-12)
-    xv = proj("wv")
-    nw, nb = p["ttt_norm_weight"][:, None, :], p["ttt_norm_bias"][:, None, :]
-    v = xv - xk
-    target = (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-8) * nw + nb
-    lr = torch.einsum("btc,hc->bht", x, p["learnable_ttt_lr_weight"][:, 0]) + p["learnable_ttt_lr_bias"]
-    lr = base_lr * torch.sigmoid(lr) / d
-    pad = -T % Kx
-    xq, xk, target = (F.pad(a, (0, 0, 0, pad)) for a in (xq, xk, target))
-    lr = F.pad(lr, (0, pad))
-    num = (T + pad) // Kx
-    xq, xk, target = (a.reshape(Bx, Hx, num, Kx, d) for a in (xq, xk, target))
-    lr = lr.reshape(Bx, Hx, num, Kx)
-    rows = torch.arange(1, Kx + 1, dtype=x.dtype)[:, None]
-    eta = torch.tril(lr[..., None, :] / rows)  # [B,H,N,K,K]
-    last = lr / Kx
-
-    def gelu(z):
-        return F.gelu(z, approximate="tanh")
-
-    def gelu_grad(z):
-        t = torch.tanh(0.7978845608028654 * (z + 0.044715 * z**3))
-        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * z * z)
-
-    def ln_parts(z):
-        zc = z - z.mean(-1, keepdim=True)
-        std = torch.sqrt((zc * zc).mean(-1, keepdim=True) + 1e-8)
-        return zc / std, std
-
-    w1, b1, w2, b2 = (p[n].expand(Bx, *p[n].shape) for n in ("W1", "b1", "W2", "b2"))
-    outs = []
-    for n in range(num):
-        q, k, tgt, e, lst = xq[:, :, n], xk[:, :, n], target[:, :, n], eta[:, :, n], last[:, :, n, :, None]
-        z1 = k @ w1 + b1
-        x2 = gelu(z1)
-        z2 = x2 @ w2 + b2
-        xhat, std = ln_parts(z2)
-        g = (xhat * nw + nb - tgt) * nw
-        g2 = (d * g - g.sum(-1, keepdim=True) - xhat * (g * xhat).sum(-1, keepdim=True)) / (d * std)
-        g1 = (g2 @ w2.transpose(-1, -2)) * gelu_grad(z1)
-        z1b = q @ w1 + b1 - (e * (q @ k.transpose(-1, -2) + 1)) @ g1
-        x2b = gelu(z1b)
-        z2b = x2b @ w2 + b2 - (e * (x2b @ x2.transpose(-1, -2) + 1)) @ g2
-        outs.append(q + ln_parts(z2b)[0] * nw + nb)
-        w1 = w1 - k.transpose(-1, -2) @ (lst * g1)
-        b1 = b1 - (lst * g1).sum(-2, keepdim=True)
-        w2 = w2 - x2.transpose(-1, -2) @ (lst * g2)
-        b2 = b2 - (lst * g2).sum(-2, keepdim=True)
-    out = torch.stack(outs, 2).reshape(Bx, Hx, num * Kx, d)[:, :, :T].transpose(1, 2).reshape(Bx, T, Dx)
-    out = F.layer_norm(out, (Dx,), p["post_norm.scale"], p["post_norm.bias"], eps=1e-6)
-    return out @ p["wo.kernel"] + p["wo.bias"]
+    layer = TTTMLP(D, H, mini_batch_size=K, base_lr=BASE_LR, causal=True)
+    names = {f"{n}.weight": (f"{n}.kernel", True) for n in ("wq", "wk", "wv", "wo")}
+    names.update({f"{n}.bias": (f"{n}.bias", False) for n in ("wq", "wk", "wv", "wo")})
+    names.update({"post_norm.weight": ("post_norm.scale", False), "post_norm.bias": ("post_norm.bias", False)})
+    state = {}
+    for name in layer.state_dict():
+        source, transpose = names.get(name, (name, False))
+        state[name] = torch.tensor(params[source].T.copy() if transpose else params[source])
+    layer.load_state_dict(state, strict=True)
+    return layer
 
 
 def run_torch(T: int, reps: int) -> dict:
     import torch
 
     torch.set_num_threads(THREADS)
-    params = {k: torch.tensor(v, requires_grad=True) for k, v in make_params().items()}
+    layer = torch_layer(make_params())
     x = torch.tensor(make_input(T), requires_grad=True)
     baseline = _peak_rss_mib()
 
     def step():
-        for t in [*params.values(), x]:
+        for t in [*layer.parameters(), x]:
             t.grad = None
-        y = torch_ttt_mlp(params, x, mini_batch_size=K, base_lr=BASE_LR)
+        y = layer(x)
         value = (y**2).sum()
         value.backward()
         return value
@@ -198,7 +150,7 @@ def run_torch(T: int, reps: int) -> dict:
         value = step()
         times.append(time.perf_counter() - t0)
     return dict(compile_s=0.0, times=times, loss=float(value.detach()), grad_x_norm=_norm64(x.grad.numpy()),
-                grad_w1_norm=_norm64(params["W1"].grad.numpy()), xla_mib=None, baseline_rss_mib=baseline)
+                grad_w1_norm=_norm64(layer.W1.grad.numpy()), xla_mib=None, baseline_rss_mib=baseline)
 
 
 def _norm64(a) -> float:

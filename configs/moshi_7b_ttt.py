@@ -31,7 +31,7 @@ def get_config():
     c.optim.gate_lr_multiplier = 10.0
     c.first_codebook_weight_multiplier = 100.0
     c.text_padding_weight = 0.5
-    c.eval_freq = 100
+    c.evals.standard.freq = 100
     c.mesh.data = 1
     c.mesh.fsdp = -1
     c.mesh.tensor = 1

@@ -18,8 +18,8 @@ def get_config():
     c.batch_size = 4  # one sequence per chip of a v5p-8
     c.max_steps = 1000  # 1000 x 4 x 30 min = 2000 h of conversation
     c.ckpt_freq = 50  # a step is ~8x a 100 s step: checkpoint more often in wall-clock terms
-    c.eval_freq = 50  # evaluate as often as checkpoints are written
-    c.eval_batches = 8  # 32 conversations of 30 min
+    c.evals.standard.freq = 50  # evaluate as often as checkpoints are written
+    c.evals.standard.batches = 8  # 32 conversations of 30 min
     c.model.attention_impl = "auto"  # splash on TPU, cudnn on GPU: no T x T scores
     c.ttt.layers = "1,5,10"  # TTT-MLP layers, as the 100 s recipe
     c.ttt.scan_remat_group = 8  # 1407 inner mini-batches: keep every 8th inner state for the backward

@@ -35,7 +35,7 @@ def get_config():
     c.first_codebook_weight_multiplier = 1.0
 
     c.data.train_data = "synthetic:2048"
-    c.data.eval_data = "synthetic:64"
-    c.eval_freq = 50
-    c.eval_batches = 4
+    c.evals.standard.data = "synthetic:64"
+    c.evals.standard.freq = 50
+    c.evals.standard.batches = 4
     return c

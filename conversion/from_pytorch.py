@@ -5,7 +5,7 @@
 
 Accepts the moshi in-memory layout (`in_projs.N`, what moshi-finetune writes) and the released
 fused layout (`in_proj_weight`), LoRA tensors in the weights file or in `--lora`, and TTT tensors
-(DESIGN.md section 7) with a `"ttt"` block in config.json.
+(docs/contract.md §7) with a `"ttt"` block in config.json.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from conversion.pytorch import load_pytorch
+from tttjax import cli
 from tttjax.checkpoint.model_dir import save_model
+from tttjax.weights.pytorch import load_pytorch
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conversion.from_pytorch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m conversion.from_pytorch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--weights", required=True, help="PyTorch safetensors (moshi or release layout)")
     parser.add_argument("--config", required=True, help="moshi LM config.json (lm_kwargs, + lora/ttt keys)")
     parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
@@ -26,16 +28,16 @@ def main(argv=None) -> int:
     parser.add_argument("--param_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="stored parameter dtype (auto = the weights file's)")
     args = parser.parse_args(argv)
-    try:
-        model = load_pytorch(args.weights, args.config, args.lora, args.param_dtype)
-        save_model(args.out, model)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    model = load_pytorch(args.weights, args.config, args.lora, args.param_dtype)
+    save_model(args.out, model)
     cfg = model.cfg
     print(f"wrote {args.out}: lora_rank={cfg.lora_rank} ttt_layers={list(cfg.ttt_layers)} "
           f"param_dtype={cfg.param_dtype}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
     with gen.streaming(1):
         frame = gen.step(user_codes_t)
 
-The maths is DESIGN.md section 4 (dual form over mini-batches, causal or bidirectional step-size
+The maths is docs/contract.md §4 (dual form over mini-batches, causal or bidirectional step-size
 matrix, fp32 inner loop); the module and parameter names are the export contract
 (`transformer.layers.N.seq_modeling_block.ttt_layer.ttt.*`, `...forward_ssm_gating.gating_alpha`).
 One function, `ttt_mlp_chunk`, computes the layer over a chunk of tokens continuing a carried
@@ -23,8 +23,11 @@ cannot stream and is refused there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import os
 import types
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from moshi.modules.streaming import State, StreamingModule
 from torch import nn
 
-from tttjax.model.config import TTT_KEYS, parse_ttt_layers
+from tttjax.model.config import LORA_SCALING, parse_ttt_layers, read_ttt_block
 from tttjax.rundir import read_json
 
 
@@ -153,7 +156,7 @@ class TTTState(State):
 
 
 class TTTMLP(StreamingModule[TTTState]):
-    """TTT(h) of DESIGN.md section 4; a moshi StreamingModule, so `lm.streaming(B)` carries its state."""
+    """TTT(h) of docs/contract.md §4; a moshi StreamingModule, so `lm.streaming(B)` carries its state."""
 
     def __init__(self, dim: int, num_heads: int, *, mini_batch_size: int, base_lr: float, causal: bool):
         super().__init__()
@@ -171,9 +174,10 @@ class TTTMLP(StreamingModule[TTTState]):
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim) for _ in range(4))
         self.post_norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def fresh_inner(self, batch_size: int) -> Inner:
-        """The state at the start of a sequence: the parameters W1, b1, W2, b2, nothing absorbed."""
-        weights = [p.detach().float().expand(batch_size, *p.shape).clone()
+    def fresh_inner(self, batch_size: int, *, detach: bool = True) -> Inner:
+        """The state at the start of a sequence: the parameters W1, b1, W2, b2, nothing absorbed
+        (`detach=False`: gradients reach the parameters, as in a whole-sequence training forward)."""
+        weights = [(p.detach() if detach else p).float().expand(batch_size, *p.shape).clone()
                    for p in (self.W1, self.b1, self.W2, self.b2)]
         pos = torch.zeros(batch_size, dtype=torch.long, device=self.W1.device)
         return Inner(*weights, *(torch.zeros_like(w) for w in weights), pos)
@@ -198,7 +202,7 @@ class TTTMLP(StreamingModule[TTTState]):
         logits = torch.einsum("btd,hd->bht", h.float(), self.learnable_ttt_lr_weight.float()[:, 0])
         lr = self.base_lr * torch.sigmoid(logits + self.learnable_ttt_lr_bias.float()) / d  # [B, H, T]
         state = self._streaming_state
-        inner = self.fresh_inner(B) if state is None else state.inner
+        inner = self.fresh_inner(B, detach=False) if state is None else state.inner
         new, out = ttt_mlp_chunk(inner, xq, xk, target, lr, nw, nb, mini_batch_size=self.mini_batch_size,
                                  causal=self.causal, max_start=0 if state is None else self.mini_batch_size - 1)
         if state is not None:
@@ -235,17 +239,15 @@ class SeqModelingBlock(nn.Module):
 
 
 def _attention_then_ttt(self, x):
-    """A TTT layer's attention sub-block: moshi's, then the TTT block (DESIGN.md section 4)."""
+    """A TTT layer's attention sub-block: moshi's, then the TTT block (docs/contract.md §4)."""
     return self.seq_modeling_block(type(self)._sa_block(self, x))
 
 
 def block_options(ttt: dict) -> dict:
     """`SeqModelingBlock` options from config.json's `"ttt"` block (tttjax's defaults)."""
-    unknown = set(ttt) - set(TTT_KEYS)
-    if unknown:
-        raise ValueError(f"unknown keys in the 'ttt' block: {sorted(unknown)}")
-    return dict(mini_batch_size=int(ttt.get("mini_batch_size", 16)), base_lr=float(ttt.get("base_lr", 1.0)),
-                causal=bool(ttt.get("causal", True)), initial_gating_alpha=float(ttt.get("initial_gating_alpha", 0.1)))
+    ttt = read_ttt_block(ttt, source="config.json")
+    return dict(mini_batch_size=int(ttt["mini_batch_size"]), base_lr=float(ttt["base_lr"]),
+                causal=bool(ttt["causal"]), initial_gating_alpha=float(ttt["initial_gating_alpha"]))
 
 
 def check_config_streamable(ttt: dict) -> None:
@@ -273,25 +275,32 @@ def attach_ttt(lm, ttt: dict):
     return lm
 
 
-def load_ttt_moshi(weights: str | Path, config: str | Path, *, lora: str | Path | None = None,
+def load_ttt_moshi(weights: str | Path, config: str | Path | Mapping, *, lora: str | Path | None = None,
                    device: str = "cpu", dtype=torch.float32):
     """A moshi LMModel with TTT layers and the weights of a tttjax export (strict load).
 
     weights: a full export (`consolidated.safetensors`), or the base weights when `lora` (an
     adapters-only `lora.safetensors`: LoRA A/B if config.json says `"lora": true`, and the TTT
-    tensors) is given. The model is built on the meta device and takes the loaded tensors, so
-    the weights are in memory once, not after a random initialisation.
+    tensors) is given. config: the export's config.json, or its contents (a dict, as
+    `json.load` returns it; not modified). The model is built on the meta device and takes the
+    loaded tensors, so the weights are in memory once, not after a random initialisation.
     """
     from moshi.models import loaders
     from safetensors.torch import load_file
 
-    cfg = read_json(Path(config))
+    if isinstance(config, Mapping):
+        cfg, source = copy.deepcopy(dict(config)), "the config dict"
+    elif isinstance(config, (str, os.PathLike)):
+        cfg, source = read_json(Path(config)), str(config)
+    else:
+        raise TypeError(f"config: expected the path of a config.json or its contents as a dict, got "
+                        f"{type(config).__name__}")
     ttt = cfg.pop("ttt", {}) or {}
     adapter_keys = {k: cfg.pop(k) for k in ("lora", "lora_rank", "lora_scaling") if k in cfg}
     if lora is not None and adapter_keys.get("lora"):
         if "lora_rank" not in adapter_keys:
-            raise ValueError(f"{config}: a LoRA file needs lora_rank / lora_scaling in config.json")
-        cfg.update(lora=True, lora_rank=adapter_keys["lora_rank"], lora_scaling=adapter_keys.get("lora_scaling", 2.0))
+            raise ValueError(f"{source}: a LoRA file needs lora_rank / lora_scaling in config.json")
+        cfg.update(lora=True, lora_rank=adapter_keys["lora_rank"], lora_scaling=adapter_keys.get("lora_scaling", LORA_SCALING))
     lm = loaders.get_moshi_lm(None, lm_kwargs=cfg, device="meta", dtype=dtype)
     with torch.device("meta"):
         attach_ttt(lm, ttt)

@@ -6,6 +6,8 @@ import shlex
 import sys
 from typing import Sequence
 
+from tttjax.errors import UserError
+
 
 def split_args(argv: Sequence[str] | None) -> tuple[list[str], list[str]]:
     """(launcher args, training args): everything after the first `--` goes to tttjax.main."""
@@ -22,5 +24,5 @@ def quote(args: Sequence[str]) -> str:
 
 def train_command(python: str, train_args: Sequence[str], module: str = "tttjax.main") -> list[str]:
     if module == "tttjax.main" and not any(a.startswith("--config=") or a == "--config" for a in train_args):
-        raise SystemExit("training arguments need --config=configs/<name>.py (after `--`)")
+        raise UserError("training arguments need --config=configs/<name>.py (after `--`)")
     return [python, "-m", module, *train_args]

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from launch.common import quote, split_args, train_command
+from tttjax import cli
 
 
 def free_port() -> int:
@@ -71,7 +72,7 @@ def parse(argv):
     return args, train_args
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args, train_args = parse(argv)
     port = args.port or (12345 if args.dry_run else free_port())
     command = train_command(sys.executable, train_args, args.module)
@@ -145,6 +146,10 @@ def run(command: list[str], envs: list[dict], *, log_dir: str = "", grace_s: flo
 
 def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code  # killed by signal N -> 128 + N, as a shell reports it
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

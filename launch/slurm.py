@@ -30,6 +30,8 @@ import sys
 from pathlib import Path
 
 from launch.common import quote, split_args, train_command
+from tttjax import cli
+from tttjax.errors import UserError
 
 
 def parse(argv):
@@ -101,7 +103,7 @@ def render(args, train_args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args, train_args = parse(argv)
     script = render(args, train_args)
     path = Path(args.script or f"logs/{args.job_name}.sbatch")
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
             print(quote(c).replace("{previous}", "<previous job id>"))
         return 0
     if args.here and "SLURM_JOB_ID" not in os.environ:
-        raise SystemExit("--here needs an allocation (run it inside salloc / an sbatch job)")
+        raise UserError("--here needs an allocation (run it inside salloc / an sbatch job)")
     path.parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
@@ -133,6 +135,10 @@ def main(argv=None) -> int:
         previous = done.stdout.strip().split(";")[0]
         print(f"[launch.slurm] submitted job {previous}: {quote(c)}", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 from launch.common import quote, split_args, train_command
+from tttjax import cli
+from tttjax.errors import UserError
 
 RUNTIME_VERSIONS = {  # accelerator family -> TPU VM software version
     "v4": "tpu-ubuntu2204-base",
@@ -85,7 +87,7 @@ def runtime_version(args) -> str:
     family = re.match(r"(v\d+[a-z]*)", args.accelerator_type)
     family = family.group(1) if family else ""
     if family not in RUNTIME_VERSIONS:
-        raise SystemExit(f"no default runtime version for {args.accelerator_type}; pass --runtime_version")
+        raise UserError(f"no default runtime version for {args.accelerator_type}; pass --runtime_version")
     return RUNTIME_VERSIONS[family]
 
 
@@ -164,7 +166,7 @@ class Pod:
             return 0, ""
         done = subprocess.run(command, text=True, capture_output=capture)
         if check and done.returncode:
-            raise SystemExit(f"command failed ({done.returncode}): {quote(command)}\n{done.stderr or ''}")
+            raise UserError(f"command failed ({done.returncode}): {quote(command)}\n{done.stderr or ''}")
         return done.returncode, (done.stdout or "").strip()
 
     def state(self) -> str:
@@ -177,7 +179,7 @@ class Pod:
         if not self.dry_run and state in ("READY", "ACTIVE"):
             return False
         if self.args.create == "never":
-            raise SystemExit(f"TPU {self.args.name} is {state or 'missing'} and --create=never")
+            raise UserError(f"TPU {self.args.name} is {state or 'missing'} and --create=never")
         if state:
             self.call(self.delete(), check=False)
         self.call(self.create())
@@ -219,10 +221,10 @@ def code_files() -> list[str]:
                              check=True).stdout
         return [f for f in out.splitlines() if f and os.path.isfile(f)]
     except (OSError, subprocess.CalledProcessError):
-        raise SystemExit("run from the repository root (a git checkout): the code to copy is found with git")
+        raise UserError("run from the repository root (a git checkout): the code to copy is found with git")
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     args, train_args = parse(argv)
     train_command("python", train_args)  # fails early without --config
     pod = Pod(args, train_args, dry_run=args.dry_run)
@@ -253,6 +255,10 @@ def main(argv=None) -> int:
         attempt += 1
         print(f"[launch.tpu_pod] training failed with {rc}; TPU state {state or 'missing'}; restart "
               f"{attempt}/{args.max_restarts} (resumes from the latest checkpoint)", flush=True)
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.numpy
 
-from conversion.sources import OrbaxSource
 from tttjax.checkpoint import CheckpointManager, check_compatible
+from tttjax.checkpoint import consolidated as consolidated_mod
 from tttjax.checkpoint.manager import restore_trainables
 from tttjax.rundir import step_dir
-from tttjax.checkpoint import consolidated as consolidated_mod
+from tttjax.weights.sources import OrbaxSource
 
 META = {"ttt": {"layers": "1,5", "mini_batch_size": 16}, "lora": {"rank": 8}, "dims": (64, 4)}
 

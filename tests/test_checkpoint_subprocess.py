@@ -69,8 +69,7 @@ def child_kill(run_dir: str) -> None:
 
     import jax.numpy as jnp
 
-    from tttjax.checkpoint import CheckpointManager
-    from tttjax.checkpoint import consolidated
+    from tttjax.checkpoint import CheckpointManager, consolidated
 
     m = CheckpointManager(run_dir, max_to_keep=None, save_interval_steps=1)
     m.save(1, {"w": jnp.asarray(big_array(1))}, {"next_index": 1})

@@ -7,14 +7,14 @@ one single-slice report (train + eval), one 2-slice report, one refusal.
 import importlib.util
 import json
 
+import micro
 import pytest
 from jax.experimental import topologies
 
-import micro
-
-from tttjax import compile as compile_cli, run_config
+from tttjax import compile as compile_cli
 from tttjax.analysis import topology
 from tttjax.analysis.flops import train_step_flops
+from tttjax.config import reader
 from tttjax.train import executable
 from tttjax.train.loop import Trainer
 from tttjax.train.program import build_program
@@ -53,7 +53,7 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
     assert sum(kind["dcn_count"] for kind in c.values()) == 0
 
     # an independent AOT compile of the same step reports the same per-device figures
-    config = run_config.load("configs/tiny.py", run_config.split_config_args(SMALL)[1])
+    config = reader.load("configs/tiny.py", reader.split_config_args(SMALL)[1])
     program = build_program(config, topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices)
     m = program.lower().compile().memory_analysis()
     figures = report["per_device"]
@@ -92,7 +92,7 @@ def test_two_slices_put_the_data_axis_over_dcn(tmp_path, capsys):
     manifest = json.loads((tmp_path / "exe" / "manifest.json").read_text())
     assert (manifest["platform"], manifest["device_kind"], manifest["num_devices"]) == ("tpu", "TPU v5 lite", 8)
     assert (tmp_path / "exe" / "train_step.bin").stat().st_size > 0
-    config = run_config.load("configs/tiny.py", run_config.split_config_args(SMALL)[1])
+    config = reader.load("configs/tiny.py", reader.split_config_args(SMALL)[1])
     config.run_dir, config.compiled_step = str(tmp_path / "run"), str(tmp_path / "exe")
     with pytest.raises(executable.ExecutableMismatch, match="compiled for platform tpu, this run has cpu"):
         Trainer(config)
@@ -120,6 +120,19 @@ def test_unknown_topology_is_one_line(capsys):
     assert compile_cli.main(SMALL + ["--topology=v7x-8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'v7x-8'" in err and "v5p:2x2x1" in err and "v5e-16" in err
+
+
+@needs_libtpu
+def test_a_shape_the_generation_lacks_is_one_line(capsys):
+    # libtpu refuses v5e:3x3 (its chips do not tile into 2x2 hosts); the line names the shape and the
+    # slices v5e has, where it used to be a JaxRuntimeError traceback
+    assert compile_cli.main(SMALL + ["--topology=v5e:3x3"]) == 2  # a topology the generation lacks: a usage error, as an unknown name
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert errors[0].startswith("error: v5e-9: libtpu cannot build the topology v5e:3x3 (INVALID_ARGUMENT: ")
+    assert errors[0].endswith("v5e slices: 1x1 (v5e-1), 2x2 (v5e-4), 2x4 (v5e-8), 4x4 (v5e-16), 4x8 (v5e-32), "
+                              "8x8 (v5e-64), 8x16 (v5e-128), 16x16 (v5e-256)")
 
 
 def test_missing_libtpu_is_one_line(capsys, monkeypatch):

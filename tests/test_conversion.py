@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch_reference as ref
 from safetensors.numpy import load_file
 
-import torch_reference as ref
 from conversion.from_pytorch import main as from_pytorch_main
 from conversion.to_pytorch import main as to_pytorch_main
 
@@ -97,3 +97,21 @@ def test_adapters_plus_base_equal_merged(tmp_path):
     # bf16 storage: relative rounding 2^-8 of weights O(0.1-1); logits O(1-10) move by a few 1e-2.
     assert np.abs(a["logits"] - b["logits"])[a["mask"]].max() < 0.1
     assert np.abs(b["logits"] - want["logits"])[a["mask"]].max() < 0.1
+
+
+def test_integer_tensors_are_refused_by_name(tmp_path, capsys):
+    """An int32 (or bool) tensor where the model holds floats would be cast, its values truncated: refused."""
+    from safetensors.numpy import save_file
+
+    kwargs = ref.lm_kwargs()
+    sd = ref.state_dict_numpy(ref.build_lm(kwargs))
+    sd["emb.0.weight"] = sd["emb.0.weight"].astype(np.int32)
+    sd["out_norm.alpha"] = sd["out_norm.alpha"] > 0
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    config = ref.save_config(tmp_path / "config.json", kwargs)
+    assert from_pytorch_main(["--weights", str(tmp_path / "w.safetensors"), "--config", str(config),
+                              "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'w.safetensors'} does not match its config: non-floating dtypes where the "
+                   "model holds floats ['emb.0.weight int32', 'out_norm.alpha bool']")
+    assert not (tmp_path / "c").exists()

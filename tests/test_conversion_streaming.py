@@ -13,11 +13,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file as torch_load, save_file as torch_save
-
 import torch_reference as ref
-from conversion import safetensors_io as st
+from safetensors.torch import load_file as torch_load
+from safetensors.torch import save_file as torch_save
+
 from conversion.to_pytorch import main as to_pytorch_main
+from tttjax.weights import safetensors_io as st
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,7 +121,7 @@ def test_reader_names_the_broken_part(tmp_path):
 
 def test_tiled_transpose_equals_numpy():
     """Both directions of every kernel go through it: any tile edge case would corrupt weights."""
-    from conversion.layout import transpose
+    from tttjax.weights.layout import transpose
 
     rng = np.random.default_rng(1)
     for dtype in (ml_dtypes.bfloat16, np.float32, np.float16, np.float64):
@@ -136,10 +137,10 @@ def test_tiled_transpose_equals_numpy():
 
 
 def test_saved_params_are_chunked_per_layer_and_read_by_slice(tmp_path):
-    from conversion.sources import ModelSource, OrbaxSource
     from tttjax.checkpoint.model_dir import save_model
     from tttjax.model.config import from_lm_kwargs
     from tttjax.model.moshi import create_model
+    from tttjax.weights.sources import ModelSource, OrbaxSource
 
     model = create_model(from_lm_kwargs(ref.lm_kwargs(num_layers=3)))
     save_model(tmp_path / "m", model)
@@ -160,6 +161,7 @@ def test_saved_params_are_chunked_per_layer_and_read_by_slice(tmp_path):
 def trained_on_pytorch_base(tmp_path_factory):
     """2 steps of a LoRA + TTT run whose base weights are a PyTorch file (moshi_paths)."""
     from test_train import micro_config
+
     from tttjax.train.loop import Trainer
 
     root = tmp_path_factory.mktemp("step_export")
@@ -176,9 +178,9 @@ def trained_on_pytorch_base(tmp_path_factory):
 
 def test_step_dir_exports_without_building_the_model(trained_on_pytorch_base, tmp_path, monkeypatch):
     """Full export = the loaded model's export, bitwise; adapters-only never touches the base file."""
-    from conversion.export import plan_export
-    from conversion.sources import ModelSource
-    from tttjax import weights as weights_lib
+    from tttjax.weights import loader as weights_lib
+    from tttjax.weights.export import plan_export
+    from tttjax.weights.sources import ModelSource
 
     root, step = trained_on_pytorch_base
     model = weights_lib.load_model(step)
@@ -215,16 +217,17 @@ def test_step_dir_exports_without_building_the_model(trained_on_pytorch_base, tm
 
 def _child(weights: str, config: str, out: str) -> None:
     """One process: import fsdp-sharded, check its shards, export (process 0 writes)."""
-    from tttjax.parallel import distributed, mesh as mesh_lib
+    from tttjax.parallel import distributed
+    from tttjax.parallel import mesh as mesh_lib
 
     distributed.initialize_distributed()
     import jax
     from flax import nnx
 
-    from conversion.pytorch import open_pytorch
-    from conversion.sources import ModelSource, copy_into
-    from conversion.export import plan_export
     from tttjax.model.params import init_model
+    from tttjax.weights.export import plan_export
+    from tttjax.weights.pytorch import open_pytorch
+    from tttjax.weights.sources import ModelSource, copy_into
 
     assert jax.process_count() == 2 and jax.device_count() == 8
     source = open_pytorch(weights, config)

@@ -1,6 +1,11 @@
 """The text stream against hand-worked frames (moshi-finetune's interleaver rules)."""
 
-from tttjax.data.interleave import segment_words, text_stream, tokenize_alignments, tokenize_word
+from tttjax.data.interleave import (
+    segment_words,
+    text_stream,
+    tokenize_alignments,
+    tokenize_word,
+)
 
 
 class CharTokenizer:

@@ -7,7 +7,13 @@ import sys
 import numpy as np
 import pytest
 
-from tttjax.data import Mixture, make_batch_iterator, make_dataset, make_eval_iterator, prepare
+from tttjax.data import (
+    Mixture,
+    make_batch_iterator,
+    make_dataset,
+    make_eval_iterator,
+    prepare,
+)
 from tttjax.data.datasets import _weighted_items
 from tttjax.data.sources import parse_tfds_spec
 

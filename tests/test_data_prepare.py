@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ import pytest
 import sentencepiece
 import sphn
 import torch
+import toydata
 from moshi.models import loaders
 
-from tttjax.data import codec, make_dataset, make_eval_iterator, prepare, shards, toydata
+from tttjax.data import codec, make_dataset, make_eval_iterator, offline, prepare, shards
 from tttjax.data.sources import PreparedSource
 
 MAIN = "SPEAKER_MAIN"
@@ -60,16 +62,28 @@ def toy(tmp_path_factory):
         root=root,
         data=data,
         jsonl=jsonl,
-        tokenizer=toydata.train_tokenizer(root / "tok", CORPUS),
-        mimi=toydata.save_random_mimi(root / "mimi.safetensors"),
+        tokenizer=offline.train_tokenizer(root / "tok", CORPUS),
+        mimi=offline.save_random_mimi(root / "mimi.safetensors"),
     )
 
 
-def run_prepare(toy, out, *extra):
-    argv = ["--jsonl", str(toy.jsonl), "--out", str(out), "--mimi_weight", str(toy.mimi),
+def prepare_argv(toy, out, *extra) -> list[str]:
+    return ["--jsonl", str(toy.jsonl), "--out", str(out), "--mimi_weight", str(toy.mimi),
             "--tokenizer", str(toy.tokenizer), "--duration_sec", str(SEG), "--files_per_shard", "2", *extra]
-    prepare.main(argv)
+
+
+def run_prepare(toy, out, *extra):
+    assert prepare.main(prepare_argv(toy, out, *extra)) == 0
     return json.loads((out / "metadata.json").read_text())
+
+
+def prepare_error(toy, out, capsys, *extra) -> str:
+    """The one line a refused prepare prints (exit status 1)."""
+    assert prepare.main(prepare_argv(toy, out, *extra)) == 1
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1].split("\r")[-1]  # after the progress bar's frames
+    assert last.startswith("error: prepare: ") and "Traceback" not in err, err
+    return last
 
 
 @pytest.fixture(scope="module")
@@ -183,15 +197,14 @@ def test_whole_files_keep_every_frame_and_word(toy, monkeypatch):
     assert (a[1:] == one_call).mean() > 0.99
 
 
-def test_strict_stops_at_the_first_bad_file(toy):
+def test_strict_stops_at_the_first_bad_file(toy, capsys):
     out = toy.root / "strict"
-    with pytest.raises(SystemExit, match=r"c\.wav: 1 channel\(s\).*--strict"):
-        run_prepare(toy, out, "--strict")
+    assert re.search(r"c\.wav: 1 channel\(s\).*--strict", prepare_error(toy, out, capsys, "--strict"))
     assert (out / shards.shard_name(0, 5)).is_file()  # a.wav, b.wav: finished before the stop
     assert not (out / shards.shard_name(1, 5)).exists() and not (out / "metadata.json").exists()
 
 
-def test_resume_after_a_crash_redoes_only_unfinished_shards(toy, prepared, monkeypatch):
+def test_resume_after_a_crash_redoes_only_unfinished_shards(toy, prepared, monkeypatch, capsys):
     _, reference = prepared
     out = toy.root / "resumed"
     real_write = shards.write_shard
@@ -203,8 +216,8 @@ def test_resume_after_a_crash_redoes_only_unfinished_shards(toy, prepared, monke
         return real_write(path, examples)
 
     monkeypatch.setattr(shards, "write_shard", crash_in_last_shard)
-    with pytest.raises(KeyboardInterrupt):
-        run_prepare(toy, out)
+    assert prepare.main(prepare_argv(toy, out)) == 130  # Ctrl-C: the runner's exit code
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: interrupted (Ctrl-C)")
     monkeypatch.setattr(shards, "write_shard", real_write)
     first = out / shards.shard_name(0, 5)  # damage a finished shard too: it must be redone
     first.write_bytes(first.read_bytes()[:-10])
@@ -223,8 +236,7 @@ def test_resume_after_a_crash_redoes_only_unfinished_shards(toy, prepared, monke
 
     encoded.clear()  # all done: nothing is encoded again
     assert run_prepare(toy, out)["shards"] == reference["shards"] and encoded == []
-    with pytest.raises(SystemExit, match="other inputs.*duration_sec"):
-        run_prepare(toy, out, "--duration_sec", "2.0")
+    assert re.search("other inputs.*duration_sec", prepare_error(toy, out, capsys, "--duration_sec", "2.0"))
 
 
 def test_pretokenized_codes(tmp_path):

@@ -8,11 +8,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch_reference as ref
 from flax import nnx
 
-import torch_reference as ref
+from tttjax.data import offline
 from tttjax.eval import paper
-from tttjax.eval.manifest import ManifestError, Pair, read_manifest, slm21_pairs, story_pairs, write_manifest
+from tttjax.eval.manifest import (
+    ManifestError,
+    Pair,
+    read_manifest,
+    slm21_pairs,
+    story_pairs,
+    write_manifest,
+)
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model
 
@@ -247,20 +255,20 @@ def test_known_answers_by_codebook_choice_and_padding():
 def uniform_checkpoint(tmp_path_factory):
     """An imported TTT checkpoint whose audio logits are all 0: every audio token has log-likelihood
     -log(card) exactly, so summed scores favour the shorter wav and mean scores always tie."""
+
     from tttjax.checkpoint.model_dir import save_model
-    from tttjax.data import toydata
 
     tmp = tmp_path_factory.mktemp("paper")
     cfg = from_lm_kwargs(ref.lm_kwargs(card=2048), ttt_layers=(1,), ttt_mini_batch_size=4)
     model = create_model(cfg, seed=1)
     _set(model, {("linears", "kernel"): lambda v: v * 0})
     save_model(tmp / "ckpt", model)
-    mimi = toydata.save_random_mimi(tmp / "mimi.safetensors")
+    mimi = offline.save_random_mimi(tmp / "mimi.safetensors")
     return tmp / "ckpt", mimi
 
 
 def _wav(path: Path, seconds: float, seed: int):
-    from tttjax.data import toydata
+    import toydata
 
     pcm = toydata.speech_like(np.random.default_rng(seed), seconds, sample_rate=16000, channels=1)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 import torch_reference as ref
+
 from conversion.from_pytorch import main as from_pytorch_main
 from tttjax.eval.__main__ import main as eval_main
 
@@ -121,7 +121,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     assert "neither a training step dir" in _error(capsys)
 
     ckpt = ["--checkpoint_dir", str(imported["dir"])]
-    assert eval_main(ckpt + base + ["--config=configs/does_not_exist.py"]) == 1
+    assert eval_main(ckpt + base + ["--config=configs/does_not_exist.py"]) == 2  # a config error is a usage error
     assert "no such file" in _error(capsys)
 
     # the tiny config describes another model than the checkpoint
@@ -129,7 +129,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
     err = _error(capsys)
     assert "describes another model" in err and "dim: saved 64 vs config 128" in err
 
-    assert eval_main(ckpt + base + ["--config=configs/tiny.py", "--config.no_such_key=1"]) == 1
+    assert eval_main(ckpt + base + ["--config=configs/tiny.py", "--config.no_such_key=1"]) == 2
     assert "no_such_key" in _error(capsys)
 
     assert eval_main(ckpt + ["--data", str(tmp_path / "missing.npy")]) == 1
@@ -137,7 +137,7 @@ def test_clear_one_line_errors(imported, tmp_path, capsys, monkeypatch):
 
     # a batch size that cannot fit: refused before running, naming the flag and what would fit.
     from tttjax.analysis import memory
-    from tttjax.weights import open_weights
+    from tttjax.weights.loader import open_weights
 
     one_row = memory.estimate_memory(open_weights(imported["dir"]).cfg, batch_size=1, num_frames=12,
                                      training=False).activations

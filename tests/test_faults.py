@@ -8,6 +8,7 @@ trained micro run (`trained`), copied per test.
 
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,16 +17,17 @@ import time
 from pathlib import Path
 
 import jax
+import micro
 import numpy as np
 import pytest
+from test_train import micro_config
 
-import micro
-from conversion.sources import OrbaxSource
-from test_train import assert_trees_equal, micro_config
 from tttjax import rundir
 from tttjax.checkpoint import CheckpointError, CheckpointManager, RunDirError
 from tttjax.checkpoint import consolidated as consolidated_mod
+from tttjax.checkpoint.resume import ResumeError
 from tttjax.train.loop import Trainer, TrainingError
+from tttjax.weights.sources import OrbaxSource
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8  # the trained run: a checkpoint at every step
@@ -89,24 +91,25 @@ def test_nan_step_is_never_saved_and_a_rerun_continues(tmp_path):
     bad = int(str(e.value).split(" at step ")[1].split()[0])
     assert "non-finite loss, gradient norm or parameters" in str(e.value)
     assert saved == list(range(1, bad)), saved  # every finite step, not the diverged one
-    assert f"last checkpoint (finite): {saved[-1] if saved else None}" in str(e.value)
+    assert (f"the last checkpoint, step {saved[-1]} in {run_dir}, is finite and a re-run resumes from it" if saved
+            else "there is no checkpoint yet, so a re-run starts over") in str(e.value)
     for step in saved:
         assert all(np.isfinite(v).all() for v in stored(rundir.step_dir(run_dir, step)).values()), step
     if saved:  # the user lowers the LR and re-runs: it continues from the last finite step
         again = Trainer(micro_config(run_dir, max_steps=STEPS, ckpt_freq=1, **{"optim.lr": 1e-3}))
-        assert again._resume_or_init() == saved[-1]
+        assert again.restore() == saved[-1]
 
 
 def test_non_finite_checkpoint_of_an_older_version_is_skipped(run_copy):
     """A NaN step saved before the guard existed restores, is recognised as broken and set aside."""
     nan = Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1))
-    nan.state["params"] = jax.tree.map(lambda x: x * np.nan, nan.state["params"])
+    nan.state = nan.state.replace(params=jax.tree.map(lambda x: x * np.nan, nan.state.params))
     nan.manager.set_aside([STEPS], run_copy / "elsewhere")
     assert nan.manager.save(STEPS, nan.state, {"next_step": STEPS}, force=True)
     nan.manager.close()
     resumed = Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1))
-    assert resumed._resume_or_init() == STEPS - 1
-    assert any("non-finite parameters" in n for n in resumed.notes)
+    assert resumed.restore() == STEPS - 1
+    assert any("non-finite values" in n for n in resumed.notes)
     assert (rundir.broken_dir(run_copy) / f"checkpoint_{STEPS:06d}").is_dir()
 
 
@@ -163,8 +166,8 @@ def test_second_writer_is_refused_and_a_stale_lock_taken_over(tmp_path, capsys):
 def test_corrupt_latest_steps_are_skipped_moved_aside_and_recomputed(run_copy, trained):
     damage(rundir.step_dir(run_copy, 8))
     (rundir.step_dir(run_copy, 7) / rundir.DATA / rundir.DATA_FILE).unlink()
-    with pytest.raises(TrainingError, match=r"checkpoint.resume_step=8: .*checkpoint_000008 does not restore: "):
-        Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1, **{"checkpoint.resume_step": 8}))._resume_or_init()
+    with pytest.raises(ResumeError, match=r"checkpoint.resume_step=8: .*checkpoint_000008 does not restore: "):
+        Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1, **{"checkpoint.resume_step": 8})).restore()
     trainer = Trainer(micro_config(run_copy, max_steps=STEPS, ckpt_freq=1))
     assert trainer.run() == 0
     log = (run_copy / "logs" / "train.log").read_text()
@@ -194,24 +197,23 @@ def test_tools_name_what_is_broken(run_copy, tmp_path, capsys):
 @pytest.mark.parametrize("key,value", [("batch_size", 8), ("duration_sec", 2.56), ("data.train_data", "synthetic:32"),
                                        ("data.shuffle", False), ("num_microbatches", 2)])
 def test_changed_data_stream_is_refused_by_name(run_copy, key, value):
-    with pytest.raises(TrainingError, match=rf"data stream of checkpoint step {STEPS} does not match the config: "
+    with pytest.raises(ResumeError, match=rf"data stream of checkpoint step {STEPS} does not match the config: "
                                             rf"{key}: saved .*allow_data_change=true"):
-        Trainer(micro_config(run_copy, **{key: value}))._resume_or_init()
+        Trainer(micro_config(run_copy, **{key: value})).restore()
 
 
 def test_allowed_data_change_continues_after_the_examples_seen(run_copy):
     free = Trainer(micro_config(run_copy, max_steps=20, num_ckpt_keep=2, ckpt_freq=3, **{"optim.lr": 1e-4}))
-    assert free._resume_or_init() == STEPS  # lr, num_ckpt_keep, ckpt_freq, max_steps: free
+    assert free.restore() == STEPS  # lr, num_ckpt_keep, ckpt_freq, max_steps: free
     allowed = Trainer(micro_config(run_copy, batch_size=8, **{"checkpoint.allow_data_change": True}))
-    assert allowed._resume_or_init() == STEPS
+    assert allowed.restore() == STEPS
     assert allowed.start_example == STEPS * 4  # the old batch size's examples, not STEPS * 8
     assert any("batch_size: saved 4 vs config 8" in n for n in allowed.notes)
 
 
 # 6 ------------------------------------------------------------------------------------------
-def test_garbled_shard_is_named_mid_run_and_by_verify(tmp_path):
-    from tttjax.data import make_batch_iterator, make_dataset
-    from tttjax.data import prepare
+def test_garbled_shard_is_named_mid_run_and_by_verify(tmp_path, capsys):
+    from tttjax.data import make_batch_iterator, make_dataset, prepare
 
     codes = np.random.default_rng(0).integers(0, 16, size=(8, 17, 16))
     np.save(tmp_path / "codes.npy", codes)
@@ -226,8 +228,8 @@ def test_garbled_shard_is_named_mid_run_and_by_verify(tmp_path):
     dataset = make_dataset(str(out), num_frames=16, card=16, text_card=16, n_q=16, seed=0)  # sizes still match
     with pytest.raises(ValueError, match=rf"{shard}: record \d+ is unreadable .* --verify {out}"):
         next(make_batch_iterator(dataset, global_batch_size=8, start_step=0, seed=0, shuffle=False))
-    with pytest.raises(SystemExit, match=rf"{shard}: sha256 differs"):
-        prepare.main(["--verify", str(out)])
+    assert prepare.main(["--verify", str(out)]) == 1
+    assert re.search(rf"error: prepare: {re.escape(str(shard))}: sha256 differs", capsys.readouterr().err)
 
 
 # 7 ------------------------------------------------------------------------------------------
@@ -258,6 +260,39 @@ def test_disk_full_while_saving_keeps_the_previous_steps(tmp_path, monkeypatch):
     assert m.all_steps() == [1]
     m.restore(1, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
     m.close()
+
+
+DISK_FILLS_AT_THE_SECOND_SAVE = """
+import errno, sys
+from tttjax.checkpoint import consolidated
+real, calls = consolidated._write, []
+def full(directory, args):
+    calls.append(1)
+    if len(calls) >= 2:
+        raise OSError(errno.ENOSPC, "No space left on device", str(directory / args.filename))
+    return real(directory, args)
+consolidated._write = full
+from tttjax.main import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_disk_full_during_training_is_one_line_naming_the_failed_step(tmp_path):
+    """The save of step 2 fails in Orbax's background threads; the run stops at its next save (step 3)
+    with one line naming step 2, and the threads' tracebacks stay in train.log."""
+    script = tmp_path / "train_until_the_disk_fills.py"
+    script.write_text(DISK_FILLS_AT_THE_SECOND_SAVE)
+    run_dir = tmp_path / "run"
+    done = subprocess.run([sys.executable, str(script), *micro.cli(max_steps=6, batch_size=4, duration_sec=1.28,
+                                                                   ckpt_freq=1, eval_freq=0),
+                           f"--config.run_dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
+    err = done.stderr.strip()
+    assert done.returncode == 1 and "\n" not in err, err
+    assert re.fullmatch(r"error: saving checkpoint step 2 in \S+ failed: \[Errno 28\] No space left on device: "
+                        r"\S+lora.safetensors' \(the committed steps \[1\] are intact\)", err), err
+    assert "Traceback" in (run_dir / "logs" / "train.log").read_text()  # the log keeps the threads' reports
+    assert steps_of(run_dir) == [1]
 
 
 def test_unwritable_outputs_and_empty_codes_are_one_line_before_any_work(trained, tmp_path, capsys):
@@ -296,7 +331,7 @@ def test_chaos_kill_term_and_truncation_end_bitwise_equal(trained, tmp_path):
     for sig in (signal.SIGKILL, signal.SIGTERM):
         before = max(steps_of(run_dir), default=0)
         # at least two new steps: the damaged latest one always has an intact step before it (with
-        # none, the run refuses rather than start over: TrainingError "no checkpoint ... restores")
+        # none, the run refuses rather than start over: ResumeError "no checkpoint ... restores")
         target = min(before + int(rng.integers(2, 4)), STEPS)
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 240

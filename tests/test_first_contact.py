@@ -16,7 +16,9 @@ import jax
 import numpy as np
 import pytest
 
-from tttjax import run_config
+from tttjax.config import reader
+from tttjax.data import offline
+from tttjax.errors import ConfigError
 from tttjax.main import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -190,19 +192,19 @@ def test_relative_checkpoint_dirs(run, tmp_path, monkeypatch, capsys):
 def test_moshi_finetune_example_yaml_trains(run):
     """The fixture trained moshi-finetune's example YAML: its mapping, and args.yaml as a config."""
     example = run / "moshi_7B.yaml"
-    config = run_config.load(str(example))
-    assert (config.remat, config.eval_freq, config.optim.lr, config.lora.rank, config.num_ckpt_keep,
+    config = reader.load(str(example))
+    assert (config.remat, config.evals.standard.freq, config.optim.lr, config.lora.rank, config.num_ckpt_keep,
             config.first_codebook_weight_multiplier) == ("full", 0, 2e-6, 128, 3, 100.0)
     overrides = [tuple(a[len("--config."):].split("=", 1)) for a in TINY_SHAPE]
     overrides += [("wandb.project", "tttjax-test"), ("wandb.offline", "true")]
-    args = run_config.load(str(run / "runs" / "micro" / "args.yaml"))  # a run's own args.yaml is a config too
-    assert args.to_dict() == run_config.load(str(example), overrides).to_dict()
+    args = reader.load(str(run / "runs" / "micro" / "args.yaml"))  # a run's own args.yaml is a config too
+    assert args.to_dict() == reader.load(str(example), overrides).to_dict()
 
 
 def test_yaml_mapping_and_refusals(tmp_path, capsys):
     def load(text, overrides=()):
         (tmp_path / "c.yaml").write_text(text)
-        return run_config.load(str(tmp_path / "c.yaml"), overrides)
+        return reader.load(str(tmp_path / "c.yaml"), overrides)
 
     ttt = load("ttt: {enable: true, layers: '1,3', weight_lr_multiplier: 10, alpha_lr_multiplier: 100}\n"
                "lora: null\nmax_norm: 0.5\ngradient_checkpointing: false\nnum_ckpt_keep: null\n"
@@ -212,11 +214,11 @@ def test_yaml_mapping_and_refusals(tmp_path, capsys):
             ttt.checkpoint.resume_step) == ("1,3", 10.0, 100.0, False, 0.5, "none", None, "auto", 5)
     cli = load("seed: 1", [("checkpoint.resume", "false"), ("num_ckpt_keep", "None")])
     assert (cli.checkpoint.resume, cli.num_ckpt_keep) == ("never", None)
-    with pytest.raises(run_config.ConfigError, match="hf_repo_id=kyutai/moshiko-pytorch-bf16: hub ids need a local"):
+    with pytest.raises(ConfigError, match="hf_repo_id=kyutai/moshiko-pytorch-bf16: hub ids need a local"):
         load("moshi_paths: {hf_repo_id: kyutai/moshiko-pytorch-bf16}")
-    with pytest.raises(run_config.ConfigError, match=r"c.yaml: ckpt_frq: no such key; did you mean ckpt_freq"):
+    with pytest.raises(ConfigError, match=r"c.yaml: ckpt_frq: no such key; did you mean ckpt_freq"):
         load("ckpt_frq: 5")
-    with pytest.raises(run_config.ConfigError, match="lora.ft_embed=True: not supported"):
+    with pytest.raises(ConfigError, match="lora.ft_embed=True: not supported"):
         load("lora: {ft_embed: true}")
 
 
@@ -258,10 +260,11 @@ def test_wandb_offline_run_lands_in_run_dir(run):
 # -- 9. paper metrics offline, as docs/eval.md documents it ---------------------------------------
 def test_paper_metrics_offline_path(run, tmp_path, monkeypatch):
     """A local (random) Mimi, the card-2048 model trained above, a story set built from local wavs."""
-    from tttjax.data import toydata
+    import toydata
+
     from tttjax.eval.__main__ import main as eval_main
 
-    mimi = toydata.save_random_mimi(tmp_path / "mimi.safetensors")
+    mimi = offline.save_random_mimi(tmp_path / "mimi.safetensors")
     (tmp_path / "story").mkdir()
     for i, kind in ((0, "correct"), (0, "incorrect"), (1, "correct"), (1, "incorrect")):
         pcm = toydata.speech_like(np.random.default_rng(len(kind) + i), 0.4, sample_rate=16000, channels=1)

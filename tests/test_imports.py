@@ -1,10 +1,13 @@
-"""The module graph (docs/design.md): acyclic, project imports at the top of each file, layers one way.
+"""The module graph against docs/design.md's layer table: acyclic, project imports at the top of each
+file, layers one way; and the tree's other structural rules (no function over 80 lines, the
+contract sections the code cites exist).
 
 Read from the source with `ast` (nothing is imported): an edge A -> B for every `import B` /
 `from B import x` in A (B.x when that is a module).
 """
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -12,11 +15,6 @@ PACKAGES = ("tttjax", "conversion", "configs", "launch")
 # Optional heavy dependencies: a module that imports one at its top (the torch side, e.g. Mimi) may
 # itself be imported inside a function, so that importing its user does not need it.
 HEAVY = ("torch", "moshi", "tensorflow_datasets", "matplotlib", "wandb")
-# Command-line modules: nothing below them may import them.
-CLIS = {"tttjax.main", "tttjax.forward", "tttjax.generate", "tttjax.compile", "tttjax.eval.__main__",
-        "conversion.from_pytorch", "conversion.to_pytorch", "conversion.moshi_server"}
-
-
 def modules() -> dict[str, Path]:
     out = {}
     for package in PACKAGES:
@@ -98,14 +96,60 @@ def test_project_imports_at_top_and_acyclic():
     assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
 
 
+def layer_table() -> list[list[str]]:
+    """The backticked paths of each row of docs/design.md's layer table, bottom layer first."""
+    text = (ROOT / "docs" / "design.md").read_text()
+    section = text.split("## Layers and the direction of imports")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    return [re.findall(r"`([\w/.]+)`", row.split("|")[2]) for row in rows]
+
+
+def layer_of(module: str, table: list[list[str]]) -> int:
+    """The layer whose most specific entry (a file, else the longest package prefix) holds `module`."""
+    path = module.replace(".", "/")
+    best = None
+    for layer, entries in enumerate(table):
+        for entry in entries:
+            if entry.endswith(".py") and entry[:-3] in (path, f"{path}/__init__"):
+                return layer
+            if entry.endswith("/") and (path + "/").startswith(entry) and (best is None or len(entry) > best[1]):
+                best = (layer, len(entry))
+    assert best is not None, f"{module} is in no layer of docs/design.md"
+    return best[0]
+
+
+def test_layer_table_names_real_paths():
+    table = layer_table()
+    assert len(table) >= 8
+    missing = [e for row in table for e in row if not (ROOT / e).exists()]
+    assert not missing, missing
+
+
 def test_layers_run_one_way():
     edges, _ = graph()
-    below_cli = [m for m in edges if m not in CLIS]
-    assert not [(m, t) for m in below_cli for t in edges[m] if t in CLIS]
-    library = [m for m in edges if m.startswith("conversion.") and m not in CLIS]
-    assert "conversion.export" in library and "conversion.pytorch" in library
-    assert not [(m, t) for m in library for t in edges[m] if t.startswith(("tttjax.train", "tttjax.checkpoint"))]
-    # The model and what it stands on never reach up into weights, checkpoints, training or evaluation.
-    core = [m for m in edges if m.startswith(("tttjax.model", "tttjax.parallel")) or m in ("tttjax.rundir",)]
-    upper = ("tttjax.weights", "tttjax.checkpoint", "tttjax.train", "tttjax.eval", "conversion")
-    assert not [(m, t) for m in core for t in edges[m] if t.startswith(upper)]
+    table = layer_table()
+    layers = {m: layer_of(m, table) for m in edges}
+    upward = [f"{m} (layer {layers[m]}) imports {t} (layer {layers[t]})"
+              for m in edges for t in edges[m] if layers[t] > layers[m]]
+    assert not upward, "\n".join(upward)
+    assert layers["tttjax.train.loop"] > layers["tttjax.eval.evaluators"] > layers["tttjax.objective"]
+    assert max(layers.values()) == layers["configs.base"]  # core code never imports configs
+
+
+def test_no_long_functions_outside_tests_and_bench():
+    long = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not long, long
+
+
+def test_contract_citations_resolve():
+    sections = set(re.findall(r"^## (\d+)\.", (ROOT / "docs" / "contract.md").read_text(), re.M))
+    cited = {}
+    for path in [*ROOT.glob("tttjax/**/*.py"), *ROOT.glob("conversion/*.py"), *ROOT.glob("tests/*.py"),
+                 *ROOT.glob("docs/*.md")]:
+        for number in re.findall(r"contract\.md §(\d+)", path.read_text()):
+            cited.setdefault(number, path.relative_to(ROOT))
+    assert cited and not {n: p for n, p in cited.items() if n not in sections}

@@ -9,7 +9,7 @@ import pytest
 import micro
 from tttjax import compile as compile_cli
 from tttjax import layout_search as ls
-from tttjax import run_config
+from tttjax.config import reader
 from tttjax.analysis import topology
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -18,7 +18,7 @@ SMALL = micro.cli(batch_size=8, duration_sec=1.28)
 
 
 def _config(*args):
-    return run_config.load("configs/tiny.py", run_config.split_config_args(SMALL + list(args))[1])
+    return reader.load("configs/tiny.py", reader.split_config_args(SMALL + list(args))[1])
 
 
 def test_candidates_split_the_batch_and_fit_the_estimate():

@@ -1,6 +1,6 @@
 """Sequences longer than the attention window: every implementation against the real `moshi` package.
 
-moshi's `LMModel.forward` applies the `context` window in teacher-forced mode (DESIGN.md section 9);
+moshi's `LMModel.forward` applies the `context` window in teacher-forced mode (docs/contract.md §9);
 xla, blockwise and splash (Pallas interpret mode on CPU) must give its logits for T > context,
 with and without TTT layers. Tolerances: fp32 logits within 1e-4 as in test_moshi_parity.py (the
 implementations differ in summation order; observed ~3e-6); bf16 compute against moshi's fp32
@@ -23,18 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch_reference as ref
-from conversion.pytorch import load_pytorch
-from conversion.to_pytorch import main as to_pytorch_main
-from conversion.torch_ttt import load_ttt_moshi
+from flax import nnx
 from test_faults import assert_same_state, steps_of
 from test_moshi_parity import assert_parity, flax_forward
 from test_ttt_model import randomize_ttt, ttt_model, with_fresh_ttt
+
+from conversion.to_pytorch import main as to_pytorch_main
+from conversion.torch_ttt import load_ttt_moshi
 from tttjax import rundir
 from tttjax.checkpoint.model_dir import save_model
-from tttjax.weights import load_model
+from tttjax.weights.loader import load_model
+from tttjax.weights.pytorch import load_pytorch
 
 REPO = Path(__file__).resolve().parents[1]
 IMPLS = ["xla", "blockwise", "splash"]  # the ones that run on CPU

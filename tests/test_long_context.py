@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-
 import torch_reference as ref
+
 from tttjax.eval import long_context
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model
@@ -36,7 +36,7 @@ def make_codes():
 
 
 def test_chunked_curve_equals_single_pass(checkpoint):
-    from tttjax.weights import load_model
+    from tttjax.weights.loader import load_model
 
     model = load_model(checkpoint)
     codes = make_codes()

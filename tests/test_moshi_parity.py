@@ -1,6 +1,6 @@
 """The Flax Moshi LM against the real `moshi` package: same weights, same codes, same logits and masks.
 
-Tolerance: fp32 logits agree to max |diff| < 1e-4 on masked positions (DESIGN.md section 3); the two
+Tolerance: fp32 logits agree to max |diff| < 1e-4 on masked positions (docs/contract.md §3); the two
 implementations differ only in summation order (observed ~2e-6). bf16 params: the stored weights
 are rounded to bf16 on both sides; compute stays fp32, so the diff stays at fp32 level.
 """
@@ -9,15 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch_reference as ref
 from flax import nnx
 
-import torch_reference as ref
 from conversion.from_pytorch import main as from_pytorch_main
-from conversion.pytorch import ConversionError, load_pytorch
 from conversion.to_pytorch import main as to_pytorch_main
 from tttjax.checkpoint.model_dir import save_model
-from conversion.safetensors_io import SafetensorsError
-from tttjax.weights import load_model
+from tttjax.weights.loader import load_model
+from tttjax.weights.pytorch import ConversionError, load_pytorch
+from tttjax.weights.safetensors_io import SafetensorsError
 
 CONFIGS = {
     "small": ref.lm_kwargs(),
@@ -111,8 +111,8 @@ def test_bf16_params(tmp_path):
 
 
 def test_gradients_are_finite_with_masked_tail():
-    from tttjax.model.moshi import create_model
     from tttjax.model.config import from_lm_kwargs
+    from tttjax.model.moshi import create_model
 
     kwargs = CONFIGS["small"]
     model = create_model(from_lm_kwargs(kwargs))

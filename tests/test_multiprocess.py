@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import micro
 import numpy as np
 
-import micro
 from tttjax.checkpoint import CheckpointManager
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # as tests/test_sharding.py: every run here uses it
@@ -75,7 +75,7 @@ def test_two_processes_preempted_then_resumed_on_one_process_and_another_mesh(tm
     steps = CheckpointManager(run, max_to_keep=None, save_interval_steps=0).all_steps()
     assert len(steps) == 1 and 2 <= steps[0] < MAX_STEPS, steps
     saved = steps[0]
-    assert f"preempted: saved step {saved}" in train_log.read_text()
+    assert f"preempted at step {saved} of {MAX_STEPS}: saved step {saved}" in train_log.read_text()
     assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2}" in train_log.read_text()
 
     # Relaunch: one process, 8 devices, mesh (1,4,2): restores the 2-process checkpoint and finishes.

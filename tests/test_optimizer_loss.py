@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 import torch_reference as ref
-from conversion.pytorch import load_pytorch
+
+from tttjax.objective import loss_terms, objective
 from tttjax.train import optimizer as optim_lib
-from tttjax.train.loss import loss_terms, objective
+from tttjax.weights.pytorch import load_pytorch
 
 
 @pytest.mark.parametrize("total,pct", [(2000, 0.05), (37, 0.3), (10, 0.5)])

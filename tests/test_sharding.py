@@ -20,7 +20,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from tttjax.analysis import fit, memory
-from tttjax.parallel import distributed, mesh as mesh_lib, sharding as sh
+from tttjax.parallel import distributed
+from tttjax.parallel import mesh as mesh_lib
+from tttjax.parallel import sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
@@ -84,8 +86,8 @@ def test_state_shardings_rejects_a_parameter_without_sharding_names():
 
 def test_7b_parameters_are_all_sharded_on_a_v5p_64_mesh():
     """Every 7B weight is split over fsdp=32 except small ones (norms, TTT inner weights, gates)."""
-    from tttjax.model.moshi import abstract_model
     from tttjax.model.config import from_run_config as model_config
+    from tttjax.model.moshi import abstract_model
 
     cfg = model_config(importlib.import_module("configs.moshi_7b_ttt").get_config())
     sizes = {"data": 1, "fsdp": 32, "tensor": 1}
@@ -160,8 +162,7 @@ def test_memory_estimate_7b():
     assert "does not fit" in fit.check(data_parallel.total, 80 * 10**9, mode="warn", what="x", **est)
     assert fit.check(h100.total, 80 * 10**9, mode="error", what="8xH100 fsdp", **est) is None
     assert "within 10%" in fit.check(int(0.95 * 80 * 10**9), 80 * 10**9, mode="error", what="x", **est)  # tight
-    with pytest.raises(ValueError, match="memory_check"):
-        fit.check(h100.total, None, mode="typo", what="", **est)
+    assert fit.check(data_parallel.total, 80 * 10**9, mode="off", what="x", **est) is None
 
 
 def test_compile_oom_figures():
@@ -200,19 +201,16 @@ def _config(run_dir, mesh, frozen_weights="sharded"):
 
 def _train(run_dir, mesh, frozen_weights="sharded"):
     """NUM_STEPS steps of the real Trainer (its data path and jitted step); (losses, params, trainer)."""
-    from tttjax import data as data_lib
     from tttjax.train.loop import Trainer
 
     trainer = Trainer(_config(run_dir, mesh, frozen_weights))
     trainer.born_specs = _specs(trainer.state)
-    index, count = sh.process_batch_slice(trainer.mesh, 8)
-    batches = data_lib.make_batch_iterator(trainer._dataset("synthetic:64"), global_batch_size=8, start_step=0,
-                                           seed=0, process_index=index, process_count=count)
+    batches = trainer._batches(0)
     state, losses = trainer.state, []
     for _ in range(NUM_STEPS):
-        codes = trainer._global_batch(next(batches))
+        codes = next(batches)
         trainer.batch_spec = tuple(codes.sharding.spec)
-        state, metrics = trainer.step_fn(state, trainer.frozen, codes)
+        state, metrics = trainer.program.step(state, trainer.frozen, codes)
         losses.append(float(metrics["loss"]))
     trainer.state = state
     return losses, state, trainer
@@ -235,7 +233,7 @@ def _child(out: str, meshes: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             losses, state, trainer = _train(tmp, mesh, frozen_weights)
         specs = _specs(state)
-        params = dict(_specs(state["params"]))
+        params = dict(_specs(state.params))
         # Adam moments: "...inner_state[0].mu['depformer'][...]" -> the parameter "['depformer'][...]"
         mu = {k: v for k, v in specs.items() if ".mu[" in k or ".nu[" in k}
         slot_param = {k: k[max(k.rfind(".mu["), k.rfind(".nu[")) + 3:] for k in mu}
@@ -247,12 +245,12 @@ def _child(out: str, meshes: str) -> None:
             "num_params": len(params),
             "mu_like_params": len(mu) == 2 * len(params) and all(mu[k] == params[slot_param[k]] for k in mu),
             "scalars_replicated": all(v == () for k, v in specs.items() if k not in mu
-                                      and not k.startswith("['params']")),
+                                      and not k.startswith(".params")),
             "batch_spec": trainer.batch_spec,
             "frozen_sharded": sum(any(a is not None for a in v) for v in _specs(trainer.frozen).values()),
             "frozen_over_fsdp": sum("fsdp" in str(v) for v in _specs(trainer.frozen).values()),
         }
-        for path, x in jax.tree_util.tree_flatten_with_path(state["params"])[0]:
+        for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
             results[f"{name}/{jax.tree_util.keystr(path)}"] = np.asarray(x)
     np.savez(out, **results)
     Path(out).with_suffix(".json").write_text(json.dumps(report))

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+import torch_reference as ref
 from flax import nnx
 
-import torch_reference as ref
-from conversion.pytorch import load_pytorch
 from tttjax.model import streaming
 from tttjax.model.config import from_lm_kwargs
 from tttjax.model.moshi import create_model
+from tttjax.weights.pytorch import load_pytorch
 
 TTT_KWARGS = ref.lm_kwargs(context=6, num_layers=3)
 TTT_FRAMES = 11
@@ -45,7 +45,7 @@ def ttt_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ttt_model(ttt_checkpoint):
     # Loaded as the CLIs load it, so their programs are the ones compiled (and cached) here.
-    from tttjax.weights import load_model
+    from tttjax.weights.loader import load_model
 
     return load_model(ttt_checkpoint)
 

@@ -19,11 +19,11 @@
 import numpy as np
 import pytest
 import torch
-
 import torch_reference as ref
+from test_streaming import codes_from_generation, lmgen_reference
+
 from conversion.to_pytorch import main as to_pytorch_main
 from conversion.torch_ttt import TTTMLP, attach_ttt, load_ttt_moshi
-from test_streaming import codes_from_generation, lmgen_reference
 
 KWARGS = ref.lm_kwargs(card=2048, depformer_num_layers=1)  # Mimi's card; one depformer layer keeps the programs small
 FRAMES = 36

@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 
 import jax
+import micro
 import numpy as np
 import pytest
 
-import micro
 from configs import tiny
 from tttjax import data as data_lib
 from tttjax.checkpoint import CheckpointManager
+from tttjax.checkpoint.resume import ResumeError
 from tttjax.train.loop import Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +32,8 @@ def micro_config(run_dir, **changes):
     c.ckpt_freq = 2
     c.num_ckpt_keep = None
     c.data.train_data = "synthetic:64"
-    c.data.eval_data = "synthetic:8"
-    c.eval_freq = 0
+    c.evals.standard.data = "synthetic:8"
+    c.evals.standard.freq = 0
     c.checkpoint.async_save = True
     for key, value in {**micro.MODEL, **changes}.items():
         target = c
@@ -86,11 +87,11 @@ def test_resume_is_bitwise_identical(tmp_path, monkeypatch, full):
     monkeypatch.undo()
     assert CheckpointManager(config.run_dir, max_to_keep=None, save_interval_steps=2).all_steps() == [2, 4]
     resumed = Trainer(config)
-    assert resumed._resume_or_init() == 4
+    assert resumed.restore() == 4
     resumed = Trainer(config)
     assert resumed.run() == 0
 
-    assert int(resumed.state["step"]) == int(straight.state["step"]) == 6
+    assert int(resumed.state.step) == int(straight.state.step) == 6
     assert_trees_equal(resumed.state, straight.state)
     a_steps = CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=2)
     b_steps = CheckpointManager(tmp_path / "b", max_to_keep=None, save_interval_steps=2)
@@ -119,38 +120,39 @@ def test_resume_step_and_init_state_dir(tmp_path, monkeypatch):
 
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     again = Trainer(micro_config(tmp_path / "b", **{"checkpoint.resume_step": 2}))
-    assert again._resume_or_init() == 2
+    assert again.restore() == 2
     again = Trainer(micro_config(tmp_path / "b", **{"checkpoint.resume_step": 2}))
     again.run()
-    assert_trees_equal(again.state["params"], first.state["params"])
+    assert_trees_equal(again.state.params, first.state.params)
 
     # init_state_dir: weights from step 4 of run a, fresh optimizer, step 0.
     step_dir = tmp_path / "a" / "checkpoints" / "checkpoint_000004"
     fresh = Trainer(micro_config(tmp_path / "c", **{"checkpoint.init_state_dir": str(step_dir)}))
-    assert fresh._resume_or_init() == 0
+    assert fresh.restore() == 0
     manager = CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=2)
     saved, _ = manager.restore(4, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), first.state))
-    assert_trees_equal(fresh.state["params"], saved["params"])
-    assert int(fresh.state["step"]) == 0
-    assert all(not np.any(x) for x in adam_moments(fresh.state["opt_state"]))
-    assert any(np.any(x) for x in adam_moments(saved["opt_state"]))
+    assert_trees_equal(fresh.state.params, saved.params)
+    assert int(fresh.state.step) == 0
+    assert all(not np.any(x) for x in adam_moments(fresh.state.opt_state))
+    assert any(np.any(x) for x in adam_moments(saved.opt_state))
 
 
 def test_refuses_other_architecture_and_existing_run(tmp_path):
     Trainer(micro_config(tmp_path / "a", max_steps=2)).run()
     with pytest.raises(ValueError, match=r"architecture.lora_rank: saved 2 vs config 4.*"
                                          r"architecture.ttt_layers: saved \[1\] vs config \[2\]"):
-        Trainer(micro_config(tmp_path / "a", **{"lora.rank": 4, "ttt.layers": "2"}))._resume_or_init()
-    with pytest.raises(TrainingError, match="already has checkpoints"):
-        Trainer(micro_config(tmp_path / "a", **{"checkpoint.resume": "never"}))._resume_or_init()
-    with pytest.raises(TrainingError, match="frozen base weights differ"):
-        Trainer(micro_config(tmp_path / "a", seed=1))._resume_or_init()
+        Trainer(micro_config(tmp_path / "a", **{"lora.rank": 4, "ttt.layers": "2"})).restore()
+    with pytest.raises(ResumeError, match="already has checkpoints"):
+        Trainer(micro_config(tmp_path / "a", **{"checkpoint.resume": "never"})).restore()
+    with pytest.raises(ResumeError, match="frozen base weights differ"):
+        Trainer(micro_config(tmp_path / "a", seed=1)).restore()
 
 
 def test_nan_loss_stops_without_saving(tmp_path):
     trainer = Trainer(micro_config(tmp_path / "a", ckpt_freq=1))
     trainer.frozen["text_emb"] = trainer.frozen["text_emb"] * np.nan  # a corrupted base weight
-    with pytest.raises(TrainingError, match=r"non-finite loss, gradient norm or parameters at step 1 .*; stopping without saving"):
+    with pytest.raises(TrainingError, match=r"non-finite loss, gradient norm or parameters at step 1 .*; not saved; "
+                                            r"there is no checkpoint yet, so a re-run starts over"):
         trainer.run()
     assert CheckpointManager(tmp_path / "a", max_to_keep=None, save_interval_steps=1).all_steps() == []
 
@@ -172,7 +174,7 @@ def test_startup_memory_check_uses_the_compiled_step(tmp_path, monkeypatch):
     plain = Trainer(micro_config(tmp_path / "b", max_steps=2, ckpt_freq=0))
     assert plain.program.compiled is None
     plain.run()
-    assert_trees_equal(checked.state["params"], plain.state["params"])
+    assert_trees_equal(checked.state.params, plain.state.params)
 
 
 def test_a_saved_executable_is_reused_and_refused_when_it_is_not_this_run(tmp_path):
@@ -192,7 +194,7 @@ def test_a_saved_executable_is_reused_and_refused_when_it_is_not_this_run(tmp_pa
     loaded.run()
     plain = Trainer(micro_config(tmp_path / "b", max_steps=2, ckpt_freq=0))
     plain.run()
-    assert_trees_equal(loaded.state["params"], plain.state["params"])
+    assert_trees_equal(loaded.state.params, plain.state.params)
     log = (tmp_path / "a" / "logs" / "train.log").read_text()
     assert "frames_per_s_per_chip=" in log and "mfu=" not in log  # a CPU has no entry in chips.py
 
@@ -209,22 +211,22 @@ def test_microbatches_average_gradients(tmp_path):
     import jax.numpy as jnp
 
     trainer = Trainer(micro_config(tmp_path / "a", num_microbatches=2))
-    codes = jnp.asarray(next(data_lib.make_batch_iterator(trainer._dataset("synthetic:64"), global_batch_size=4,
-                                                          start_step=0, seed=0)))
+    codes = next(trainer._batches(0))
     from tttjax.train.step import make_loss_fn
 
-    loss_fn = make_loss_fn(trainer.graphdef, trainer.cfg, text_padding_weight=0.5,
+    loss_fn = make_loss_fn(trainer.program.graphdef, trainer.cfg, text_padding_weight=0.5,
                            first_codebook_weight_multiplier=1.0)
     grad = jax.jit(jax.grad(lambda p, c: loss_fn(p, trainer.frozen, c)[0]))
-    params = trainer.state["params"]
+    params = trainer.state.params
     want = jax.tree.map(lambda a, b: (a + b) / 2, grad(params, codes[:2]), grad(params, codes[2:]))
-    _, metrics = trainer.step_fn(jax.tree.map(jnp.copy, trainer.state), trainer.frozen, codes)
+    _, metrics = trainer.program.step(jax.tree.map(jnp.copy, trainer.state), trainer.frozen, codes)
     np.testing.assert_allclose(float(metrics["grad_norm"]), float(jnp.sqrt(sum(jnp.sum(g * g)
                                                                   for g in jax.tree.leaves(want)))), rtol=1e-5)
 
 
-def test_sigterm_saves_at_sync_step_and_relaunch_resumes(tmp_path):
-    """The real launcher: SIGTERM -> checkpoint at the agreed step, exit 0; the same command resumes."""
+def test_sigterm_and_ctrl_c_save_at_a_step_and_relaunch_resumes(tmp_path):
+    """The real launcher: SIGTERM -> checkpoint at the agreed step, exit 0, "preempted" on the console;
+    Ctrl-C (SIGINT) the same with exit 130 and "interrupted"; the same command resumes."""
     run_dir = tmp_path / "run"
     def cmd(max_steps):
         return [sys.executable, "-m", "tttjax.main", "--config=configs/tiny.py", f"--config.run_dir={run_dir}",
@@ -235,18 +237,25 @@ def test_sigterm_saves_at_sync_step_and_relaunch_resumes(tmp_path):
                 "--config.batch_size=2", "--config.ttt.layers=1"]
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen(cmd(3000), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = run_dir / "logs" / "train.log"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.exists() and "step 3 " in log.read_text()):
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()[-2000:]
-    steps = CheckpointManager(run_dir, max_to_keep=None, save_interval_steps=0).all_steps()
-    assert len(steps) == 1 and 3 <= steps[0] < 3000
-    assert "preempted: saved step" in log.read_text()
+    saved = 0
+    for sig, code, word in ((signal.SIGTERM, 0, "preempted"), (signal.SIGINT, 130, "interrupted")):
+        proc = subprocess.Popen(cmd(3000), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not (log.exists() and f"step {saved + 3} " in log.read_text()):
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err[-2000:]
+        steps = CheckpointManager(run_dir, max_to_keep=None, save_interval_steps=0).all_steps()
+        assert steps[-1] >= saved + 3 and steps[-1] < 3000
+        saved = steps[-1]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith(f"{word} at step {saved} of 3000: saved step {saved}; re-run the same command"), last
+        assert "Traceback" not in err, err[-2000:]
     # Relaunch: resumes from the saved step (a shorter max_steps keeps the test fast).
-    done = subprocess.run(cmd(steps[0] + 2), cwd=REPO, env=env, capture_output=True, timeout=240)
+    done = subprocess.run(cmd(saved + 2), cwd=REPO, env=env, capture_output=True, timeout=240)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    assert f"start at step {steps[0]}/" in log.read_text()
+    assert f"start at step {saved}/" in log.read_text()

@@ -1,4 +1,4 @@
-"""TTT-MLP layer tests against an independent float64 NumPy primal-form reference (DESIGN.md section 4)."""
+"""TTT-MLP layer tests against an independent float64 NumPy primal-form reference (docs/contract.md §4)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,15 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from tttjax.model.config import parse_ttt_layers
-from tttjax.model.ttt import (TTTGatedBlock, TTTMLP, TTTToken, init_primal_state, primal_step,
-                              ttt_mlp_dual, ttt_mlp_primal)
+from tttjax.model.ttt import (
+    TTTMLP,
+    TTTGatedBlock,
+    TTTToken,
+    init_primal_state,
+    primal_step,
+    ttt_mlp_dual,
+    ttt_mlp_primal,
+)
 
 # ----------------------------------------------------------------------------------------------
 # NumPy float64 reference: token by token, explicit per-token weights, explicit LN Jacobian.

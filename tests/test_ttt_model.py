@@ -10,14 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch_reference as ref
-from conversion.pytorch import load_pytorch
+from flax import nnx
+from test_moshi_parity import assert_parity, flax_forward
+
 from conversion.to_pytorch import main as to_pytorch_main
 from conversion.torch_ttt import load_ttt_moshi
-from test_moshi_parity import assert_parity, flax_forward
 from tttjax.checkpoint.model_dir import save_model
+from tttjax.weights.pytorch import load_pytorch
 
 TTT = {"enable": True, "layers": "0,2", "base_lr": 1.0, "mini_batch_size": 4, "causal": True,
        "initial_gating_alpha": 0.1}
@@ -36,8 +36,8 @@ def with_fresh_ttt(weights, config, lora=None):
     """The base weights in a model with freshly initialised TTT layers (as training starts)."""
     from tttjax.model.config import from_config_json
     from tttjax.model.moshi import create_model
-    from conversion.sources import ModelSource, copy_into
     from tttjax.model.params import is_ttt
+    from tttjax.weights.sources import ModelSource, copy_into
 
     data = json.loads(config.read_text())
     base_json = ref.save_config(config.with_name("base.json"), {k: v for k, v in data.items() if k != "ttt"})
@@ -84,7 +84,7 @@ def test_ttt_model_matches_pytorch_loader(tmp_path, causal):
     assert_parity(flax_forward(again, codes), want)
     # PyTorch TTT-Moshi checkpoints also carry backward_ssm_gating and a duplicated original_layer:
     # ignored (their garbage values would change the logits if any were used).
-    from conversion import safetensors_io
+    from tttjax.weights import safetensors_io
 
     tensors = safetensors_io.load(tmp_path / "e" / "consolidated.safetensors")
     block = "transformer.layers.0.seq_modeling_block"
@@ -117,7 +117,19 @@ def test_adapters_export_with_ttt_and_lora(tmp_path):
             "wv.weight", "wv.bias", "wo.weight", "wo.bias")]}
     torch_lm = load_ttt_moshi(weights, tmp_path / "a" / "config.json", lora=tmp_path / "a" / "lora.safetensors")
     codes = ref.random_codes(kwargs, batch=1, frames=9, seed=2)
-    assert_parity(flax_forward(model, codes), ref.torch_forward(torch_lm, codes))
+    want = ref.torch_forward(torch_lm, codes)
+    assert_parity(flax_forward(model, codes), want)
+    # config.json's contents as a dict (what json.load gives, as for moshi's get_moshi_lm) load the same
+    # model, and the dict is left as it was.
+    config_dict = json.loads((tmp_path / "a" / "config.json").read_text())
+    before = json.dumps(config_dict, sort_keys=True)
+    from_dict = load_ttt_moshi(weights, config_dict, lora=tmp_path / "a" / "lora.safetensors")
+    got = ref.torch_forward(from_dict, codes)
+    np.testing.assert_array_equal(got["logits"][got["mask"]], want["logits"][want["mask"]])
+    assert json.dumps(config_dict, sort_keys=True) == before and config_dict["ttt"]["layers"] == "0,2"
+    with pytest.raises(TypeError, match=r"^config: expected the path of a config.json or its contents as a dict, "
+                                        r"got list$"):
+        load_ttt_moshi(weights, [config_dict])
 
 
 def test_zero_gate_equals_plain_moshi(tmp_path):
@@ -136,7 +148,7 @@ def test_zero_gate_equals_plain_moshi(tmp_path):
 def test_missing_ttt_tensors_are_named(tmp_path):
     kwargs = ref.lm_kwargs(num_layers=3)
     _, weights, config, _ = ttt_model(tmp_path, kwargs, TTT)
-    from conversion.pytorch import ConversionError
+    from tttjax.weights.pytorch import ConversionError
 
     with pytest.raises(ConversionError, match=r"missing keys \[.*transformer.layers.0.seq_modeling_block"):
         load_pytorch(weights, config)

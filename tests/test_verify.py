@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-
-from conversion.safetensors_io import load as read_safetensors
 from test_train import micro_config
+
+from tttjax.eval import evaluators
 from tttjax.eval.__main__ import main as eval_main
 from tttjax.train.loop import Trainer
 from tttjax.verify import main as verify_main
+from tttjax.weights.safetensors_io import load as read_safetensors
 
 TTT = "transformer.layers.1.seq_modeling_block"
 
@@ -80,6 +81,7 @@ def test_verify_names_what_is_missing_or_different(run, tmp_path, capsys):
 def test_verify_reads_stored_tensors_before_loading(tmp_path, capsys):
     """An imported dir whose config.json announces a TTT layer its params do not hold."""
     import torch_reference as ref
+
     from tttjax.checkpoint.model_dir import save_model
     from tttjax.model.config import from_lm_kwargs
     from tttjax.model.moshi import create_model
@@ -111,11 +113,39 @@ def test_eval_cli_on_the_step_dir(run, tmp_path, capsys):
     m = std["metrics"]
     assert m["audio_tokens"] == sum(m[f"audio_tokens_q{q}"] for q in range(8))
     assert np.isfinite(m["train_objective"]) and m["text_ce_nonpad"] > 0
-    # The same numbers as the training loop's own evaluation of that checkpoint (eval_freq).
+    # The same numbers as the training loop's own evaluation of that checkpoint (evals.standard), and
+    # as `--evals standard`, which runs that evaluation from the run's config.
     root, _ = run
     trainer = Trainer(micro_config(root / "run", max_steps=2, ckpt_freq=0))
-    assert trainer._resume_or_init() == 2
-    theirs = trainer.evaluate()
+    assert trainer.restore() == 2
+    [standard], _ = evaluators.build(trainer.config, trainer.cfg, trainer.mesh, tmp_path, only=("standard",))
+    theirs = standard(trainer.model(), step=2)
     trainer.manager.close()
+    assert eval_main(["--checkpoint_dir", str(step), "--evals", "standard", "--no_ttt_verify",
+                      "--output_json", str(out)]) == 0
+    configured = json.loads(out.read_text())["evals"]["standard"]
     for key in ("text_ce", "text_ce_nonpad", "audio_ce", "audio_ce_semantic", "train_objective"):
         np.testing.assert_allclose(m[key], theirs[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(m[key], configured[key], rtol=1e-5, err_msg=key)
+
+
+def test_an_old_run_dir_evaluates_and_resumes(run, tmp_path, capsys):
+    """A run dir whose args.yaml predates the evals.* keys and model.attention_impl, and spells the
+    evaluation moshi-finetune's way (eval_freq, data.eval_data): evaluated and resumed as it is."""
+    import yaml
+
+    from tttjax.main import main as train_main
+
+    step = tampered(run, tmp_path, lambda step: None)
+    args = step.parents[1] / "args.yaml"
+    data = yaml.safe_load(args.read_text())
+    standard = data.pop("evals")["standard"]
+    del data["model"]["attention_impl"], data["checkpoint"]["allow_data_change"]
+    data.update(eval_freq=standard["freq"], eval_batches=standard["batches"])
+    data["data"]["eval_data"] = standard["data"]
+    args.write_text(yaml.safe_dump(data))
+    assert eval_main(["--checkpoint_dir", str(step), "--no_ttt_verify", "--output_json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["standard"]["data"] == standard["data"]
+    capsys.readouterr()
+    assert train_main([f"--config={args}", "--config.max_steps=3"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finished: steps 2->3 of 3")

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import jax
 
-from tttjax import layout_search, run_config, rundir
+from tttjax import cli, layout_search, rundir
 from tttjax.analysis import fit, gathers, memory, perf, topology
-from tttjax.data.streams import FRAME_RATE, num_frames
-from tttjax.eval.standard import Evaluator
 from tttjax.analysis.flops import train_step_flops
 from tttjax.analysis.memory import format_bytes
+from tttjax.config import reader
+from tttjax.data.streams import FRAME_RATE, num_frames
+from tttjax.errors import UserError
+from tttjax.eval.standard import Evaluator
 from tttjax.model.attention import resolve_impl
 from tttjax.parallel.sharding import batch_parallelism
 from tttjax.train import executable
@@ -37,7 +39,7 @@ USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-6
          "[--find_max_duration [--per_device_batch N]] [--search [--search_budget N] [--search_layers N]]")
 
 
-class CompileError(ValueError):
+class CompileError(UserError):
     """The step cannot be compiled for the topology (not an out-of-memory refusal)."""
 
 
@@ -268,11 +270,11 @@ def find_max_duration(config, topo: topology.Topology, *, per_device_batch: int 
 
 
 def parse_args(argv: list[str]):
-    spec, overrides, rest = run_config.split_config_args(argv)
+    spec, overrides, rest = reader.split_config_args(argv)
     parser = argparse.ArgumentParser(prog="python -m tttjax.compile", usage=USAGE, description=__doc__.split("\n")[0])
     parser.add_argument("--topology", required=True, help=f"{topology.FORMS}")
     parser.add_argument("--num_slices", type=int, default=1, help="TPU slices joined over DCN (default 1)")
-    parser.add_argument("--output_json", help="write the report here (keys in docs/distributed.md)")
+    cli.add_output_json(parser, help="write the report here (keys in docs/distributed.md)")
     parser.add_argument("--dump_hlo", help="write the optimized HLO of each step into this directory")
     parser.add_argument("--no_eval", action="store_true", help="compile the train step only")
     parser.add_argument("--save_executable", help="write the compiled train step into this directory, for a run's "
@@ -294,24 +296,19 @@ def parse_args(argv: list[str]):
     return spec, overrides, args
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _main(argv: list[str]) -> int:
     spec, overrides, args = parse_args(argv)
-    try:
-        config = run_config.load(spec, overrides)
-        topo = topology.topology(args.topology, args.num_slices)
-        output = Path(args.output_json).absolute() if args.output_json else None
-        if output is not None:
-            rundir.check_output_file(output, "--output_json")
-        dump_hlo = Path(args.dump_hlo).absolute() if args.dump_hlo else None
-        if dump_hlo is not None:
-            rundir.check_output_dir(dump_hlo, "--dump_hlo")
-        save_executable = Path(args.save_executable).absolute() if args.save_executable else None
-        if save_executable is not None:
-            rundir.check_output_dir(save_executable, "--save_executable")
-    except ValueError as e:  # ConfigError is one
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = reader.load(spec, overrides)
+    topo = topology.topology(args.topology, args.num_slices)
+    output = Path(args.output_json).absolute() if args.output_json else None
+    if output is not None:
+        rundir.check_output_file(output, "--output_json")
+    dump_hlo = Path(args.dump_hlo).absolute() if args.dump_hlo else None
+    if dump_hlo is not None:
+        rundir.check_output_dir(dump_hlo, "--dump_hlo")
+    save_executable = Path(args.save_executable).absolute() if args.save_executable else None
+    if save_executable is not None:
+        rundir.check_output_dir(save_executable, "--save_executable")
     try:
         if args.search:
             report = layout_search.search(
@@ -329,18 +326,20 @@ def main(argv=None) -> int:
             report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo,
                                  save_executable=save_executable)
             print(format_report(report))
-    except ValueError as e:  # CompileError, and a config the program refuses (mesh, batch)
-        print(f"error: {topo.name}: {e}", file=sys.stderr)
-        return 1
+    except UserError as e:  # CompileError, and a config the program refuses (mesh, batch)
+        raise type(e)(f"{topo.name}: {e}") from None
     report["command"] = " ".join(["python -m tttjax.compile", *argv])
     if output is not None:
         output.write_text(json.dumps(report, indent=1) + "\n")
     if args.search:
         return 0 if report["best"] else 1
     if not args.find_max_duration and not report["fits"]:
-        print(f"error: {not_fit_message(report)}", file=sys.stderr)
-        return 1
+        raise CompileError(not_fit_message(report))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv, for_tpu_compile=True)
 
 
 if __name__ == "__main__":

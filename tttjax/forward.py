@@ -19,51 +19,49 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conversion.sources import materialize
-from tttjax import rundir
+from tttjax import cli, rundir
 from tttjax.data.codes import load_codes
+from tttjax.errors import UserError
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, chunked_forward
-from tttjax.weights import add_attention_impl_flag, open_weights
+from tttjax.weights.loader import open_weights
+from tttjax.weights.sources import materialize
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tttjax.forward", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tttjax.forward", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_checkpoint_dir(parser)
     parser.add_argument("--codes", required=True, help=".npy int array [B, 17, T]")
     parser.add_argument("--out", required=True, help="output .npz")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                        help="compute dtype (default: float32)")
+    cli.add_dtype(parser)
     parser.add_argument("--streaming", action="store_true",
                         help="compute the logits step by step with carried KV cache and TTT state")
     parser.add_argument("--chunk_size", type=int, default=1, help="frames per streaming call (with --streaming)")
-    add_attention_impl_flag(parser)
+    cli.add_attention_impl(parser)
     args = parser.parse_args(argv)
 
-    try:
-        rundir.check_output_file(args.out, "--out")
-        if args.streaming and args.chunk_size < 1:
-            raise ValueError(f"--chunk_size={args.chunk_size} must be >= 1")
-        weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32",  # config only: cheap
-                               attention_impl=args.attention_impl)
-        codes = load_codes(args.codes, initial_tokens(weights.cfg))  # each stream's initial token = its vocab size
-        model = materialize(weights.cfg, weights.source, source_name=str(weights.path))
-        if args.streaming:
-            streamer = StreamingLM(model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    rundir.check_output_file(args.out, "--out")
+    if args.streaming and args.chunk_size < 1:
+        raise UserError(f"--chunk_size={args.chunk_size} must be >= 1")
+    weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32",  # config only: cheap
+                           attention_impl=args.attention_impl)
+    codes = load_codes(args.codes, initial_tokens(weights.cfg))  # each stream's initial token = its vocab size
+    model = materialize(weights.cfg, weights.source, source_name=str(weights.path))
     if args.streaming:
-        out = chunked_forward(streamer, codes, args.chunk_size)
+        out = chunked_forward(StreamingLM(model), codes, args.chunk_size)
     else:
         out = nnx.jit(lambda m, c: m(c))(model, jnp.asarray(codes))
     try:
         np.savez(args.out, **{k: np.asarray(v) for k, v in out._asdict().items()})
     except OSError as e:
-        print(f"error: --out={args.out}: cannot write it ([Errno {e.errno}] {e.strerror})", file=sys.stderr)
-        return 1
+        raise UserError(f"--out={args.out}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
     print(f"wrote {args.out}: text_logits {out.text_logits.shape}, logits {out.logits.shape}")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -20,15 +20,17 @@ import time
 
 import numpy as np
 
-from conversion.sources import materialize
+from tttjax import cli, rundir
 from tttjax.data.codes import load_codes
+from tttjax.errors import UserError
 from tttjax.model.streaming import GREEDY, Sampling, StreamingLM, generate
-from tttjax.weights import open_weights
+from tttjax.weights.loader import open_weights
+from tttjax.weights.sources import materialize
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tttjax.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
+    cli.add_checkpoint_dir(parser)
     parser.add_argument("--user_codes", required=True, help=".npy int array [B, n_q - dep_q, T]")
     parser.add_argument("--out", required=True, help="output .npy [B, 1 + dep_q, T]")
     parser.add_argument("--greedy", action="store_true", help="argmax everywhere (LMGen use_sampling=False)")
@@ -37,20 +39,17 @@ def main(argv=None) -> int:
     parser.add_argument("--top_k", type=int, default=250, help="audio top-k (0: no cut)")
     parser.add_argument("--top_k_text", type=int, default=25, help="text top-k (0: no cut)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32)")
+    cli.add_dtype(parser)
     args = parser.parse_args(argv)
     sampling = GREEDY if args.greedy else Sampling(True, args.temp, args.temp_text, args.top_k, args.top_k_text)
-    try:
-        if args.top_k < 0 or args.top_k_text < 0:
-            raise ValueError("--top_k and --top_k_text must be >= 0 (0: no cut)")
-        weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32")  # config only: cheap
-        cfg = weights.cfg
-        user = load_codes(args.user_codes, [cfg.card] * (cfg.n_q - cfg.dep_q), what="user codes")
-        model = materialize(cfg, weights.source, source_name=str(weights.path))
-        streamer = StreamingLM(model)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.top_k < 0 or args.top_k_text < 0:
+        raise UserError("--top_k and --top_k_text must be >= 0 (0: no cut)")
+    rundir.check_output_file(args.out, "--out")
+    weights = open_weights(args.checkpoint_dir, dtype=args.dtype or "float32")  # config only: cheap
+    cfg = weights.cfg
+    user = load_codes(args.user_codes, [cfg.card] * (cfg.n_q - cfg.dep_q), what="user codes")
+    model = materialize(cfg, weights.source, source_name=str(weights.path))
+    streamer = StreamingLM(model)
     times = []
     last = [time.perf_counter()]
 
@@ -66,6 +65,10 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}: {out.shape} ({'greedy' if args.greedy else sampling}); "
           f"{1 / steady:.1f} frames/s after compilation ({1 / steady / 12.5:.2f}x real time)")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -16,45 +16,41 @@ if __name__ == "__main__":
 
 from absl import logging  # noqa: E402
 
-from configs import base  # noqa: E402
-from tttjax import run_config  # noqa: E402
-from tttjax.checkpoint import CheckpointError, RunDirError  # noqa: E402
-from tttjax.train.loop import Trainer, TrainingError  # noqa: E402
+from tttjax import cli  # noqa: E402
+from tttjax.config import reader  # noqa: E402
+from tttjax.config.schema import key_paths  # noqa: E402
+from tttjax.errors import ConfigError  # noqa: E402
+from tttjax.train.loop import Trainer  # noqa: E402
 
 USAGE = "usage: python -m tttjax.main --config=configs/x.py|x.yaml [--config.a.b=v ...]"
 
 
-def _help(spec: str | None, overrides) -> str:
-    """The usage line and every key of `spec` (default configs/base.py) with its value and comment."""
+def _unexpected(rest: list[str]) -> ConfigError:
+    """The error of arguments that are not --config ones; `--max_steps=3` hints --config.max_steps=3."""
+    name, _, value = rest[0].removeprefix("--").partition("=")
+    hint = ""
+    if rest[0].startswith("--"):
+        key = name if name in key_paths() else reader.suggest_key(name)
+        hint = f" (config keys are set as --config.{key or name}={value or 'VALUE'})"
+    return ConfigError(f"unexpected arguments {rest}{hint}; {USAGE}")
+
+
+def _main(argv: list[str]) -> int:
+    spec, overrides, rest = reader.split_config_args(argv)
+    if "--help" in rest or "-h" in rest:
+        print(f"{USAGE}\n\n{reader.help_text(spec, overrides)}")
+        return 0
+    if rest:
+        raise _unexpected(rest)
     if spec is None:
-        config, source = base.get_config(), "configs/base.py"
-    else:
-        config, source = run_config.load(spec, overrides), spec
-    return f"{USAGE}\n\nconfig keys of {source} (--config.KEY=VALUE overrides any):\n{run_config.describe_keys(config)}"
+        raise ConfigError(f"--config is required; {USAGE}")
+    config = reader.load(spec, overrides)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
+    return Trainer(config).run()
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        spec, overrides, rest = run_config.split_config_args(argv)
-        if "--help" in rest or "-h" in rest:
-            print(_help(spec, overrides))
-            return 0
-        if rest:
-            hint = f" (config keys are set as --config.{rest[0][2:]}=VALUE)" if rest[0].startswith("--") else ""
-            raise run_config.ConfigError(f"unexpected arguments {rest}{hint}; {USAGE}")
-        if spec is None:
-            raise run_config.ConfigError(f"--config is required; {USAGE}")
-        config = run_config.load(spec, overrides)
-    except run_config.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
-    try:
-        return Trainer(config).run()
-    except (TrainingError, CheckpointError, RunDirError, ValueError, OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The on-disk names (DESIGN.md section 6) and what a weights path on disk is.
+"""The on-disk names (docs/contract.md §6) and what a weights path on disk is.
 
 Every name of the run directory, of a step directory's items, of a model directory and of a
 PyTorch export lives here, and so does the one answer to "what is this path?" (`weights_kind`).
@@ -6,6 +6,7 @@ PyTorch export lives here, and so does the one answer to "what is this path?" (`
     runs/exp/args.yaml                                   the resolved run config (a record)
     runs/exp/run.lock                                    the writer's lock (host and pid)
     runs/exp/checkpoints/checkpoint_000100/state|data|consolidated
+    runs/exp/eval/long_context/step_000100/...           an evaluation's files (evals.*)
     runs/exp/checkpoints.broken/checkpoint_000200        a step that did not restore, moved aside
     runs/exp/checkpoints.superseded/after_000100/...     later steps of a resume from step 100
     MODEL_DIR/config.json + MODEL_DIR/params/            a tttjax model dir (conversion.from_pytorch)
@@ -19,12 +20,14 @@ import os
 import tempfile
 from pathlib import Path
 
-import ml_collections
 import yaml
+
+from tttjax.errors import UserError
 
 ARGS_FILE = "args.yaml"
 LOCK_FILE = "run.lock"
 LOGS = "logs"
+EVALS = "eval"
 CHECKPOINTS = "checkpoints"
 BROKEN = "checkpoints.broken"  # steps that did not restore (never deleted, never counted by retention)
 SUPERSEDED = "checkpoints.superseded"  # later steps set aside by a resume from an earlier step
@@ -50,6 +53,16 @@ def checkpoints_dir(run_dir) -> Path:
 def step_dir(run_dir, step: int) -> Path:
     """`<run_dir>/checkpoints/checkpoint_NNNNNN`: the committed directory of `step`."""
     return checkpoints_dir(run_dir) / f"{STEP_PREFIX}_{step:0{STEP_DIGITS}d}"
+
+
+def step_number(step: Path) -> int:
+    """The step of a step dir (`checkpoint_000100` -> 100)."""
+    return int(Path(step).name.removeprefix(f"{STEP_PREFIX}_"))
+
+
+def evals_dir(run_dir) -> Path:
+    """Where the evaluations during training write their files (one dir per type, then per step)."""
+    return Path(run_dir).absolute() / EVALS
 
 
 def broken_dir(run_dir) -> Path:
@@ -97,9 +110,9 @@ def read_json(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from None
+        raise UserError(f"{path}: invalid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 
@@ -124,7 +137,7 @@ def check_output_file(path, flag: str) -> None:
         if not existed:
             os.unlink(path)
     except OSError as e:
-        raise ValueError(f"{flag}={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
+        raise UserError(f"{flag}={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
 
 
 def check_output_dir(path, flag: str) -> None:
@@ -134,7 +147,7 @@ def check_output_dir(path, flag: str) -> None:
         path.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError as e:
-        raise ValueError(f"{flag}={path}: cannot write there ([Errno {e.errno}] {e.strerror})") from None
+        raise UserError(f"{flag}={path}: cannot write there ([Errno {e.errno}] {e.strerror})") from None
 
 
 def write_config_json(directory: Path, config: dict) -> None:
@@ -146,14 +159,6 @@ def find_export(directory: Path) -> Path | None:
     """The safetensors file of a step dir's consolidated/ export, if exactly one is there."""
     found = [Path(directory) / CONSOLIDATED / n for n in EXPORT_FILES if (Path(directory) / CONSOLIDATED / n).is_file()]
     return found[0] if len(found) == 1 else None
-
-
-def read_run_config(step: Path) -> ml_collections.ConfigDict:
-    """The resolved config of the run a step dir belongs to (its args.yaml)."""
-    args = run_dir_of(step) / ARGS_FILE
-    if not args.is_file():
-        raise FileNotFoundError(f"{args} not found: {step} is not a step dir of a tttjax run")
-    return ml_collections.ConfigDict(yaml.safe_load(args.read_text()))
 
 
 def write_run_config(run_dir: Path, config: dict, start: int) -> Path:

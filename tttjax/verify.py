@@ -6,7 +6,7 @@ DIR is a training step dir (`runs/x/checkpoints/checkpoint_000100`) or an import
 (`config.json` + `params/`). The check:
 
 1. the TTT layers of the checkpoint's config and their parameter counts (per layer and in total);
-2. every expected TTT tensor (the `conversion/layout.py` rows of group "ttt") is stored in the
+2. every expected TTT tensor (the `tttjax/weights/layout.py` rows of group "ttt") is stored in the
    checkpoint with its expected shape (read from the Orbax metadata, before loading anything);
 3. the checkpoint loads (`load_model`) and every TTT tensor is finite;
 4. the PyTorch export next to it (the step's `consolidated/lora.safetensors` or
@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from conversion import layout
-from conversion.safetensors_io import load as load_safetensors
-from conversion.sources import OrbaxSource, materialize
-from tttjax import rundir
+from tttjax import cli, rundir
+from tttjax.errors import UserError
 from tttjax.model.params import flat_abstract, flat_params, is_ttt
-from tttjax.weights import Weights, open_weights
+from tttjax.weights import layout
+from tttjax.weights.loader import Weights, open_weights
+from tttjax.weights.safetensors_io import load as load_safetensors
+from tttjax.weights.sources import OrbaxSource, materialize
 
 
 @dataclasses.dataclass
@@ -121,7 +122,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
     try:
         weights = open_weights(directory)
         if weights.kind == rundir.PYTORCH:
-            raise ValueError(f"{directory}: verify checks a tttjax checkpoint (a step dir or a model dir)")
+            raise UserError(f"{directory}: verify checks a tttjax checkpoint (a step dir or a model dir)")
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
         return report
@@ -176,7 +177,13 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
         if not np.all(np.isfinite(value)):
             report.different.append(f"{r.name}: {int(np.sum(~np.isfinite(value)))} non-finite values")
 
-    # 4. the export.
+    _check_export(report, directory, safetensors, cfg, rows, values)
+    return report
+
+
+def _check_export(report: Report, directory: Path, safetensors, cfg, rows, values: dict) -> None:
+    """4. The TTT tensors of the step's consolidated/ export (or --safetensors) against the checkpoint's
+    values, and its config.json's "ttt" block against the checkpoint's."""
     export = Path(safetensors) if safetensors else rundir.find_export(directory)
     if export is None:
         if report.kind == "step":
@@ -184,13 +191,13 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
         else:
             report.notes.append("imported checkpoint without an export to compare; pass --safetensors FILE "
                                 "(e.g. the lora.safetensors it was imported from) to compare values")
-        return report
+        return
     report.export = str(export)
     try:
         tensors = load_safetensors(export)
     except (FileNotFoundError, ValueError) as e:
         report.errors.append(str(e))
-        return report
+        return
     for r in rows:
         if r.name not in tensors:
             report.missing.append(f"{r.name} (not in {export.name})")
@@ -206,7 +213,7 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
             saved = rundir.read_json(config_json).get("ttt") or {}
         except ValueError as e:
             report.errors.append(str(e))
-            return report
+            return
         want = cfg.ttt_dict()
         for key in sorted(set(saved) | set(want)):
             if key in ("scan_remat_group",):
@@ -214,33 +221,27 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
             if saved.get(key) != want.get(key):
                 report.different.append(f"{config_json} ttt.{key}: {saved.get(key)!r} vs checkpoint "
                                         f"{want.get(key)!r}")
-    return report
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tttjax.verify", description=__doc__.split("\n")[0],
                                      epilog="Exit status 1 lists every missing or different TTT tensor.")
-    parser.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint")
+    cli.add_checkpoint_dir(parser)
     parser.add_argument("--safetensors", default=None,
                         help="compare with this PyTorch file instead of the step's consolidated/ export")
-    parser.add_argument("--output_json", default=None, help="write the report as JSON")
+    cli.add_output_json(parser, help="write the report as JSON")
     args = parser.parse_args(argv)
-    try:
-        if args.output_json:
-            rundir.check_output_file(args.output_json, "--output_json")
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    if args.output_json:
+        rundir.check_output_file(args.output_json, "--output_json")
     report = verify(args.checkpoint_dir, safetensors=args.safetensors)
     print(report.format())
     if args.output_json:
-        try:
-            Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
-        except OSError as e:
-            print(f"error: --output_json={args.output_json}: cannot write it ([Errno {e.errno}] {e.strerror})",
-                  file=sys.stderr)
-            return 1
+        Path(args.output_json).write_text(json.dumps(report.to_json(), indent=2))
     return 0 if report.ok else 1
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import jax
 
 from tttjax.analysis import memory
 from tttjax.analysis.memory import GiB, format_bytes
+from tttjax.errors import UserError, is_out_of_memory
 from tttjax.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,13 @@ log = logging.getLogger(__name__)
 # A program that needs more than this share of its memory is "tight": the trainer and tttjax.compile
 # warn, and batch sizes are suggested to stay below it (XLA's allocator, other processes on a host).
 MARGIN = 0.9
-MODES = ("error", "warn", "off")
 
 
-class OutOfMemory(ValueError):
+class OutOfMemory(UserError):
     """A step that does not fit its device memory (one line, with what to change)."""
 
 
-class BatchTooLarge(ValueError):
+class BatchTooLarge(UserError):
     """--batch_size does not fit the device memory; the message says what would."""
 
 
@@ -55,8 +55,8 @@ class Refusal:
 
 
 def is_oom(error: BaseException) -> bool:
-    """An out-of-memory error of the XLA runtime or compiler (status RESOURCE_EXHAUSTED)."""
-    return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error).split(":", 1)[0]
+    """An out-of-memory error of the XLA runtime or compiler (a JaxRuntimeError, tttjax/errors.py's test)."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and is_out_of_memory(error)
 
 
 _FIGURES = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
@@ -122,9 +122,7 @@ def check(need: int, capacity: int | None, *, mode: str, what: str, source: str,
           where: str = "device memory", detail: str = "") -> str | None:
     """Compare a step's per-device bytes (`source`: whose figure) with `capacity` bytes of `where`:
     does not fit -> raise OutOfMemory (mode "error") or warn ("warn"); tight -> warn. Returns the
-    warning text, if any."""
-    if mode not in MODES:
-        raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
+    warning text, if any. `mode` is the schema's checked `memory_check`."""
     if mode == "off" or capacity is None:
         return None
     text = f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} of {where} ({source})"
@@ -149,8 +147,6 @@ def check_train_step(compile_step: Callable[[], object], estimate: Callable[[], 
     (`compile_step`, which keeps the program it compiles) and check the compiler's figures; on CPU
     the analytic `estimate` against the host's available memory shared by its devices, before
     anything compiles. `compile_anyway`: compile (load) the step whatever the mode and device."""
-    if mode not in MODES:
-        raise ValueError(f"memory_check={mode!r}: expected error, warn or off")
     capacity, where = memory.device_memory_bytes(), "device memory"
     if mode == "off" and not compile_anyway:
         return

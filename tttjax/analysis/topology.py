@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 
 from tttjax.analysis import chips, hlo
 from tttjax.analysis.hlo import COLLECTIVES
+from tttjax.errors import ConfigError, UserError
 
 GiB = 1024 ** 3
 
@@ -87,25 +88,27 @@ class Topology:
         return f"{self.num_slices} x " * (self.num_slices > 1) + f"{self.generation}-{per_slice}"
 
     def devices(self) -> list:
-        """The topology's abstract devices; ValueError where libtpu (the CUDA plugin) is missing or
+        """The topology's abstract devices; UserError where libtpu (the CUDA plugin) is missing or
         libtpu is held by another process."""
         if self.platform == "gpu":
             if not cuda_plugin_installed():
-                raise ValueError(f"compiling for {self.generation} needs JAX's CUDA plugin: {GPU_PLUGIN}")
+                raise UserError(f"compiling for {self.generation} needs JAX's CUDA plugin: {GPU_PLUGIN}")
             config = gpu_target_config(self.chip, _GPU_NAMES[self.generation])
             return list(topologies.get_topology_desc(platform="cuda", target_config=config,
                                                      topology=f"1x{self.num_slices}x{self.shape}").devices)
         if importlib.util.find_spec("libtpu") is None:
-            raise ValueError("compiling for TPU needs libtpu: pip install \"jax[tpu]==<the installed jax version>\"")
+            raise UserError("compiling for TPU needs libtpu: pip install \"jax[tpu]==<the installed jax version>\"")
         kwargs = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
         try:
             return list(topologies.get_topology_desc(topology_name=f"{self.generation}:{self.shape}", platform="tpu",
                                                      **kwargs).devices)
         except Exception as e:  # XlaRuntimeError has no stable import path
-            if "libtpu_lockfile" not in str(e):
-                raise
-            raise ValueError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
-                             "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
+            if "libtpu_lockfile" in str(e):
+                raise UserError("another process holds libtpu (/tmp/libtpu_lockfile): wait for it to end, or set "
+                                "ALLOW_MULTIPLE_LIBTPU_LOAD=1 to compile beside it") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"libtpu cannot build the topology {self.generation}:{self.shape} ({first}); "
+                              f"{self.generation} slices: {slice_shapes(self.generation)}") from None
 
     def hbm_per_device(self, num_devices: int) -> int:
         return self.chip.hbm_bytes * self.chips // num_devices
@@ -119,11 +122,19 @@ class Topology:
         return tuple(int(s) for s in self.shape.split("x"))
 
 
+def slice_shapes(generation: str) -> str:
+    """The slice shapes of a generation with their Cloud TPU names: `2x2 (v5e-4), 2x4 (v5e-8), ...`."""
+    cores = generation in _CORES_IN_NAME
+    shapes = _SHAPES_3D if cores else _SHAPES_2D
+    return ", ".join(f"{shape} ({generation}-{chips * (2 if cores else 1)})" for chips, shape in shapes.items())
+
+
 def topology(name: str, num_slices: int = 1) -> Topology:
-    """`v5p-64` or `v5p:4x4x4` (num_slices of them); ValueError naming the name and the accepted forms."""
-    bad = ValueError(f"unknown topology {name!r}: expected {FORMS}")
+    """`v5p-64`, `v5p:4x4x4` or `h100-8` (num_slices of them); ConfigError (a usage error) naming the
+    name and the accepted forms."""
+    bad = ConfigError(f"unknown topology {name!r}: expected {FORMS}")
     if num_slices < 1:
-        raise ValueError(f"--num_slices={num_slices} must be >= 1")
+        raise ConfigError(f"--num_slices={num_slices} must be >= 1")
     text = name.strip().lower()
     if ":" in text:
         gen, _, shape = text.partition(":")
@@ -138,7 +149,7 @@ def topology(name: str, num_slices: int = 1) -> Topology:
         raise bad
     if match.group(1) in GPUS:
         if int(match.group(2)) not in (1, 2, 4, 8):
-            raise ValueError(f"{name!r}: a {match.group(1)} node has 1, 2, 4 or 8 GPUs (more nodes: --num_slices)")
+            raise ConfigError(f"{name!r}: a {match.group(1)} node has 1, 2, 4 or 8 GPUs (more nodes: --num_slices)")
         return Topology(match.group(1), match.group(2), num_slices)
     gen, count = _ALIASES.get(match.group(1), match.group(1)), int(match.group(2))
     if gen not in GENERATIONS:
@@ -146,7 +157,7 @@ def topology(name: str, num_slices: int = 1) -> Topology:
     chips = count // 2 if gen in _CORES_IN_NAME else count
     shapes = _SHAPES_3D if gen in _CORES_IN_NAME else _SHAPES_2D
     if chips not in shapes or (gen in _CORES_IN_NAME and count % 2):
-        raise ValueError(f"{name!r}: no {gen} slice of that size (sizes: "
+        raise ConfigError(f"{name!r}: no {gen} slice of that size (sizes: "
                          f"{', '.join(f'{gen}-{c * (2 if gen in _CORES_IN_NAME else 1)}' for c in shapes)})")
     return Topology(gen, shapes[chips], num_slices)
 

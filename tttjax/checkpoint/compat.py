@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from tttjax.errors import UserError
+
 
 class _Absent:
     def __repr__(self) -> str:
@@ -37,7 +39,7 @@ def check_compatible(saved_meta: dict, current_meta: dict, *, source: str = "che
         if saved.get(k, _ABSENT) != current.get(k, _ABSENT)
     ]
     if diffs:
-        raise ValueError(f"{source} does not match the config: " + "; ".join(diffs))
+        raise UserError(f"{source} does not match the config: " + "; ".join(diffs))
 
 
 # TTT knobs that mean nothing in a model without TTT layers (and LoRA's in one without LoRA).

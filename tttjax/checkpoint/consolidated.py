@@ -2,7 +2,7 @@
 
 It is an Orbax handler (not a side file) so that the export is part of the step's atomic
 commit: a step whose safetensors file was not fully written is never finalized. The file is
-written by the one export writer (`conversion.export.write_export`) from tensors gathered when
+written by the one export writer (`tttjax.weights.export.write_export`) from tensors gathered when
 the save starts (`Export.tensors()`).
 """
 
@@ -16,8 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import future
 
-from conversion.export import write_export
 from tttjax.rundir import EXPORT_FILES
+from tttjax.weights.export import write_export
 
 
 def _write(directory: Path, args: ConsolidatedSave) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 
+from tttjax.errors import UserError
 from tttjax.rundir import LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 _held: dict[Path, list] = {}  # lock file -> [fd, count] of this process
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError):
     """The run_dir cannot be used: another live run holds it, or it is not a writable directory."""
 
 
@@ -86,9 +87,11 @@ def holding(run_dir):
         release(run_dir)
 
 
-def release(run_dir) -> None:
-    """Gives back one `acquire`; the last one empties the file (a clean exit leaves no stale holder)."""
-    path = Path(run_dir).absolute() / LOCK_FILE
+def release(run_dir, *, remove_dir: bool = False) -> None:
+    """Gives back one `acquire`; the last one empties the file (a clean exit leaves no stale holder).
+    `remove_dir`: a run refused at start-up removes the run_dir it created, if it holds only the lock."""
+    run_dir = Path(run_dir).absolute()
+    path = run_dir / LOCK_FILE
     entry = _held.get(path)
     if entry is None:
         return
@@ -97,5 +100,8 @@ def release(run_dir) -> None:
         del _held[path]
         try:
             os.ftruncate(entry[0], 0)
+            if remove_dir and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                path.unlink()  # still holding the flock: nobody else can have taken it
+                run_dir.rmdir()
         finally:
             os.close(entry[0])  # drops the flock

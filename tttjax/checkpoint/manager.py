@@ -1,6 +1,6 @@
 """Orbax CheckpointManager wrapper: one atomic step dir with `state/`, `data/`, `consolidated/`.
 
-Naming, cadence, retention and preemption follow the run-directory contract (DESIGN.md §6, §10);
+Naming, cadence, retention and preemption follow the run-directory contract (docs/contract.md §6, §10);
 everything else is Orbax's (async writes, tmp dir + rename commit, sharded restore). The
 uncommitted tmp dirs of a killed save are removed only under the run_dir's lock (`lock.py`), so a
 manager opened beside a live run never deletes its in-flight save. Failures come out as one line naming the step and the file:
@@ -24,8 +24,19 @@ import orbax.checkpoint as ocp
 
 from tttjax.checkpoint import lock
 from tttjax.checkpoint.consolidated import ConsolidatedHandler, ConsolidatedSave
-from tttjax.rundir import (CONSOLIDATED, DATA, DATA_FILE, STATE, STEP_DIGITS, STEP_PREFIX, checkpoints_dir,
-                           error_summary, step_dir, unused_name)
+from tttjax.errors import UserError
+from tttjax.rundir import (
+    CONSOLIDATED,
+    DATA,
+    DATA_FILE,
+    STATE,
+    STEP_DIGITS,
+    STEP_PREFIX,
+    checkpoints_dir,
+    error_summary,
+    step_dir,
+    unused_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +44,7 @@ log = logging.getLogger(__name__)
 ASYNC_TIMEOUT_S = 3600
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A save that failed (disk full, unwritable): the message names the step, the file and the errno."""
 
 
@@ -115,10 +126,6 @@ class CheckpointManager:
         metadata: dict | None = None,
         on_commit: Callable[[], None] | None = None,
     ):
-        if save_interval_steps < 0:
-            raise ValueError(f"ckpt_freq must be >= 0 (0 = only at the end), got {save_interval_steps}")
-        if max_to_keep is not None and max_to_keep < 1:
-            raise ValueError(f"num_ckpt_keep must be >= 1 or None (keep all), got {max_to_keep}")
         self.run_dir = run_dir
         self.directory = checkpoints_dir(run_dir)
         self._interval = save_interval_steps
@@ -189,8 +196,10 @@ class CheckpointManager:
                  DATA: ocp.args.JsonSave(data_position)}
         if consolidated is not None:
             items[CONSOLIDATED] = ConsolidatedSave(*consolidated)
-        with self._save_errors():  # also reports the previous async save's failure
-            self._saving = step
+        with self._save_errors():  # the previous async save's failure, under its own step
+            self._mngr.wait_until_finished()
+        self._saving = step
+        with self._save_errors():
             return self._mngr.save(step, args=ocp.args.Composite(**items), custom_metadata=metadata, force=True)
 
     @contextlib.contextmanager
@@ -265,9 +274,16 @@ class CheckpointManager:
             self._mngr.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for the in-flight save, then releases Orbax's threads."""
-        with self._save_errors():
-            self._mngr.close()
+        """Waits for the in-flight save, then releases Orbax's threads (also when that save failed: its
+        error is raised after they are gone, so none of them outlives the run)."""
+        try:
+            with self._save_errors():
+                self._mngr.wait_until_finished()
+        finally:
+            try:
+                self._mngr.close()
+            except Exception:  # the failure just raised, reported again by Orbax's close
+                pass
 
 
 def restore_trainables(step: Path, abstract_params):

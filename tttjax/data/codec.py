@@ -9,6 +9,7 @@ import torch
 from moshi.models import loaders
 
 from tttjax.data.streams import CODEBOOKS_PER_SPEAKER
+from tttjax.errors import UserError
 
 
 def resolve(spec: str, default_name: str) -> Path:
@@ -19,7 +20,7 @@ def resolve(spec: str, default_name: str) -> Path:
         return loaders.hf_get(spec)
     if re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
         return loaders.hf_get(default_name, spec)
-    raise ValueError(f"{spec}: no such file, and not a Hugging Face repo id or hf:// path")
+    raise UserError(f"{spec}: no such file, and not a Hugging Face repo id or hf:// path")
 
 
 def resolve_tokenizer(spec: str) -> Path:

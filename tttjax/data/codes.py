@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tttjax.errors import UserError
+
 
 def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.ndarray:
     """int codes [B, len(limits), T] from .npy; row r must hold ids in [-1, limits[r]) (-1 = no token)."""
@@ -16,17 +18,17 @@ def load_codes(path: str | Path, limits: list[int], what: str = "codes") -> np.n
     try:
         codes = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError):  # not an .npy array (np.load says "pickled data" of any other bytes)
-        raise ValueError(f"{path}: not a .npy array file (expected int {what} saved with numpy.save)") from None
+        raise UserError(f"{path}: not a .npy array file (expected int {what} saved with numpy.save)") from None
     if not isinstance(codes, np.ndarray):
-        raise ValueError(f"{path}: an .npz archive, expected a .npy array of {what}")
+        raise UserError(f"{path}: an .npz archive, expected a .npy array of {what}")
     if codes.ndim != 3 or codes.shape[1] != len(limits):
-        raise ValueError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
+        raise UserError(f"{path}: {what} have shape {codes.shape}, expected [B, {len(limits)}, T]")
     if not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{path}: {what} have dtype {codes.dtype}, expected integers")
+        raise UserError(f"{path}: {what} have dtype {codes.dtype}, expected integers")
     if codes.shape[0] == 0 or codes.shape[2] == 0:
-        raise ValueError(f"{path}: {what} are empty (shape {codes.shape}); expected at least one row and one frame")
+        raise UserError(f"{path}: {what} are empty (shape {codes.shape}); expected at least one row and one frame")
     bad = (codes < -1) | (codes >= np.asarray(limits)[None, :, None])
     if bad.any():
         row = int(np.argwhere(bad)[0][1])
-        raise ValueError(f"{path}: {what} row {row} has ids outside [-1, {limits[row]}) (-1 = no token)")
+        raise UserError(f"{path}: {what} row {row} has ids outside [-1, {limits[row]}) (-1 = no token)")
     return codes.astype(np.int32)

@@ -8,6 +8,7 @@ from typing import Any
 
 from tttjax.data.sources import PreparedSource, TfdsSource, parse_tfds_spec
 from tttjax.data.synthetic import SyntheticDataset
+from tttjax.errors import UserError
 
 DEFAULT_SYNTHETIC_EXAMPLES = 4096
 
@@ -32,13 +33,13 @@ def _weighted_items(spec: str) -> list[tuple[str, float]]:
         if sep and head and _is_weight(tail) and not (head == "synthetic" and tail.isdigit()):
             item, weight = head, float(tail)
             if not (math.isfinite(weight) and weight > 0):
-                raise ValueError(f"data spec {spec!r}: weight of {item!r} must be positive")
+                raise UserError(f"data spec {spec!r}: weight of {item!r} must be positive")
         if not item:
-            raise ValueError(f"data spec {spec!r}: empty entry")
+            raise UserError(f"data spec {spec!r}: empty entry")
         out.append((item, weight))
     names = [name for name, _ in out]
     if len(set(names)) != len(names):
-        raise ValueError(f"data spec {spec!r}: a source appears twice")
+        raise UserError(f"data spec {spec!r}: a source appears twice")
     return out
 
 
@@ -50,7 +51,7 @@ def _source(item: str, *, num_frames: int, card: int, text_card: int, n_q: int, 
     if item == "synthetic" or item.startswith("synthetic:"):
         size = item.partition(":")[2]
         if size and not size.isdigit():
-            raise ValueError(f"{item}: expected synthetic or synthetic:N")
+            raise UserError(f"{item}: expected synthetic or synthetic:N")
         n = int(size) if size else DEFAULT_SYNTHETIC_EXAMPLES
         return SyntheticDataset(
             num_examples=n, num_frames=num_frames, card=card, text_card=text_card, n_q=n_q, seed=seed
@@ -58,18 +59,18 @@ def _source(item: str, *, num_frames: int, card: int, text_card: int, n_q: int, 
     if item.startswith("tfds:"):
         return TfdsSource(*parse_tfds_spec(item[len("tfds:"):]))
     if item.endswith(".jsonl"):
-        raise ValueError(f"{item}: a moshi-finetune jsonl; prepare it first (python -m tttjax.data.prepare "
+        raise UserError(f"{item}: a moshi-finetune jsonl; prepare it first (python -m tttjax.data.prepare "
                          f"--jsonl {item} --out DATA_DIR) and train on DATA_DIR")
     if not Path(item).is_dir():
-        raise ValueError(
+        raise UserError(
             f"{item}: no such data dir (expected a prepared DATA_DIR, synthetic[:N] or tfds:name[:split])"
         )
     src = PreparedSource(item)
     meta = src.metadata
     if meta["num_streams"] != 1 + n_q:
-        raise ValueError(f"{item}: {meta['num_streams']} streams, the model has {1 + n_q}")
+        raise UserError(f"{item}: {meta['num_streams']} streams, the model has {1 + n_q}")
     if meta["max_audio_id"] >= card or meta["max_text_id"] >= text_card:
-        raise ValueError(
+        raise UserError(
             f"{item}: ids up to {meta['max_audio_id']} (audio) / {meta['max_text_id']} (text) do not fit "
             f"card {card} / text_card {text_card}"
         )

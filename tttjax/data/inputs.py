@@ -9,9 +9,10 @@ import numpy as np
 
 from tttjax.data.interleave import Alignment
 from tttjax.data.streams import SAMPLE_RATE
+from tttjax.errors import UserError
 
 
-class BadInput(ValueError):
+class BadInput(UserError):
     """A user file that prepare must skip (or stop on, with --strict)."""
 
 

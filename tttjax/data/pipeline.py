@@ -9,12 +9,13 @@ starts at global example `start_step * B` (or `start_example`) by slicing, so no
 has to be saved and the number of processes or workers can change between runs.
 """
 
-import numpy as np
 import grain
+import numpy as np
 
 from tttjax.data.datasets import Mixture
 from tttjax.data.sources import PreparedSource
 from tttjax.data.streams import FRAME_RATE, NO_TOKEN
+from tttjax.errors import UserError
 
 _SHUFFLE, _SEGMENT = 0, 1  # seed-derivation tags
 
@@ -52,9 +53,9 @@ class _RandomSegment(grain.transforms.RandomMap):
 
 def _check_processes(batch_size: int, process_index: int, process_count: int) -> int:
     if process_count <= 0 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+        raise UserError(f"process_index {process_index} not in [0, process_count={process_count})")
     if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} is not a positive multiple of process_count {process_count}")
+        raise UserError(f"batch size {batch_size} is not a positive multiple of process_count {process_count}")
     return batch_size // process_count
 
 
@@ -63,7 +64,7 @@ def _check_not_cut(source, num_frames: int | None) -> None:
     for. Whole files pad as usual, and so does eval (each example from its start)."""
     cut = source.cut_frames if isinstance(source, PreparedSource) else None
     if num_frames is not None and cut is not None and num_frames > cut:
-        raise ValueError(
+        raise UserError(
             f"{source.data_dir}: prepared with --duration_sec {source.metadata['duration_sec']:g} (examples of at "
             f"most {cut} frames), but training asks for {num_frames} frames; re-prepare it with --duration_sec 0 "
             f"(whole conversations) or a larger --duration_sec, or train with duration_sec <= {cut / FRAME_RATE:g}"
@@ -75,7 +76,7 @@ def _training_examples(mix: Mixture, seed: int, shuffle: bool) -> grain.MapDatas
     parts = []
     for i, (source, _) in enumerate(mix.components):
         if len(source) == 0:
-            raise ValueError(f"{source!r}: empty dataset")
+            raise UserError(f"{source!r}: empty dataset")
         _check_not_cut(source, mix.num_frames)
         ds = grain.MapDataset.source(source)
         if shuffle:
@@ -105,7 +106,7 @@ def make_batch_iterator(dataset, *, global_batch_size: int, start_step: int, see
     """
     local = _check_processes(global_batch_size, process_index, process_count)
     if start_step < 0:
-        raise ValueError(f"start_step {start_step} < 0")
+        raise UserError(f"start_step {start_step} < 0")
     first = start_step * global_batch_size if start_example is None else start_example
     examples = _training_examples(_as_mixture(dataset), seed, shuffle)[first:]
     # Local batch k*P + p of size B/P is rows [p*B/P, (p+1)*B/P) of global batch k.

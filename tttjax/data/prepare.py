@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import tqdm
 
+from tttjax import cli
 from tttjax.data import shards
 from tttjax.data.inputs import BadInput, parse_jsonl_line, read_alignments, read_stereo
 from tttjax.data.interleave import segment_words, text_stream, tokenize_alignments
@@ -43,6 +44,7 @@ from tttjax.data.streams import (
     num_frames,
 )
 from tttjax.data.tfds_writer import write_tfds
+from tttjax.errors import UserError
 
 log = logging.getLogger("tttjax.data.prepare")
 DEFAULT_REPO = "kyutai/moshiko-pytorch-bf16"
@@ -97,7 +99,7 @@ class _Prepare:
                 tokenizer_file = codec.resolve_tokenizer(args.tokenizer)
                 self.mimi_file = codec.resolve_mimi(args.mimi_weight)
             except ValueError as e:
-                raise SystemExit(f"prepare: {e}") from None
+                raise UserError(f"prepare: {e}") from None
             self.tokenizer = codec.load_tokenizer(tokenizer_file)
             self.text_card = self.tokenizer.vocab_size()
             self.inputs = {
@@ -132,7 +134,7 @@ class _Prepare:
 
     def bad(self, err: BadInput, sources: list, name: str) -> None:
         if self.args.strict:
-            raise SystemExit(f"prepare: {err} (stopping: --strict)")
+            raise UserError(f"prepare: {err} (stopping: --strict)")
         log.warning("skipped: %s", err)
         sources.append({"name": name, "status": "skipped", "reason": str(err)})
 
@@ -223,7 +225,7 @@ def _pieces(length: int, step: int) -> list[slice]:
 
 def _jsonl_lines(jsonl: Path) -> list[tuple[int, str]]:
     if not jsonl.is_file():
-        raise SystemExit(f"prepare: {jsonl}: no such jsonl file")
+        raise UserError(f"prepare: {jsonl}: no such jsonl file")
     lines = jsonl.read_text().splitlines()
     return [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
 
@@ -265,7 +267,7 @@ def _check_inputs(out: Path, inputs: dict) -> None:
         if before != json.loads(json.dumps(inputs)):
             changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
             changed = ", ".join(changed)
-            raise SystemExit(f"prepare: {out} was started with other inputs ({changed}); use a new --out")
+            raise UserError(f"prepare: {out} was started with other inputs ({changed}); use a new --out")
     else:
         shards.write_json(path, inputs)
 
@@ -358,25 +360,29 @@ def run(args) -> dict:
     return meta
 
 
-def verify(data_dir: Path) -> None:
-    """--verify: exits 1 listing each corrupt shard, one line each."""
-    try:
-        problems = shards.verify_shards(data_dir)
-    except ValueError as e:
-        raise SystemExit(f"prepare: {e}") from None
-    if problems:
-        raise SystemExit("\n".join(f"prepare: {p}" for p in problems))
-    log.info("%s: every shard matches its sha256", data_dir)
+def verify(data_dir: Path) -> int:
+    """--verify: exit status 1 listing each corrupt shard, one line each."""
+    problems = shards.verify_shards(data_dir)
+    for problem in problems:
+        cli.error(f"prepare: {problem}")
+    if not problems:
+        log.info("%s: every shard matches its sha256", data_dir)
+    return 1 if problems else 0
 
 
-def main(argv=None) -> None:
+def _main(argv: list[str]) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     if args.verify is not None:
         return verify(args.verify)
     run(args)
+    return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

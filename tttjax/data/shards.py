@@ -14,6 +14,8 @@ from typing import Iterable
 
 import numpy as np
 
+from tttjax.errors import UserError
+
 METADATA = "metadata.json"
 FORMAT = "tttjax-codes-v1"
 
@@ -70,17 +72,17 @@ def read_metadata(data_dir: Path) -> dict:
     """metadata.json of a prepared dir, after checking that its shards are there with their sizes."""
     path = Path(data_dir) / METADATA
     if not path.is_file():
-        raise ValueError(f"{data_dir}: not a prepared data dir (no {METADATA}); run tttjax.data.prepare")
+        raise UserError(f"{data_dir}: not a prepared data dir (no {METADATA}); run tttjax.data.prepare")
     try:
         meta = json.loads(path.read_text())
     except ValueError as e:
-        raise ValueError(f"{path}: unreadable metadata ({e})") from None
+        raise UserError(f"{path}: unreadable metadata ({e})") from None
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise UserError(f"{path}: format {meta.get('format')!r}, expected {FORMAT!r}")
     for shard in meta["shards"]:
         file = Path(data_dir) / shard["file"]
         if not file.is_file() or file.stat().st_size != shard["num_bytes"]:
-            raise ValueError(f"{file}: missing or truncated shard (expected {shard['num_bytes']} bytes)")
+            raise UserError(f"{file}: missing or truncated shard (expected {shard['num_bytes']} bytes)")
     return meta
 
 

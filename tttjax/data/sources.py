@@ -9,6 +9,7 @@ import numpy as np
 
 from tttjax.data import shards
 from tttjax.data.streams import NUM_STREAMS
+from tttjax.errors import UserError
 from tttjax.rundir import error_summary
 
 
@@ -20,13 +21,13 @@ class PreparedSource:
         self.metadata = shards.read_metadata(self.data_dir)
         used = [s for s in self.metadata["shards"] if s["num_examples"]]
         if not used:
-            raise ValueError(f"{self.data_dir}: prepared data dir holds no examples")
+            raise UserError(f"{self.data_dir}: prepared data dir holds no examples")
         self._files = [self.data_dir / s["file"] for s in used]
         self._starts = np.cumsum([0] + [s["num_examples"] for s in used])
         try:
             self._records = grain.sources.ArrayRecordDataSource([str(f) for f in self._files])  # picklable
         except Exception as e:  # Riegeli raises RuntimeError for a damaged shard index
-            raise ValueError(f"{self.data_dir}: a shard does not open ({error_summary(e)}); find it with "
+            raise UserError(f"{self.data_dir}: a shard does not open ({error_summary(e)}); find it with "
                              f"python -m tttjax.data.prepare --verify {self.data_dir}") from None
 
     @property
@@ -42,7 +43,7 @@ class PreparedSource:
             return shards.decode_example(self._records[index])
         except Exception as e:  # Riegeli / numpy raise many types for a damaged shard
             k = int(np.searchsorted(self._starts, index, side="right")) - 1
-            raise ValueError(f"{self._files[k]}: record {index - int(self._starts[k])} is unreadable "
+            raise UserError(f"{self._files[k]}: record {index - int(self._starts[k])} is unreadable "
                              f"({error_summary(e)}); check every shard with python -m tttjax.data.prepare "
                              f"--verify {self.data_dir}") from None
 
@@ -57,7 +58,7 @@ def parse_tfds_spec(rest: str) -> tuple[str, str]:
     if fields and re.fullmatch(r"\d+\.\d+\.\d+", fields[0]):
         name += ":" + fields.pop(0)
     if len(fields) > 1 or not name:
-        raise ValueError(f"tfds:{rest}: expected tfds:name[:version][:split]")
+        raise UserError(f"tfds:{rest}: expected tfds:name[:version][:split]")
     return name, fields[0] if fields else "train"
 
 
@@ -72,7 +73,7 @@ class TfdsSource:
         try:
             import tensorflow_datasets as tfds
         except ImportError:
-            raise ValueError(
+            raise UserError(
                 f"tfds:{name}: needs tensorflow-datasets (pip install tensorflow-datasets; not TensorFlow)"
             ) from None
         self.name, self.split = name, split
@@ -81,7 +82,7 @@ class TfdsSource:
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises many types for a missing or non-ArrayRecord dataset
             where = data_dir or "~/tensorflow_datasets (set TFDS_DATA_DIR)"
-            raise ValueError(f"tfds:{name}:{split}: cannot open it as an ArrayRecord data source in {where} "
+            raise UserError(f"tfds:{name}:{split}: cannot open it as an ArrayRecord data source in {where} "
                              f"({type(e).__name__}: {str(e).strip().splitlines()[0]})") from None
 
     def __len__(self) -> int:
@@ -91,11 +92,11 @@ class TfdsSource:
         example = self._source[index]
         if not isinstance(example, dict) or "codes" not in example:
             features = sorted(example) if isinstance(example, dict) else type(example).__name__
-            raise ValueError(f"tfds:{self.name}:{self.split}: no 'codes' feature (got {features})")
+            raise UserError(f"tfds:{self.name}:{self.split}: no 'codes' feature (got {features})")
         codes = np.asarray(example["codes"])
         if codes.ndim != 2 or codes.shape[0] != NUM_STREAMS:
             where = f"tfds:{self.name}:{self.split}[{index}]"
-            raise ValueError(f"{where}: codes of shape {codes.shape}, expected [{NUM_STREAMS}, T]")
+            raise UserError(f"{where}: codes of shape {codes.shape}, expected [{NUM_STREAMS}, T]")
         return codes
 
     def __repr__(self) -> str:

@@ -13,6 +13,7 @@ small model can pick up within ~100 steps:
 import numpy as np
 
 from tttjax.data.streams import END_OF_PAD, TEXT_PAD
+from tttjax.errors import UserError
 
 _FIRST_WORD_ID = 4  # ids 0..3 are moshi's special text tokens
 
@@ -24,12 +25,12 @@ class SyntheticDataset:
         self, *, num_examples: int, num_frames: int, card: int, text_card: int, n_q: int = 16, seed: int = 0
     ):
         if num_examples <= 0 or num_frames <= 0 or n_q <= 0 or n_q % 2:
-            raise ValueError(
+            raise UserError(
                 f"synthetic: need positive num_examples, num_frames and an even n_q, got {num_examples}, "
                 f"{num_frames}, {n_q}"
             )
         if card < 4 or text_card < _FIRST_WORD_ID + 4:
-            raise ValueError(f"synthetic: card {card} / text_card {text_card} too small")
+            raise UserError(f"synthetic: card {card} / text_card {text_card} too small")
         self.num_examples, self.num_frames = num_examples, num_frames
         self.card, self.text_card, self.n_q, self.seed = card, text_card, n_q, seed
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from tttjax.data.streams import NUM_STREAMS
+from tttjax.errors import UserError
 
 VERSION = "1.0.0"
 
@@ -23,7 +24,7 @@ def write_tfds(examples, data_dir: str | Path, name: str, split: str = "train") 
     try:
         import tensorflow_datasets as tfds
     except ImportError:
-        raise ValueError("--format tfds needs tensorflow-datasets and importlib_resources "
+        raise UserError("--format tfds needs tensorflow-datasets and importlib_resources "
                          "(pip install tensorflow-datasets importlib_resources; not TensorFlow)") from None
 
     class CodesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # one per call

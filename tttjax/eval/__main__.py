@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 
+from tttjax.errors import UserError
 from tttjax.host_malloc import reexec_with_huge_pages
 
 if __name__ == "__main__":
@@ -26,44 +27,48 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from configs import base as base_config  # noqa: E402
-from tttjax import rundir, run_config  # noqa: E402
+from tttjax import cli, rundir  # noqa: E402
 from tttjax.checkpoint.compat import check_compatible, effective_architecture  # noqa: E402
+from tttjax.config import reader  # noqa: E402
+from tttjax.config.schema import default_config  # noqa: E402
 from tttjax.data import num_frames  # noqa: E402
 from tttjax.data.codes import load_codes  # noqa: E402
 from tttjax.data.streams import MIMI_CARD  # noqa: E402
-from tttjax.eval import paper, standard  # noqa: E402
+from tttjax.eval import evaluators, paper, standard  # noqa: E402
 from tttjax.eval.metrics import format_table  # noqa: E402
 from tttjax.model.config import from_run_config  # noqa: E402
 from tttjax.model.moshi import initial_tokens  # noqa: E402
 from tttjax.verify import verify  # noqa: E402
-from tttjax.weights import add_attention_impl_flag, open_weights  # noqa: E402
-from conversion.sources import materialize  # noqa: E402
+from tttjax.weights.loader import open_weights  # noqa: E402
+from tttjax.weights.sources import materialize  # noqa: E402
 
-# The project's defaults (configs/base.py), for a checkpoint without a run config.
-DEFAULT_WEIGHTS = {k: base_config.get_config()[k] for k in ("first_codebook_weight_multiplier", "text_padding_weight")}
+# The project's defaults (the config schema), for a checkpoint without a run config.
+DEFAULT_WEIGHTS = {k: default_config()[k] for k in ("first_codebook_weight_multiplier", "text_padding_weight")}
 DEFAULT_MIMI = "kyutai/moshiko-pytorch-bf16"
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """A user error: printed as one line, exit status 1."""
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m tttjax.eval", description=__doc__.split("\n")[0],
                                 epilog="Full reference: docs/eval.md")
-    p.add_argument("--checkpoint_dir", required=True, help="training step dir or imported checkpoint dir")
+    cli.add_checkpoint_dir(p)
     p.add_argument("--data", default=None, help="dataset spec or codes.npy [N, 17, T] (standard metrics)")
-    p.add_argument("--eval_type", default="standard", choices=["standard", "paper_metrics", "both"])
+    p.add_argument("--eval_type", default=None, choices=["standard", "paper_metrics", "both"],
+                   help="default: standard, unless --evals is given")
+    p.add_argument("--evals", default=None,
+                   help="run these evals.* entries of --config (else of the run's args.yaml): "
+                        "standard,long_context,paper_metrics; their files go where training writes them")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass")
     p.add_argument("--max_batches", type=int, default=0, help="standard: stop after this many batches (0 = all)")
     p.add_argument("--duration_sec", type=float, default=None,
                    help="dataset examples are cut/padded to this (default: the run's, or the prepared data's)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
-                   help="compute dtype (default: the checkpoint's)")
-    add_attention_impl_flag(p)
+    cli.add_dtype(p, help="compute dtype (default: the checkpoint's)")
+    cli.add_attention_impl(p)
     p.add_argument("--no_ttt_verify", action="store_true", help="skip the TTT parameter verification")
-    p.add_argument("--output_json", default=None, help="write every result and setting here")
+    cli.add_output_json(p, help="write every result and setting here")
     g = p.add_argument_group("paper metrics")
     g.add_argument("--paper_data", action="append", default=[],
                    help="task=PATH[,task=PATH...]: PATH is an official layout dir (sLM21 gold.csv + wavs, or "
@@ -88,10 +93,7 @@ def parse_args(argv):
                    help="ZeroSpeech-format `name score` files + the manifests used (default: beside --output_json)")
     p.add_argument("--config", default=None,
                    help="config file (configs/x.py) supplying the loss weights; --config.a.b=v overrides")
-    try:
-        spec, overrides, rest = run_config.split_config_args(argv)
-    except run_config.ConfigError as e:
-        p.error(str(e))
+    spec, overrides, rest = reader.split_config_args(argv)
     args = p.parse_args(rest)
     if overrides and not spec:
         p.error("--config.* overrides need --config")
@@ -104,10 +106,7 @@ def loss_weights(config, spec: str | None, weights) -> tuple[dict, str]:
     """The loss weights of train_objective and where they came from: `config` (--config=spec), which
     must describe the checkpoint's model, else the run's args.yaml, else moshi-finetune's defaults."""
     if config is not None:
-        try:
-            config_cfg = from_run_config(config)
-        except (ValueError, FileNotFoundError, KeyError, AttributeError) as e:
-            raise EvalError(f"--config={spec}: not a tttjax training config ({e})") from None
+        config_cfg = from_run_config(config)
         try:
             check_compatible(effective_architecture(weights.cfg), effective_architecture(config_cfg),
                              source=f"checkpoint {weights.path}")
@@ -118,10 +117,7 @@ def loss_weights(config, spec: str | None, weights) -> tuple[dict, str]:
         config, source = weights.run_config, str(rundir.run_dir_of(weights.path) / rundir.ARGS_FILE)
     else:
         return dict(DEFAULT_WEIGHTS), "configs/base.py defaults"
-    try:
-        return {k: float(config[k]) for k in DEFAULT_WEIGHTS}, source
-    except (KeyError, AttributeError, TypeError, ValueError) as e:
-        raise EvalError(f"{source}: no usable loss weights ({e})") from None
+    return {k: float(config[k]) for k in DEFAULT_WEIGHTS}, source
 
 
 # -- standard metrics ----------------------------------------------------------------------------
@@ -144,7 +140,7 @@ def _num_frames(args, spec: str, run) -> int:
 
 
 def _data_spec(args, run) -> str:
-    spec = args.data or (run.data.eval_data if run is not None else "")
+    spec = args.data or (run.evals.standard.data if run is not None else "")
     if not spec:
         raise EvalError("--data is required for standard metrics (a dataset spec or a codes.npy)")
     return spec
@@ -174,8 +170,27 @@ def run_standard(args, model, run, weights: dict) -> dict:
             "legacy_perplexity_2_pow_train_objective": 2.0 ** metrics["train_objective"]}
 
 
+def run_configured(args, model, weights, config) -> dict:
+    """The `--evals` entries of the config, as the trainer runs them, on this checkpoint."""
+    names = evaluators.parse_names(args.evals)
+    config = config if config is not None else weights.run_config
+    if config is None:
+        raise EvalError(f"--evals={args.evals}: {weights.path} has no run config; pass --config with the evals.* "
+                        f"settings")
+    step = rundir.step_number(weights.path) if weights.kind == rundir.STEP else None
+    out_dir = rundir.evals_dir(rundir.run_dir_of(weights.path)) if step is not None else Path("eval").absolute()
+    evaluations, _ = evaluators.build(config, model.cfg, None, out_dir, only=names)
+    results = {}
+    for evaluation in evaluations:
+        results[evaluation.name] = evaluation(model, step=step)
+        print(f"{evaluation.name}: {evaluation.line(results[evaluation.name])}")
+    return results
+
+
 # -- main ----------------------------------------------------------------------------------------
 def evaluate(args) -> int:
+    if args.eval_type is None and not args.evals:
+        args.eval_type = "standard"
     want_standard = args.eval_type in ("standard", "both")
     want_paper = args.eval_type in ("paper_metrics", "both")
     if args.batch_size < 1:
@@ -189,7 +204,7 @@ def evaluate(args) -> int:
                            **({"dtype": args.dtype} if args.dtype else {}))
     if want_standard:
         _data_spec(args, weights.run_config)
-    config = run_config.load(args.config, args.config_overrides) if args.config else None
+    config = reader.load(args.config, args.config_overrides) if args.config else None
     if want_paper and weights.cfg.card < MIMI_CARD:
         raise EvalError(f"paper metrics need a model over Mimi codes (card {MIMI_CARD}); {weights.path} has "
                         f"card={weights.cfg.card}")
@@ -209,6 +224,8 @@ def evaluate(args) -> int:
                             f"above); --no_ttt_verify skips it")
     if want_standard:
         result["standard"] = run_standard(args, model, weights.run_config, loss)
+    if args.evals:
+        result["evals"] = run_configured(args, model, weights, config)
     if want_paper:
         scores_dir = Path(args.scores_dir) if args.scores_dir else (
             Path(args.output_json).with_suffix("").with_name(Path(args.output_json).stem + "_scores")
@@ -226,21 +243,13 @@ def evaluate(args) -> int:
 
 def _write_json(path, result) -> None:
     if path:
-        try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
-        except OSError as e:
-            raise EvalError(f"--output_json={path}: cannot write it ([Errno {e.errno}] {e.strerror})") from None
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=2, sort_keys=True, default=float))
         print(f"wrote {path}")
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return evaluate(args)
-    except (ValueError, FileNotFoundError) as e:  # EvalError, ConfigError, ManifestError, BatchTooLarge, ...
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    return cli.run(lambda argv: evaluate(parse_args(argv)), argv)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import numpy as np
 
 from tttjax.data.shards import sha256_file
 from tttjax.data.streams import CODEBOOKS_PER_SPEAKER, SAMPLE_RATE
+from tttjax.errors import UserError
 
 
 def default_cache_dir() -> Path:
@@ -36,11 +37,11 @@ def read_mono(path: str | Path) -> np.ndarray:
     try:
         pcm, sample_rate = sphn.read(str(path))
     except Exception as e:  # sphn raises terse ValueError/OSError
-        raise ValueError(f"{path}: unreadable audio ({e})") from None
+        raise UserError(f"{path}: unreadable audio ({e})") from None
     pcm = np.asarray(pcm, np.float32)
     pcm = pcm.mean(axis=0) if pcm.ndim == 2 else pcm
     if pcm.size == 0:
-        raise ValueError(f"{path}: empty audio")
+        raise UserError(f"{path}: empty audio")
     if sample_rate != SAMPLE_RATE:
         length = round(pcm.shape[-1] * SAMPLE_RATE / sample_rate)
         # sphn's resampler pads its output to whole chunks: cut back to the true length.

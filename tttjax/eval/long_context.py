@@ -30,10 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax import cli
 from tttjax.data.codes import load_codes
+from tttjax.errors import UserError
 from tttjax.model.moshi import initial_tokens
 from tttjax.model.streaming import StreamingLM, iter_chunks
-from tttjax.weights import add_attention_impl_flag, load_model
+from tttjax.objective import token_cross_entropy
+from tttjax.weights.loader import load_model
 
 DEFAULT_BUCKETS = (0, 2000, 8000, 32000)
 TABLE_STREAMS = ("text", "text_nonpad", "audio_semantic", "audio_acoustic", "audio")
@@ -44,12 +47,8 @@ def stream_names(dep_q: int) -> list[str]:
             + ["audio_semantic", "audio_acoustic", "audio"])
 
 
-@jax.jit
-def _token_nll(logits, targets, mask):
-    """-log p(target) [B, S, T] (0 where masked), logits [B, S, T, V] fp32, targets may be -1 there."""
-    logp = jax.nn.log_softmax(jnp.where(mask[..., None], logits, 0.0), axis=-1)
-    picked = jnp.take_along_axis(logp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
-    return jnp.where(mask, -picked, 0.0)
+# -log p(target) [B, S, T], 0 where masked (moshi's NaN tail and -1 targets lie there).
+_token_nll = jax.jit(token_cross_entropy)
 
 
 class Curve:
@@ -217,6 +216,17 @@ def write_plot(curve: Curve, path: Path, *, context: int | None, title: str) -> 
     plt.close(fig)
 
 
+def write_results(curve: Curve, out_dir: Path, *, edges, context: int | None, title: str, settings: dict) -> dict:
+    """The curve's CSV, JSON (bucketed means, slopes, `settings`) and PNG in `out_dir`; returns the JSON."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(curve, out_dir / "long_context_curve.csv")
+    result = {**settings, "context": context, "frames": curve.frames, "buckets": buckets_table(curve, edges),
+              "slope_vs_ln_frame": log_slopes(curve)}
+    (out_dir / "long_context.json").write_text(json.dumps(result, indent=2))
+    write_plot(curve, out_dir / "long_context_curve.png", context=context, title=title)
+    return result
+
+
 def format_table(rows: list[dict]) -> str:
     cols = ["bucket", "frames"] + [f"{n}_ce" for n in TABLE_STREAMS]
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
@@ -225,45 +235,42 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m tttjax.eval.long_context", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint_dir", required=True, help="imported checkpoint or training step dir")
+    cli.add_checkpoint_dir(parser)
     parser.add_argument("--codes", required=True, nargs="+", help=".npy int arrays [B, 17, T]")
     parser.add_argument("--out_dir", required=True, help="where the CSV / JSON / PNG go")
     parser.add_argument("--chunk_size", type=int, default=64,
                         help="frames per forward call with carried state; 0 = one full-sequence forward")
     parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS)), help="bucket edges in frames")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="compute dtype (default float32)")
-    add_attention_impl_flag(parser)
+    cli.add_dtype(parser)
+    cli.add_attention_impl(parser)
     args = parser.parse_args(argv)
     try:
         edges = sorted({int(e) for e in args.buckets.split(",") if e.strip()} | {0})
-        model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32", attention_impl=args.attention_impl)
-        cfg = model.cfg
-        codes = [load_codes(p, initial_tokens(cfg)) for p in args.codes]
-        if args.chunk_size > 0:
-            curve = chunked_curve(model, codes, chunk_size=args.chunk_size)
-        elif args.chunk_size == 0:
-            curve = single_pass_curve(model, codes)
-        else:
-            raise ValueError(f"--chunk_size={args.chunk_size} must be >= 0")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(curve, out_dir / "long_context_curve.csv")
-    rows = buckets_table(curve, edges)
-    result = {"checkpoint_dir": str(args.checkpoint_dir), "codes": args.codes, "chunk_size": args.chunk_size,
-              "context": cfg.context, "ttt_layers": list(cfg.ttt_layers), "frames": curve.frames,
-              "buckets": rows, "slope_vs_ln_frame": log_slopes(curve)}
-    (out_dir / "long_context.json").write_text(json.dumps(result, indent=2))
-    print(format_table(rows))
+    except ValueError:
+        raise UserError(f"--buckets={args.buckets}: expected comma-separated frame indices") from None
+    if args.chunk_size < 0:
+        raise UserError(f"--chunk_size={args.chunk_size} must be >= 0")
+    model = load_model(args.checkpoint_dir, dtype=args.dtype or "float32", attention_impl=args.attention_impl)
+    cfg = model.cfg
+    codes = [load_codes(p, initial_tokens(cfg)) for p in args.codes]
+    if args.chunk_size > 0:
+        curve = chunked_curve(model, codes, chunk_size=args.chunk_size)
+    else:
+        curve = single_pass_curve(model, codes)
+    result = write_results(curve, Path(args.out_dir), edges=edges, context=cfg.context,
+                           title=f"{Path(args.checkpoint_dir).name}: CE by frame",
+                           settings={"checkpoint_dir": str(args.checkpoint_dir), "codes": args.codes,
+                                     "chunk_size": args.chunk_size, "ttt_layers": list(cfg.ttt_layers)})
+    print(format_table(result["buckets"]))
     print("slope of CE vs ln(frame + 1):", {k: round(v, 4) for k, v in result["slope_vs_ln_frame"].items()})
-    write_plot(curve, out_dir / "long_context_curve.png", context=cfg.context,
-               title=f"{Path(args.checkpoint_dir).name}: CE by frame")
-    print(f"wrote {out_dir}/long_context_curve.csv, long_context.json, long_context_curve.png")
+    print(f"wrote {args.out_dir}/long_context_curve.csv, long_context.json, long_context_curve.png")
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_main, argv)
 
 
 if __name__ == "__main__":

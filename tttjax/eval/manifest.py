@@ -33,6 +33,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from tttjax.errors import UserError
+
 TASKS = ("swuggy", "sblimp", "sstorycloze", "tstorycloze")
 _ALIASES = {"lexical": "swuggy", "syntactic": "sblimp", "ssc": "sstorycloze", "tsc": "tstorycloze",
             "swuggy": "swuggy", "sblimp": "sblimp", "sstorycloze": "sstorycloze", "tstorycloze": "tstorycloze"}
@@ -41,7 +43,7 @@ _SLM21_DIR = {"swuggy": "lexical", "sblimp": "syntactic"}
 FREQUENCY_BANDS = ((0, 1, "oov"), (1, 5, "1-5"), (5, 20, "6-20"), (20, 100, "21-100"), (100, math.inf, ">100"))
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A layout or manifest that cannot be read; the message names the file."""
 
 

@@ -1,4 +1,4 @@
-"""Standard metrics (DESIGN.md section 8): token-weighted over the whole eval set, natural log.
+"""Standard metrics (docs/contract.md §8): token-weighted over the whole eval set, natural log.
 
 Batches are reduced to sums (`loss_terms`) on device and added up on the host, so the result is
 a mean over tokens, not a mean of batch means.
@@ -11,6 +11,8 @@ from typing import Iterable
 
 import numpy as np
 
+from tttjax.errors import UserError
+
 
 def accumulate(term_batches: Iterable[dict]) -> dict[str, np.ndarray]:
     total: dict[str, np.ndarray] = {}
@@ -18,7 +20,7 @@ def accumulate(term_batches: Iterable[dict]) -> dict[str, np.ndarray]:
         for k, v in terms.items():
             total[k] = total.get(k, 0.0) + np.asarray(v, np.float64)
     if not total:
-        raise ValueError("evaluation saw no batches")
+        raise UserError("evaluation saw no batches")
     return total
 
 

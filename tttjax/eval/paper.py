@@ -32,9 +32,16 @@ from flax import nnx
 
 from tttjax.analysis import fit
 from tttjax.data.streams import NO_TOKEN, TEXT_PAD
+from tttjax.errors import UserError
 from tttjax.eval.audio import CodeCache
-from tttjax.eval.manifest import Pair, canonical_task, pairs_from_layout, read_manifest, write_manifest
-from tttjax.train.loss import token_cross_entropy
+from tttjax.eval.manifest import (
+    Pair,
+    canonical_task,
+    pairs_from_layout,
+    read_manifest,
+    write_manifest,
+)
+from tttjax.objective import token_cross_entropy
 
 CODEBOOK_CHOICES = ("semantic", "all", "weighted")
 NORM_CHOICES = ("mean", "sum")
@@ -54,7 +61,7 @@ class Scoring:
         for name, choices in (("codebooks", CODEBOOK_CHOICES), ("norm", NORM_CHOICES),
                               ("user_stream", USER_STREAM_CHOICES), ("text_stream", TEXT_STREAM_CHOICES)):
             if getattr(self, name) not in choices:
-                raise ValueError(f"--score_{name}={getattr(self, name)!r}: expected one of {list(choices)}")
+                raise UserError(f"--score_{name}={getattr(self, name)!r}: expected one of {list(choices)}")
 
     def codebook_weights(self, dep_q: int) -> np.ndarray:
         if self.codebooks == "semantic":
@@ -88,7 +95,7 @@ def build_sequence(codes: np.ndarray, silence: np.ndarray | None, scoring: Scori
     seq[1:1 + per_speaker] = codes[:per_speaker]
     if scoring.user_stream == "silence":
         if silence is None or silence.shape[1] != frames:
-            raise ValueError("user_stream=silence needs silence codes of the sample's length")
+            raise UserError("user_stream=silence needs silence codes of the sample's length")
         seq[1 + per_speaker:] = silence[:per_speaker]
     return seq
 
@@ -226,7 +233,7 @@ def write_zerospeech(scores_dir: str | Path, pairs: list[Pair], scores: dict[str
             name = Path(wav).stem
             previous = lines[target].get(name)
             if previous is not None and previous != scores[wav]:
-                raise ValueError(f"two different wavs named {name} in {p.task}; cannot write {target}")
+                raise UserError(f"two different wavs named {name} in {p.task}; cannot write {target}")
             lines[target][name] = scores[wav]
     for target, entries in lines.items():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -269,7 +276,7 @@ def _pct(x: float) -> str:
 # The pipeline
 
 
-class PaperDataError(ValueError):
+class PaperDataError(UserError):
     """Paper-metric inputs that cannot be used; the message names them."""
 
 
@@ -326,16 +333,17 @@ def collect_pairs(specs, split: str | None, max_pairs: int) -> tuple[list[Pair],
 
 def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mimi_weight: str,
                 codes_cache: str | None, mimi_device: str | None, batch_size: int, length_bucket: int,
-                scores_dir: Path | None) -> dict:
+                scores_dir: Path | None, log=print) -> dict:
     """The paper metrics of `model` on `pairs`: Mimi codes of every wav (cached), scores of every
-    sequence, pairwise accuracies; ZeroSpeech-format score files and the manifests in `scores_dir`."""
+    sequence, pairwise accuracies; ZeroSpeech-format score files and the manifests in `scores_dir`;
+    `log` takes the progress lines and the table."""
     cfg = model.cfg
     if length_bucket < 1:
         raise PaperDataError(f"--length_bucket={length_bucket} must be >= 1")
     bucket = length_bucket
     if cfg.ttt_layers and not cfg.ttt_causal:
         bucket = 1  # bidirectional TTT mini-batches see right padding: score at exact lengths
-        print("note: ttt.causal=false: scoring each length unpadded (one compile per distinct length)")
+        log("note: ttt.causal=false: scoring each length unpadded (one compile per distinct length)")
     wavs = list(dict.fromkeys(w for p in pairs for w in (p.pos, p.neg)))
     cache = CodeCache(mimi_weight, codes_cache, batch_size=batch_size, device=mimi_device)
     tic = time.perf_counter()
@@ -343,7 +351,7 @@ def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mi
         encoded = cache.codes(wavs, with_silence=scoring.user_stream == "silence")
     except (FileNotFoundError, ValueError) as e:
         raise PaperDataError(f"paper metrics: {e}") from None
-    print(f"Mimi codes of {len(wavs)} wavs: {cache.hits} cached, {cache.encoded} encoded "
+    log(f"Mimi codes of {len(wavs)} wavs: {cache.hits} cached, {cache.encoded} encoded "
           f"({time.perf_counter() - tic:.1f} s; cache {cache.cache_dir})")
     top = max(int(c.max()) for c, _ in encoded.values())
     if top >= cfg.card:
@@ -385,7 +393,7 @@ def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mi
                              f"token?), e.g. {bad[0]}")
     scores = dict(zip(wavs, values.tolist()))
     results = aggregate(pairs, scores)
-    print(format_table(results, scoring))
+    log(format_table(results, scoring))
     out = {"scoring": scoring.to_json(), "tasks": results, "sources": sources, "num_wavs": len(wavs),
            "length_bucket": bucket, "scoring_seconds": time.perf_counter() - tic}
     if scores_dir is not None:
@@ -394,7 +402,7 @@ def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mi
             write_manifest(scores_dir / "manifests" / f"{task}.jsonl", [p for p in pairs if p.task == task])
         out["scores_files"] = [str(f) for f in files]
         out["manifests"] = str(scores_dir / "manifests")
-        print(f"wrote ZeroSpeech-format scores and the manifests used to {scores_dir}")
+        log(f"wrote ZeroSpeech-format scores and the manifests used to {scores_dir}")
     else:
-        print("note: pass --scores_dir or --output_json to write the ZeroSpeech-format score files")
+        log("note: pass --scores_dir or --output_json to write the ZeroSpeech-format score files")
     return out

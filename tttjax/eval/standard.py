@@ -1,4 +1,4 @@
-"""Standard metrics of a checkpoint on a prepared dataset or a codes.npy array (DESIGN.md section 8).
+"""Standard metrics of a checkpoint on a prepared dataset or a codes.npy array (docs/contract.md §8).
 
 A `codes.npy` [N, 17, T] is evaluated row by row as given (no cutting, no shuffling); the last
 batch is filled with all -1 rows, which carry no loss. A dataset spec (prepared DATA_DIR,
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import jax
@@ -22,10 +21,10 @@ from flax import nnx
 from tttjax import data as data_lib
 from tttjax.analysis import fit
 from tttjax.data.streams import NO_TOKEN
+from tttjax.errors import UserError
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
-from tttjax.model.moshi import initial_tokens
+from tttjax.objective import model_terms
 from tttjax.parallel.sharding import batch_sharding, replicated
-from tttjax.train.loss import model_terms
 
 
 def is_codes_file(spec: str) -> bool:
@@ -46,7 +45,7 @@ def dataset_batches(spec: str, cfg, *, num_frames: int, batch_size: int, seed: i
     dataset = data_lib.make_dataset(spec, num_frames=num_frames, card=cfg.card, text_card=cfg.text_card,
                                     n_q=cfg.n_q, seed=seed)
     if len(dataset) == 0:
-        raise ValueError(f"--data={spec}: no examples")
+        raise UserError(f"--data={spec}: no examples")
     return data_lib.make_eval_iterator(dataset, batch_size=batch_size)
 
 

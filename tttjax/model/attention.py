@@ -28,13 +28,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
-from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash_kernel,
+)
+from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask,
+)
 
+from tttjax.model.config import check_attention_impl
 from tttjax.parallel.sharding import fit_spec, logical_to_spec
 
-
-IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
 # `auto` on CPU: the full-score path (the reference) up to this many frames, blockwise beyond, where
 # full scores grow with T^2 (BENCHMARKS.md: 10 GiB for 2 heads at 16k frames, 34x blockwise's;
 # blockwise was also 1.4-1.9x faster at 128-1024 frames, but short sequences keep the reference).
@@ -42,15 +45,10 @@ AUTO_BLOCKWISE_MIN_FRAMES = 1024
 BLOCK_FRAMES = 256  # blockwise: largest query/key block
 
 
-def check_impl(impl: str) -> None:
-    if impl not in IMPLS:
-        raise ValueError(f"model.attention_impl={impl!r}: expected one of {', '.join(IMPLS)}")
-
-
 def resolve_impl(impl: str, platform: str, frames: int, dtype=jnp.bfloat16) -> str:
-    """The implementation `impl` ("auto" or a name from IMPLS) means on `platform` for T = `frames`
+    """The implementation `impl` ("auto" or a name from ATTENTION_IMPLS) means on `platform` for T = `frames`
     frames in compute dtype `dtype` (cuDNN's fused attention takes bf16/fp16 only)."""
-    check_impl(impl)
+    check_attention_impl(impl)
     if impl != "auto":
         return impl
     if platform == "tpu":
@@ -66,7 +64,7 @@ def current_platform() -> str:
     return jax.default_backend() if device is None else device.platform
 
 
-def sequence_attention(q, k, v, context: int | None, impl: str = "xla"):
+def sequence_attention(q, k, v, context: int | None, impl: str):
     """q, k, v [B, T, H, d] of one sequence each -> [B, T, H, d], by implementation `impl`."""
     impl = resolve_impl(impl, current_platform(), q.shape[-3], q.dtype)
     if impl == "xla":

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from tttjax.model.attention import check_impl
+from tttjax.errors import ConfigError
 
 # Values of moshi options that the Flax model implements; anything else is refused by name.
 _REQUIRED_LM_OPTIONS = {
@@ -52,13 +52,28 @@ MOSHI_7B_LM_KWARGS = {
     "delays": [0, 0, 1, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 1, 1],
 }
 
+# Defaults of the TTT settings and of LoRA's scaling, in one place: the run config's ttt.* / lora.*
+# keys (tttjax/config/schema.py), ModelConfig's fields and config.json's "ttt" block (`read_ttt_block`,
+# also used by conversion/torch_ttt.py) all take them from here.
+TTT_DEFAULTS = {"base_lr": 1.0, "mini_batch_size": 16, "initial_gating_alpha": 0.1, "causal": True,
+                "scan_remat_group": 1, "num_heads": 0}
+LORA_SCALING = 2.0
+# The implementations of the temporal attention over whole sequences (model/attention.py).
+ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
+DEFAULT_ATTENTION_IMPL = "auto"
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def parse_dtype(name: str):
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
+        raise ConfigError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def check_attention_impl(impl: str) -> None:
+    if impl not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl={impl!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
 
 
 def ffn_hidden(dim: int, dim_feedforward: int) -> int:
@@ -81,12 +96,12 @@ def parse_ttt_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     try:
         layers = [int(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"{where}: expected comma-separated layer indices, 'all', 'middle' or 'none'") from None
+        raise ConfigError(f"{where}: expected comma-separated layer indices, 'all', 'middle' or 'none'") from None
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
-        raise ValueError(f"{where}: layer indices {bad} out of range [0, {num_layers})")
+        raise ConfigError(f"{where}: layer indices {bad} out of range [0, {num_layers})")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"{where}: duplicate layer indices")
+        raise ConfigError(f"{where}: duplicate layer indices")
     return tuple(sorted(layers))
 
 
@@ -113,19 +128,19 @@ class ModelConfig:
     existing_text_padding_id: int = 3
     existing_text_end_padding_id: int = 0
     lora_rank: int = 0  # 0 = no LoRA
-    lora_scaling: float = 2.0
+    lora_scaling: float = LORA_SCALING
     ttt_layers: tuple[int, ...] = ()
-    ttt_num_heads: int = 0  # 0 = the temporal heads
-    ttt_base_lr: float = 1.0
-    ttt_mini_batch_size: int = 16
-    ttt_initial_gating_alpha: float = 0.1
-    ttt_causal: bool = True
-    ttt_scan_remat_group: int = 1
+    ttt_num_heads: int = TTT_DEFAULTS["num_heads"]  # 0 = the temporal heads
+    ttt_base_lr: float = TTT_DEFAULTS["base_lr"]
+    ttt_mini_batch_size: int = TTT_DEFAULTS["mini_batch_size"]
+    ttt_initial_gating_alpha: float = TTT_DEFAULTS["initial_gating_alpha"]
+    ttt_causal: bool = TTT_DEFAULTS["causal"]
+    ttt_scan_remat_group: int = TTT_DEFAULTS["scan_remat_group"]
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: str = "none"  # per-layer rematerialisation: none | full | dots
     unroll_layers: bool = False  # unroll the layer stacks instead of a lax.scan loop (faster steps, longer compiles)
-    attention_impl: str = "auto"  # temporal attention over whole sequences: attention.IMPLS (no effect on params)
+    attention_impl: str = DEFAULT_ATTENTION_IMPL  # ATTENTION_IMPLS (no effect on params)
     lm_kwargs: tuple = ()  # the original moshi config, as sorted (key, json) items
 
     @property
@@ -160,7 +175,7 @@ class ModelConfig:
         return {k: json.loads(v) for k, v in self.lm_kwargs}
 
     def ttt_dict(self) -> dict[str, Any]:
-        """The `"ttt"` block of config.json (DESIGN.md section 7)."""
+        """The `"ttt"` block of config.json (docs/contract.md §7)."""
         return {
             "enable": bool(self.ttt_layers),
             "layers": ",".join(str(i) for i in self.ttt_layers) or "none",
@@ -186,29 +201,29 @@ def from_lm_kwargs(lm_kwargs: dict[str, Any], *, source: str = "config.json", **
     """Validate a moshi LM config and build a ModelConfig; `overrides` set LoRA/TTT/dtype fields."""
     for key, expected in _REQUIRED_LM_OPTIONS.items():
         if key in lm_kwargs and lm_kwargs[key] != expected:
-            raise ValueError(f"{source}: {key}={lm_kwargs[key]!r} is not supported (tttjax implements {expected!r})")
+            raise ConfigError(f"{source}: {key}={lm_kwargs[key]!r} is not supported (tttjax implements {expected!r})")
     for key in _UNSUPPORTED_IF_SET:
         if lm_kwargs.get(key) not in (None, {}, []):
-            raise ValueError(f"{source}: {key}={lm_kwargs[key]!r} is not supported")
+            raise ConfigError(f"{source}: {key}={lm_kwargs[key]!r} is not supported")
     for key in _UNSUPPORTED_IF_TRUE:
         if lm_kwargs.get(key):
-            raise ValueError(f"{source}: {key}=true is not supported")
+            raise ConfigError(f"{source}: {key}=true is not supported")
     missing = [k for k in ("dim", "num_heads", "num_layers", "n_q", "dep_q", "card", "text_card",
                            "delays", "depformer_dim", "depformer_num_heads", "depformer_num_layers")
                if k not in lm_kwargs]
     if missing:
-        raise ValueError(f"{source}: missing moshi LM keys {missing}")
+        raise ConfigError(f"{source}: missing moshi LM keys {missing}")
     dim = int(lm_kwargs["dim"])
     n_q, dep_q = int(lm_kwargs["n_q"]), int(lm_kwargs["dep_q"])
     delays = tuple(int(d) for d in lm_kwargs["delays"])
     if len(delays) != n_q + 1:
-        raise ValueError(f"{source}: delays has {len(delays)} entries, expected n_q + 1 = {n_q + 1}")
+        raise ConfigError(f"{source}: delays has {len(delays)} entries, expected n_q + 1 = {n_q + 1}")
     if dim % int(lm_kwargs["num_heads"]):
-        raise ValueError(f"{source}: dim={dim} is not divisible by num_heads={lm_kwargs['num_heads']}")
+        raise ConfigError(f"{source}: dim={dim} is not divisible by num_heads={lm_kwargs['num_heads']}")
     depformer_dim = int(lm_kwargs["depformer_dim"])
     dep_ff = lm_kwargs.get("depformer_dim_feedforward")
     if isinstance(dep_ff, list):
-        raise ValueError(f"{source}: a per-layer depformer_dim_feedforward list is not supported")
+        raise ConfigError(f"{source}: a per-layer depformer_dim_feedforward list is not supported")
     cfg = ModelConfig(
         dim=dim,
         num_heads=int(lm_kwargs["num_heads"]),
@@ -236,26 +251,26 @@ def from_lm_kwargs(lm_kwargs: dict[str, Any], *, source: str = "config.json", **
 def validate(cfg: ModelConfig) -> ModelConfig:
     """Checks that span several fields; one-line errors naming the parameter."""
     if cfg.lora_rank < 0:
-        raise ValueError(f"lora.rank={cfg.lora_rank} must be >= 0")
+        raise ConfigError(f"lora.rank={cfg.lora_rank} must be >= 0")
     if cfg.ttt_layers:
         if cfg.ttt_mini_batch_size < 1:
-            raise ValueError(f"ttt.mini_batch_size={cfg.ttt_mini_batch_size} must be >= 1")
+            raise ConfigError(f"ttt.mini_batch_size={cfg.ttt_mini_batch_size} must be >= 1")
         if cfg.ttt_scan_remat_group < 1:
-            raise ValueError(f"ttt.scan_remat_group={cfg.ttt_scan_remat_group} must be >= 1")
+            raise ConfigError(f"ttt.scan_remat_group={cfg.ttt_scan_remat_group} must be >= 1")
         if cfg.dim % cfg.ttt_heads:
-            raise ValueError(f"ttt.num_heads={cfg.ttt_heads} does not divide dim={cfg.dim}")
+            raise ConfigError(f"ttt.num_heads={cfg.ttt_heads} does not divide dim={cfg.dim}")
         bad = [i for i in cfg.ttt_layers if not 0 <= i < cfg.num_layers]
         if bad:
-            raise ValueError(f"ttt.layers {bad} out of range for num_layers={cfg.num_layers}")
-    check_impl(cfg.attention_impl)
+            raise ConfigError(f"ttt.layers {bad} out of range for num_layers={cfg.num_layers}")
+    check_attention_impl(cfg.attention_impl)
     if cfg.remat not in ("none", "full", "dots"):
-        raise ValueError(f"model remat={cfg.remat!r}: expected none, full or dots")
+        raise ConfigError(f"model remat={cfg.remat!r}: expected none, full or dots")
     parse_dtype(cfg.dtype)
     parse_dtype(cfg.param_dtype)
     if cfg.dep_q > cfg.n_q:
-        raise ValueError(f"dep_q={cfg.dep_q} exceeds n_q={cfg.n_q}")
+        raise ConfigError(f"dep_q={cfg.dep_q} exceeds n_q={cfg.n_q}")
     if not math.isfinite(cfg.ttt_base_lr):
-        raise ValueError(f"ttt.base_lr={cfg.ttt_base_lr} is not finite")
+        raise ConfigError(f"ttt.base_lr={cfg.ttt_base_lr} is not finite")
     return cfg
 
 
@@ -263,8 +278,20 @@ _ADAPTER_KEYS = ("lora", "lora_rank", "lora_scaling", "ttt")
 # Keys of a run config's `model` block that are tttjax settings, not moshi LM options (never in config.json).
 RUN_MODEL_KEYS = ("attention_impl",)
 # The keys of config.json's "ttt" block (`ttt_dict` writes all but scan_remat_group, a training setting).
-TTT_KEYS = ("enable", "layers", "base_lr", "mini_batch_size", "causal", "initial_gating_alpha", "num_heads",
-            "scan_remat_group")
+TTT_KEYS = ("enable", "layers", *TTT_DEFAULTS)
+
+
+def read_ttt_block(ttt: dict | None, *, source: str) -> dict[str, Any]:
+    """config.json's "ttt" block with every key (TTT_DEFAULTS where it is silent); unknown keys, or
+    TTT enabled without its layers, are refused naming `source`."""
+    ttt = dict(ttt or {})
+    unknown = set(ttt) - set(TTT_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys in the 'ttt' block: {sorted(unknown)}")
+    if ttt.get("enable") and "layers" not in ttt:
+        raise ConfigError(f"{source}: the 'ttt' block enables TTT but names no layers")
+    return {"enable": bool(ttt.get("enable")), "layers": ttt.get("layers", "none"), **TTT_DEFAULTS,
+            **{k: v for k, v in ttt.items() if k in TTT_DEFAULTS}}
 
 
 def to_config_json(cfg: ModelConfig, *, lora: bool | None = None) -> dict[str, Any]:
@@ -291,19 +318,16 @@ def from_config_json(data: dict[str, Any], *, source: str = "config.json", lora_
     lm_kwargs = {k: v for k, v in data.items() if k not in _ADAPTER_KEYS}
     if lora_rank is None:
         lora_rank = int(data.get("lora_rank", 0)) if data.get("lora") else 0
-    fields: dict[str, Any] = dict(lora_rank=lora_rank, lora_scaling=float(data.get("lora_scaling", 2.0)))
-    ttt = data.get("ttt") or {}
-    unknown = set(ttt) - set(TTT_KEYS)
-    if unknown:
-        raise ValueError(f"{source}: unknown keys in the 'ttt' block: {sorted(unknown)}")
-    if ttt.get("enable"):
+    fields: dict[str, Any] = dict(lora_rank=lora_rank, lora_scaling=float(data.get("lora_scaling", LORA_SCALING)))
+    ttt = read_ttt_block(data.get("ttt"), source=source)
+    if ttt["enable"]:
         fields.update(
-            ttt_layers=parse_ttt_layers(ttt.get("layers", "none"), int(lm_kwargs["num_layers"])),
-            ttt_base_lr=float(ttt.get("base_lr", 1.0)),
-            ttt_mini_batch_size=int(ttt.get("mini_batch_size", 16)),
-            ttt_causal=bool(ttt.get("causal", True)),
-            ttt_initial_gating_alpha=float(ttt.get("initial_gating_alpha", 0.1)),
-            ttt_num_heads=int(ttt.get("num_heads", 0)),
+            ttt_layers=parse_ttt_layers(ttt["layers"], int(lm_kwargs["num_layers"])),
+            ttt_base_lr=float(ttt["base_lr"]),
+            ttt_mini_batch_size=int(ttt["mini_batch_size"]),
+            ttt_causal=bool(ttt["causal"]),
+            ttt_initial_gating_alpha=float(ttt["initial_gating_alpha"]),
+            ttt_num_heads=int(ttt["num_heads"]),
         )
     fields.update(overrides)
     return from_lm_kwargs(lm_kwargs, source=source, **fields)
@@ -319,7 +343,7 @@ def from_run_config(config) -> ModelConfig:
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"moshi_paths.config_path: {path}: invalid JSON ({e})") from None
+            raise ConfigError(f"moshi_paths.config_path: {path}: invalid JSON ({e})") from None
         lm_kwargs = {k: v for k, v in data.items() if k not in _ADAPTER_KEYS}
         source = str(path)
     else:
@@ -334,4 +358,4 @@ def from_run_config(config) -> ModelConfig:
         ttt_mini_batch_size=ttt.mini_batch_size, ttt_initial_gating_alpha=ttt.initial_gating_alpha,
         ttt_causal=ttt.causal, ttt_scan_remat_group=ttt.scan_remat_group,
         param_dtype=config.param_dtype, dtype=config.dtype, remat=config.remat,
-        unroll_layers=config.unroll_layers, attention_impl=config.model.get("attention_impl", "auto"))
+        unroll_layers=config.unroll_layers, attention_impl=config.model.attention_impl)

@@ -13,10 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig
 from tttjax.model.lora import Linear
-from tttjax.model.transformer import (RMSNorm, TransformerLayer, apply_layer, create_stacked, layer_at,
-                                      scan_layers)
+from tttjax.model.transformer import (
+    RMSNorm,
+    TransformerLayer,
+    apply_layer,
+    create_stacked,
+    layer_at,
+    scan_layers,
+)
 from tttjax.model.ttt import TTTGatedBlock
 from tttjax.parallel.sharding import constrain
 
@@ -146,7 +153,8 @@ class MoshiLM(nnx.Module):
                                        out_sharding=(None, "vocab", "embed"))
         self.depformer = create_stacked(cfg.depformer_num_layers, lambda r: TransformerLayer(
             dd, cfg.depformer_num_heads, cfg.depformer_hidden, context=cfg.depformer_context,
-            rope_max_period=None, steps=S, param_dtype=pdt, dtype=dt, rngs=r, **lora), rngs)
+            rope_max_period=None, steps=S, param_dtype=pdt, dtype=dt, rngs=r,
+            attention_impl="xla", **lora), rngs)  # the depformer attends over its 8 slots: full scores
         self.linears = Linear(dd, cfg.card, axes=("embed", "vocab"), steps=S,
                               param_dtype=pdt, dtype=dt, rngs=rngs, **lora)
 
@@ -193,7 +201,7 @@ class MoshiLM(nnx.Module):
         cfg = self.cfg
         K = codes.shape[1]
         if K != cfg.num_codebooks:
-            raise ValueError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
+            raise UserError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
         delayed = delay_codes(codes, cfg.delays, self.initial_tokens())
         h = self.temporal(constrain(self.embed_inputs(delayed[:, :, :-1]), ("batch", None, None)))
         return delayed[:, :, 1:], self.text_linear(h), self.depformer_logits(h, delayed[:, :, 1:])

@@ -37,9 +37,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tttjax.errors import UserError
 from tttjax.model.attention import KVCache
 from tttjax.model.config import ModelConfig
-from tttjax.model.moshi import ZERO_TOKEN, LMOutput, MoshiLM, embed, initial_tokens, undelay_logits
+from tttjax.model.moshi import (
+    ZERO_TOKEN,
+    LMOutput,
+    MoshiLM,
+    embed,
+    initial_tokens,
+    undelay_logits,
+)
 from tttjax.model.transformer import LayerCache, layer_at
 
 UNGENERATED = -2  # moshi's ungenerated_token_id: frames LMGen has not produced yet
@@ -47,7 +55,7 @@ UNGENERATED = -2  # moshi's ungenerated_token_id: frames LMGen has not produced 
 
 def check_streamable(cfg: ModelConfig) -> None:
     if cfg.ttt_layers and not cfg.ttt_causal:
-        raise ValueError(
+        raise UserError(
             "ttt.causal=False (the bidirectional compatibility mode) lets each frame read up to "
             f"mini_batch_size-1 = {cfg.ttt_mini_batch_size - 1} future frames of its TTT mini-batch, so its "
             "output cannot be computed frame by frame: streaming and chunked inference need a model with "
@@ -90,7 +98,7 @@ def cache_capacity(cfg: ModelConfig, max_frames: int | None) -> int:
     """Ring size: the attention window, or fewer slots if the caller never streams more frames."""
     if cfg.context is None:
         if max_frames is None:
-            raise ValueError("the model has context=None (unbounded attention): pass max_frames, the most "
+            raise UserError("the model has context=None (unbounded attention): pass max_frames, the most "
                              "frames that will be streamed, to size the KV cache")
         return int(max_frames)
     return int(cfg.context) if max_frames is None else int(min(cfg.context, max_frames))
@@ -208,7 +216,7 @@ def forward_chunk(model: MoshiLM | DecodeLM, state: ChunkState, codes_chunk) -> 
     model, cfg = dm.model, dm.cfg
     B, K, T = codes_chunk.shape
     if K != cfg.num_codebooks:
-        raise ValueError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
+        raise UserError(f"codes have {K} streams, the model expects n_q + 1 = {cfg.num_codebooks}")
     M = max(cfg.delays)
     t0 = state.stream.offset
     ext = jnp.concatenate([state.history, codes_chunk.astype(jnp.int32)], axis=2)  # frame t0 - M - 1 + e
@@ -288,7 +296,7 @@ def gen_step(model: MoshiLM | DecodeLM, state: GenState, user_tokens, sampling: 
     tokens = state.tokens
     n_user = cfg.num_codebooks - 1 - dq
     if user_tokens.shape[-1] < n_user:
-        raise ValueError(f"user tokens have {user_tokens.shape[-1]} codebooks, the model expects {n_user}")
+        raise UserError(f"user tokens have {user_tokens.shape[-1]} codebooks, the model expects {n_user}")
     for i in range(n_user):
         row = 1 + dq + i
         tokens = tokens.at[:, row, jnp.mod(off + cfg.delays[row], CT)].set(user_tokens[:, i].astype(jnp.int32))
@@ -340,7 +348,7 @@ class StreamingLM:
     def _check_room(self, stream: StreamState, frames: int) -> None:
         limit = frame_limit(self.cfg, stream)  # only then is the offset read back (a device sync)
         if limit is not None and int(stream.offset) + frames > limit:
-            raise ValueError(f"the KV cache was sized for max_frames={limit} frames (fewer than the attention "
+            raise UserError(f"the KV cache was sized for max_frames={limit} frames (fewer than the attention "
                              f"context); {int(stream.offset) + frames} requested")
 
     def forward_chunk(self, state: ChunkState, codes_chunk, *, check: bool = True) -> tuple[ChunkState, ChunkOutput]:
@@ -366,7 +374,7 @@ def iter_chunks(streamer: StreamingLM, codes, chunk_size: int):
     codes = np.asarray(codes)
     B, K, T = codes.shape
     if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1")
+        raise UserError(f"chunk_size={chunk_size} must be >= 1")
     padded = -(-T // chunk_size) * chunk_size
     codes = np.concatenate([codes, np.full((B, K, padded - T), ZERO_TOKEN, codes.dtype)], axis=2)
     state = streamer.init_chunk_state(B, max_frames=padded)

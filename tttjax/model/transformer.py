@@ -63,7 +63,7 @@ class Attention(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, *, context: int | None, rope_max_period: float | None,
                  steps: int | None, lora_rank: int, lora_scaling: float, param_dtype, dtype, rngs: nnx.Rngs,
-                 attention_impl: str = "xla"):
+                 attention_impl: str):
         self.num_heads = num_heads
         self.context = context
         self.attention_impl = attention_impl  # whole sequences (attention.IMPLS); a cache always uses the ring
@@ -133,7 +133,7 @@ class TransformerLayer(nnx.Module):
 
     def __init__(self, dim: int, num_heads: int, hidden: int, *, context: int | None,
                  rope_max_period: float | None, steps: int | None, lora_rank: int, lora_scaling: float,
-                 param_dtype, dtype, rngs: nnx.Rngs, attention_impl: str = "xla"):
+                 param_dtype, dtype, rngs: nnx.Rngs, attention_impl: str):
         common = dict(steps=steps, lora_rank=lora_rank, lora_scaling=lora_scaling,
                       param_dtype=param_dtype, dtype=dtype, rngs=rngs)
         self.norm1 = RMSNorm(dim, param_dtype=param_dtype)
@@ -144,7 +144,7 @@ class TransformerLayer(nnx.Module):
 
     def __call__(self, x, *, ttt: nnx.Module | None = None, offset=0, cache: LayerCache | None = None):
         """-> (y, cache). `ttt`: the layer's gated TTT branch (`ttt.TTTGatedBlock`), between the two
-        sub-blocks (DESIGN.md section 4). `cache` (decoding, chunked evaluation) carries the KV ring
+        sub-blocks (docs/contract.md §4). `cache` (decoding, chunked evaluation) carries the KV ring
         and the TTT state from the previous chunk; it comes back updated."""
         h, kv = self.self_attn(self.norm1(x), offset=offset, cache=None if cache is None else cache.kv)
         x = x + h

@@ -1,4 +1,4 @@
-"""TTT-MLP layer (DESIGN.md section 4): the gated TTT branch inserted into temporal layers.
+"""TTT-MLP layer (docs/contract.md §4): the gated TTT branch inserted into temporal layers.
 
 `TTTMLP` projects a layer's hidden states to per-head queries, keys, values and inner step
 sizes, runs the inner loop of every (sequence, head) (`ttt_inner`: the dual form for training,
@@ -14,8 +14,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tttjax.model.ttt_inner import (PrimalState, TTTToken, check_scan_args, compute_dtype, init_primal_state,
-                                    primal_step, ttt_mlp_chunk, ttt_mlp_dual, ttt_mlp_primal)
+from tttjax.errors import UserError
+from tttjax.model.ttt_inner import (
+    PrimalState,
+    TTTToken,
+    check_scan_args,
+    compute_dtype,
+    init_primal_state,
+    primal_step,
+    ttt_mlp_chunk,
+    ttt_mlp_dual,
+    ttt_mlp_primal,
+)
 
 __all__ = ["PrimalState", "TTTGatedBlock", "TTTMLP", "TTTToken", "init_primal_state", "primal_step",
            "ttt_mlp_dual", "ttt_mlp_primal"]
@@ -28,12 +38,12 @@ def _param(init, key, shape, dtype, names):
 
 
 class TTTMLP(nnx.Module):
-    """TTT(h) = wo(post_norm(merged heads of the inner-loop output)), DESIGN.md section 4."""
+    """TTT(h) = wo(post_norm(merged heads of the inner-loop output)), docs/contract.md §4."""
 
     def __init__(self, dim: int, num_heads: int, *, mini_batch_size: int, base_lr: float, causal: bool = True,
                  scan_remat_group: int = 1, param_dtype=jnp.float32, dtype=jnp.float32, rngs: nnx.Rngs):
         if num_heads < 1 or dim % num_heads:
-            raise ValueError(f"ttt num_heads={num_heads} does not divide dim={dim}")
+            raise UserError(f"ttt num_heads={num_heads} does not divide dim={dim}")
         check_scan_args(mini_batch_size, scan_remat_group)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.mini_batch_size = mini_batch_size
@@ -99,7 +109,7 @@ class TTTMLP(nnx.Module):
         norm_w, norm_b = self.ttt_norm_weight[...], self.ttt_norm_bias[...]
         if state is not None:
             if not self.causal:
-                raise ValueError("ttt.causal=False: a frame reads future frames of its mini-batch, so the TTT "
+                raise UserError("ttt.causal=False: a frame reads future frames of its mini-batch, so the TTT "
                                  "state cannot be carried frame by frame")
             if T == 1:  # one frame: the primal step
                 step = jax.vmap(functools.partial(primal_step, mini_batch_size=K), in_axes=(0, TTTToken(0, 0, 0, 0), 0, 0))

@@ -1,4 +1,4 @@
-"""The TTT-MLP inner loop of one sequence and one head (DESIGN.md section 4), on arrays.
+"""The TTT-MLP inner loop of one sequence and one head (docs/contract.md §4), on arrays.
 
 The inner model per (batch element, head) is a 2-layer MLP `f(x) = x + LN(gelu(x W1 + b1) W2 + b2)`
 trained online on the sequence by gradient steps on `1/2 ||LN(f_res(XK)) - LNu(XV - XK)||^2`.
@@ -29,6 +29,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tttjax.errors import UserError
+
 _SQRT_2_OVER_PI = 0.7978845608028654
 _GELU_CUBIC = 0.044715
 _L2_EPS = 1e-12  # torch F.normalize
@@ -42,9 +44,9 @@ _INNER_LN_EPS = 1e-8  # inside the sqrt of the inner-loop LayerNorm
 
 def check_scan_args(mini_batch_size: int, scan_remat_group: int) -> None:
     if mini_batch_size < 1:
-        raise ValueError(f"ttt mini_batch_size={mini_batch_size} must be >= 1")
+        raise UserError(f"ttt mini_batch_size={mini_batch_size} must be >= 1")
     if scan_remat_group < 1:
-        raise ValueError(f"ttt scan_remat_group={scan_remat_group} must be >= 1")
+        raise UserError(f"ttt scan_remat_group={scan_remat_group} must be >= 1")
 
 
 # ----------------------------------------------------------------------------------------------

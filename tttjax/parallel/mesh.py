@@ -19,6 +19,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
+from tttjax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -27,15 +29,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def _resolve(sizes: list[int], total: int, what: str) -> tuple[int, ...]:
     named = dict(zip(MESH_AXES, sizes))
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {what} {named}: at most one axis may be -1")
+        raise UserError(f"mesh {what} {named}: at most one axis may be -1")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh {what} {named}: sizes must be >= 1 or -1")
+        raise UserError(f"mesh {what} {named}: sizes must be >= 1 or -1")
     known = math.prod(s for s in sizes if s != -1)
     if total % known:
-        raise ValueError(f"mesh {what} {named} does not fit {total}")
+        raise UserError(f"mesh {what} {named} does not fit {total}")
     sizes = [total // known if s == -1 else s for s in sizes]
     if math.prod(sizes) != total:
-        raise ValueError(f"mesh {what} {named} uses {math.prod(sizes)} of {total}")
+        raise UserError(f"mesh {what} {named} uses {math.prod(sizes)} of {total}")
     return tuple(sizes)
 
 
@@ -51,7 +53,7 @@ def resolve_mesh(spec: Mapping, num_devices: int, num_granules: int = 1) -> tupl
     if all(s == 1 for s in dcn):
         return _resolve(ici, num_devices, "devices"), (1, 1, 1)
     if num_devices % num_granules:
-        raise ValueError(f"{num_devices} devices do not split evenly over {num_granules} slices/processes")
+        raise UserError(f"{num_devices} devices do not split evenly over {num_granules} slices/processes")
     return (_resolve(ici, num_devices // num_granules, f"per slice ({num_devices // num_granules} devices)"),
             _resolve(dcn, num_granules, f"dcn ({num_granules} slices/processes)"))
 

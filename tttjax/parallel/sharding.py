@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tttjax.config.schema import FROZEN_PLACEMENTS
+from tttjax.errors import UserError
 from tttjax.parallel.mesh import MESH_AXES
 
 # logical axis -> mesh axes (None = replicated). FSDP shards the model dim of every weight;
@@ -38,21 +40,10 @@ LOGICAL_RULES = (
 )
 
 
-# Where a run keeps its frozen base weights (config key `frozen_weights`): "sharded" like every weight
-# (FSDP: gathered at every use, forward and backward of every microbatch), "gather_once" (stored
-# sharded, gathered once at the start of each step and held through all its passes, as MaxText's
-# model_fsdp_ag_once), "replicated" (a full copy per device, split over tensor only: never gathered).
-FROZEN_PLACEMENTS = ("sharded", "gather_once", "replicated")
-
-
-def check_frozen_placement(placement: str) -> None:
+def frozen_storage_drop(placement: str) -> tuple[str, ...]:
+    """The mesh axes frozen weights are not stored split over (`frozen_weights`: schema.FROZEN_PLACEMENTS)."""
     if placement not in FROZEN_PLACEMENTS:
         raise ValueError(f"frozen_weights={placement!r}: expected one of {', '.join(FROZEN_PLACEMENTS)}")
-
-
-def frozen_storage_drop(placement: str) -> tuple[str, ...]:
-    """The mesh axes frozen weights are not stored split over."""
-    check_frozen_placement(placement)
     return ("fsdp",) if placement == "replicated" else ()
 
 
@@ -173,7 +164,7 @@ def check_batch(mesh: Mesh, batch_size: int, num_microbatches: int) -> None:
     ways = batch_parallelism(mesh)
     micro = batch_size // max(num_microbatches, 1)
     if micro % ways:
-        raise ValueError(f"batch_size={batch_size} / num_microbatches={num_microbatches} = {micro} sequences per "
+        raise UserError(f"batch_size={batch_size} / num_microbatches={num_microbatches} = {micro} sequences per "
                          f"microbatch is not divisible by mesh data x fsdp = {ways} "
                          f"(mesh {dict(mesh.shape)}); change batch_size or mesh.*")
 
@@ -194,7 +185,7 @@ def process_batch_slice(mesh: Mesh, global_batch_size: int) -> tuple[int, int]:
     mine = frozenset(per_process[jax.process_index()])
     size = sum(stop - start for start, stop in mine)
     if count * size != global_batch_size:
-        raise ValueError(f"mesh {dict(mesh.shape)}: processes hold overlapping batch rows; cannot split the "
+        raise UserError(f"mesh {dict(mesh.shape)}: processes hold overlapping batch rows; cannot split the "
                          f"batch of {global_batch_size} by process")
     return row_sets.index(mine), count
 

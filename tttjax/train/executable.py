@@ -20,12 +20,15 @@ from pathlib import Path
 
 import jax
 from jax.experimental import serialize_executable
+from jax.experimental.compilation_cache import compilation_cache
+
+from tttjax.errors import UserError
 
 FORMAT = 1
 BINARY, MANIFEST = "train_step.bin", "manifest.json"
 
 
-class ExecutableMismatch(ValueError):
+class ExecutableMismatch(UserError):
     """A saved executable that is not this run's program."""
 
 
@@ -41,13 +44,16 @@ def manifest(program, lowered) -> dict:
 def fresh_compile():
     """Compile what will be saved without JAX's persistent compilation cache: an XLA:CPU executable
     that came from the cache serializes without its kernels (jax 0.10.2: "Function ... not found"
-    when the loaded step runs)."""
+    when the loaded step runs). JAX decides once per process whether the cache is used, so the
+    decision is reset on the way in and out."""
     previous = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         jax.config.update("jax_enable_compilation_cache", previous)
+        compilation_cache.reset_cache()
 
 
 def save(directory: Path, program, lowered, compiled) -> None:

@@ -9,9 +9,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import jax
+from tqdm import tqdm
+
+from tttjax.errors import UserError
 
 
 def check_wandb(wandb_config) -> None:
@@ -21,7 +25,7 @@ def check_wandb(wandb_config) -> None:
     try:
         import wandb  # noqa: F401
     except ImportError:
-        raise ValueError(f"wandb.project={wandb_config.project}: wandb is not installed "
+        raise UserError(f"wandb.project={wandb_config.project}: wandb is not installed "
                          f"(pip install -e .[wandb]), or set wandb.project=''") from None
 
 
@@ -39,6 +43,7 @@ class RunLogger:
         handler = logging.FileHandler(logs / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         self.log.addHandler(handler)
+        self._terminal_handlers = _route_library_logs(handler)
         self._jsonl = open(logs / "metrics.jsonl", "a")
         from tensorboardX import SummaryWriter
 
@@ -59,6 +64,13 @@ class RunLogger:
         if self.enabled:
             self.log.warning(message)
 
+    def say(self, message: str, *, warning: bool = False) -> None:
+        """One line to train.log and to the terminal: what the run decided or found, which the user
+        must see (a set-aside step, an evaluation, why it stopped)."""
+        if self.enabled:
+            (self.log.warning if warning else self.log.info)(message)
+            tqdm.write(message, file=sys.stdout)  # above a progress bar, if one is drawn
+
     def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
@@ -75,6 +87,28 @@ class RunLogger:
             self._tb.close()
             if self._wandb is not None:
                 self._wandb.finish()
+            root = logging.getLogger()
             for handler in list(self.log.handlers):
                 self.log.removeHandler(handler)
+                root.removeHandler(handler)
                 handler.close()
+            for handler in self._terminal_handlers:
+                root.addHandler(handler)
+
+
+def _route_library_logs(file_handler: logging.Handler) -> list[logging.Handler]:
+    """While the run lasts, what libraries log on the root logger goes to train.log, not the terminal
+    (Orbax's writer threads log every failure of a save with its traceback; the run says it in one
+    line). Returns the terminal handlers taken off, which `close` puts back, from then on without
+    Orbax's background threads (a failed save's threads may still log while the process exits)."""
+    root = logging.getLogger()
+    terminal = [h for h in root.handlers if getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__)]
+    for handler in terminal:
+        root.removeHandler(handler)
+        handler.addFilter(_not_a_checkpoint_thread)
+    root.addHandler(file_handler)
+    return terminal
+
+
+def _not_a_checkpoint_thread(record: logging.LogRecord) -> bool:
+    return not (record.name == "absl" and record.threadName != "MainThread")

@@ -17,20 +17,27 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from tttjax.config import schema
 from tttjax.data.streams import num_frames
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig, from_run_config
 from tttjax.model.moshi import abstract_model
 from tttjax.model.params import path_of, trainable_filter
 from tttjax.parallel.mesh import make_mesh
-from tttjax.parallel.sharding import (batch_sharding, check_batch, check_frozen_placement, frozen_storage_drop,
-                                      opt_state_shardings, replicated, state_shardings, under_mesh)
+from tttjax.parallel.sharding import (
+    batch_sharding,
+    check_batch,
+    frozen_storage_drop,
+    opt_state_shardings,
+    replicated,
+    state_shardings,
+    under_mesh,
+)
 from tttjax.train import executable
 from tttjax.train import optimizer as optim_lib
+from tttjax.train.state import TrainState
 from tttjax.train.step import make_loss_fn, make_train_step
-
-
-def _abstract(tree, shardings, dtype=None):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype or x.dtype, sharding=s), tree, shardings)
+from tttjax.trees import abstract
 
 
 @dataclasses.dataclass
@@ -39,7 +46,7 @@ class TrainProgram:
     cfg: ModelConfig
     mesh: Mesh
     graphdef: nnx.GraphDef  # the model's graph; params as (trainable, frozen) pure dicts
-    state: dict  # abstract {"step", "params" (fp32 masters), "opt_state"} in their shardings
+    state: TrainState  # abstract, in its shardings
     frozen: dict  # abstract frozen params (param_dtype) in their shardings
     batch: jax.ShapeDtypeStruct  # the global codes [batch_size, 17, T], batch-sharded
     optimizer: optax.GradientTransformation
@@ -77,44 +84,31 @@ class TrainProgram:
     def eval_model(self):
         """The abstract model the trainer evaluates: trainable params cast to param_dtype, with the frozen."""
         cast = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self.cfg.jnp_param_dtype, sharding=x.sharding),
-                            self.state["params"])
+                            self.state.params)
         return nnx.merge(self.graphdef, cast, self.frozen)
-
-
-def check_config(config) -> None:
-    if config.max_steps < 1:
-        raise ValueError(f"max_steps={config.max_steps} must be >= 1")
-    if config.batch_size % config.num_microbatches:
-        raise ValueError(f"batch_size={config.batch_size} is not divisible by "
-                         f"num_microbatches={config.num_microbatches}")
-    if not config.full_finetuning and not config.lora.enable and not config.ttt.enable:
-        raise ValueError("nothing to train: enable lora, ttt or full_finetuning")
-    check_frozen_placement(config.frozen_weights)
-    if config.full_finetuning and config.frozen_weights != "sharded":
-        raise ValueError(f"frozen_weights={config.frozen_weights!r} needs frozen weights: full_finetuning trains them all")
 
 
 def build_program(config, devices=None) -> TrainProgram:
     """The program of `config` on `devices` (default: all of this job's; or a TPU topology's)."""
-    check_config(config)
+    schema.validate(config)  # a config built in code has not been through the reader
     cfg = from_run_config(config)
     mesh = make_mesh(config.mesh.to_dict(), devices)
     check_batch(mesh, config.batch_size, config.num_microbatches)
     graphdef, trainable, frozen = nnx.split(abstract_model(cfg), trainable_filter(config.full_finetuning), ...)
-    masters = _abstract(nnx.to_pure_dict(trainable), nnx.to_pure_dict(state_shardings(trainable, mesh)), jnp.float32)
+    masters = abstract(nnx.to_pure_dict(trainable), nnx.to_pure_dict(state_shardings(trainable, mesh)), jnp.float32)
     if not jax.tree.leaves(masters):
-        raise ValueError("no trainable parameters: enable lora, ttt or full_finetuning")
+        raise UserError("no trainable parameters: enable lora, ttt or full_finetuning")
     held = None  # gather_once: the frozen weights' shardings while a step holds them (gathered over fsdp)
     if config.frozen_weights == "gather_once":
         held = nnx.to_pure_dict(state_shardings(frozen, mesh, ("fsdp",)))
-    frozen = _abstract(nnx.to_pure_dict(frozen),
-                       nnx.to_pure_dict(state_shardings(frozen, mesh, frozen_storage_drop(config.frozen_weights))))
+    frozen = abstract(nnx.to_pure_dict(frozen),
+                      nnx.to_pure_dict(state_shardings(frozen, mesh, frozen_storage_drop(config.frozen_weights))))
     labels = jax.tree_util.tree_map_with_path(lambda p, _: optim_lib.param_group(path_of(p)), masters)
     optimizer = optim_lib.make_optimizer(config.optim, config.max_steps, labels)
     opt_state = jax.eval_shape(optimizer.init, masters)
     rep = replicated(mesh)
-    state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), "params": masters,
-             "opt_state": _abstract(opt_state, opt_state_shardings(opt_state, masters, mesh))}
+    state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=masters,
+                       opt_state=abstract(opt_state, opt_state_shardings(opt_state, masters, mesh)))
     batch = jax.ShapeDtypeStruct((config.batch_size, cfg.num_codebooks, num_frames(config.duration_sec)), jnp.int32,
                                  sharding=batch_sharding(mesh))
     loss_fn = make_loss_fn(graphdef, cfg, text_padding_weight=config.text_padding_weight,

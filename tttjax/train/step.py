@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from tttjax.objective import model_terms, objective
 from tttjax.parallel.sharding import constrain
-from tttjax.train.loss import model_terms, objective
-
-
-def all_finite(tree) -> jax.Array:
-    """Whether every value of `tree` is finite, as one boolean (cheap: one reduction per leaf)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+from tttjax.train.state import TrainState
+from tttjax.trees import all_finite
 
 
 def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_weight_multiplier: float):
@@ -33,7 +30,7 @@ def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_we
 
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, num_microbatches: int,
                     hold_frozen=None):
-    """step(state, frozen, codes) -> (state, metrics); state = {"step", "params", "opt_state"}.
+    """step(state, frozen, codes) -> (state, metrics) on a `TrainState`.
 
     hold_frozen: shardings (a tree like `frozen`) the step moves the frozen weights to once, before
     any pass, and holds them in (config `frozen_weights=gather_once`: one all-gather per step).
@@ -45,8 +42,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def step(state: dict[str, Any], frozen, codes):
-        params = state["params"]
+    def step(state: TrainState, frozen, codes):
+        params = state.params
         if hold_frozen is not None:
             frozen = jax.lax.with_sharding_constraint(frozen, hold_frozen)
         if num_microbatches == 1:
@@ -63,11 +60,9 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                      jax.tree.map(jnp.zeros_like, params))
             (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, micro)
             loss, aux, grads = jax.tree.map(lambda x: x / num_microbatches, (loss, aux, grads))
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        new_params = optax.apply_updates(params, updates)
-        new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+        new_state = state.apply(grads, optimizer)
         grad_norm = optax.global_norm(grads)
-        finite = all_finite((loss, grad_norm, new_params))
+        finite = all_finite((loss, grad_norm, new_state.params))
         return new_state, {"loss": loss, "grad_norm": grad_norm, "all_finite": finite, **aux}
 
     return step

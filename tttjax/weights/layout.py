@@ -4,7 +4,7 @@ Every PyTorch tensor is one `Row`: its name, the Flax parameter it lives in, whi
 (stacked) parameter it holds, and how the values are transformed. Import and export both walk
 these rows, tensor by tensor.
 
-Layouts (DESIGN.md section 7):
+Layouts (docs/contract.md §7):
   "moshi"   - moshi's in-memory names, what moshi-finetune writes (`self_attn.in_projs.S.weight`).
   "release" - the released/fused names (`self_attn.in_proj_weight`, `self_attn.out_proj.weight`,
               the depformer's per-step attention matrices concatenated on dim 0).
@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig
 
 LAYOUTS = ("moshi", "release")
@@ -112,7 +113,7 @@ def _fused_rows(name: str, path: tuple[str, ...], index, lora: bool) -> list[Row
 def rows(cfg: ModelConfig, layout: str = "moshi") -> list[Row]:
     """All tensors of a model with this config, in the given PyTorch layout."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+        raise UserError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
     lora = cfg.lora_rank > 0
     S = cfg.dep_q
     out = [Row(f"emb.{i}.weight", ("emb",), ((i,),), "plain", "base") for i in range(cfg.n_q)]

@@ -17,6 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from tttjax.errors import UserError
+
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -26,7 +28,7 @@ _CODES = {np.dtype(v): k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the reference implementation's limit
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(UserError):
     """A file that is not valid safetensors (truncated, corrupt header, unknown dtype)."""
 
 
@@ -111,6 +113,12 @@ class SafetensorsReader:
         return out
 
 
+def partial_path(path: str | Path) -> Path:
+    """Where SafetensorsWriter writes `path` until every tensor is in."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
 class SafetensorsWriter:
     """Writes the tensors of `specs` ({name: (shape, dtype)}) one by one in sorted name order.
     The file appears under its name only once every tensor is written."""
@@ -132,9 +140,14 @@ class SafetensorsWriter:
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned, as the reference writer does
-        self._partial = self.path.with_name(self.path.name + ".partial")
+        self._partial = partial_path(self.path)
         self._file = open(self._partial, "wb")
-        self._file.write(len(blob).to_bytes(8, "little") + blob)
+        try:
+            self._file.write(len(blob).to_bytes(8, "little") + blob)
+        except BaseException:
+            self._file.close()
+            self._partial.unlink(missing_ok=True)
+            raise
         self._next = 0  # index into _order of the tensor to write next
 
     def __enter__(self):

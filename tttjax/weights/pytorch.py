@@ -2,7 +2,7 @@
 
 Accepts the moshi in-memory layout (`in_projs.N`, what moshi-finetune writes) and the released
 fused layout (`in_proj_weight`), LoRA tensors in the weights file or in a separate LoRA file,
-and TTT tensors (DESIGN.md section 7) with a `"ttt"` block in config.json.
+and TTT tensors (docs/contract.md §7) with a `"ttt"` block in config.json.
 """
 
 from __future__ import annotations
@@ -10,21 +10,23 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 
-from conversion import layout
-from conversion.safetensors_io import SafetensorsReader
-from conversion.sources import ParamSource, materialize
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig, from_config_json
 from tttjax.model.moshi import MoshiLM
 from tttjax.model.params import flat_abstract
 from tttjax.rundir import read_json
+from tttjax.weights import layout
+from tttjax.weights.safetensors_io import SafetensorsReader
+from tttjax.weights.sources import ParamSource, materialize
 
 # Keys that PyTorch TTT-Moshi checkpoints carry and that have no meaning here.
 _IGNORED_MARKERS = ("backward_ssm_gating", "original_layer")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A weights file that does not fit the config; the message lists every offending key."""
 
 
@@ -52,9 +54,9 @@ def infer_lora_rank(files: dict[str, tuple[SafetensorsReader, str]]) -> int:
 
 
 class TorchSource(ParamSource):
-    """PyTorch tensors seen as Flax params through the name table (conversion/layout.py).
+    """PyTorch tensors seen as Flax params through the name table (tttjax/weights/layout.py).
 
-    Construction checks every name and shape against `cfg` from the file headers alone; a tensor
+    Construction checks every name, shape and dtype against `cfg` from the file headers alone; a tensor
     is read when one of its slices is asked for (the last one stays cached: the release layout
     keeps several slices in one tensor).
     """
@@ -62,8 +64,10 @@ class TorchSource(ParamSource):
     def __init__(self, cfg: ModelConfig, files: dict[str, tuple[SafetensorsReader, str]], *, source: str):
         self.cfg, self._files = cfg, files
         table = layout.rows(cfg, layout.detect_layout(files))
-        abstract = {p: tuple(v.shape) for p, v in flat_abstract(cfg).items()}
+        params = flat_abstract(cfg)
+        abstract = {p: tuple(v.shape) for p, v in params.items()}
         shapes = {k: tuple(r.shape(n)) for k, (r, n) in files.items()}
+        dtypes = {k: r.dtype(n) for k, (r, n) in files.items()}
         expected = {r.name for r in table}
         problems = []
         if missing := [r.name for r in table if r.name not in files]:
@@ -73,6 +77,10 @@ class TorchSource(ParamSource):
         if wrong := [f"{r.name} {shapes[r.name]} (expected {r.torch_shape(abstract[r.path])})"
                      for r in table if r.name in files and shapes[r.name] != r.torch_shape(abstract[r.path])]:
             problems.append(f"wrong shapes {wrong}")
+        if not_float := [f"{r.name} {dtypes[r.name]}" for r in table if r.name in files
+                         and jnp.issubdtype(params[r.path].dtype, jnp.floating)
+                         and not jnp.issubdtype(dtypes[r.name], jnp.floating)]:
+            problems.append(f"non-floating dtypes where the model holds floats {not_float}")
         if problems:
             raise ConversionError(f"{source} does not match its config: " + "; ".join(problems))
         self._slices = {(r.path, idx): (r, part) for r in table for part, idx in enumerate(r.index)}

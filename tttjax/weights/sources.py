@@ -3,7 +3,7 @@
 A source knows the Flax path, shape and dtype of every param it holds and reads `param[index]`
 for a prefix `index` (a layer, a (layer, step) pair, or `()` for all of it). Import and export
 walk params slice by slice through this interface, so host memory holds one slice, never the
-model. The PyTorch-file source lives in `conversion.pytorch` (it needs the name table);
+model. The PyTorch-file source lives in `tttjax.weights.pytorch` (it needs the name table);
 `tttjax.weights.open_weights` picks the source for any weights path.
 """
 
@@ -23,9 +23,11 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from tttjax.errors import UserError
 from tttjax.model.moshi import MoshiLM, abstract_model
 from tttjax.model.params import Path_, flat_params, path_of
 from tttjax.rundir import error_summary
+
 Index = tuple[int, ...]
 SLICE_BYTES = 64 << 20  # params larger than this are read in 2-D slices (one layer's matrix)
 
@@ -67,7 +69,7 @@ class OrbaxSource(ParamSource):
             with ocp.StandardCheckpointer() as ckptr:
                 tree = ckptr.metadata(self.directory).item_metadata
         except Exception as e:  # Orbax raises many types for a damaged or missing directory
-            raise ValueError(f"{self.directory}: unreadable checkpoint metadata ({error_summary(e)})") from None
+            raise UserError(f"{self.directory}: unreadable checkpoint metadata ({error_summary(e)})") from None
         finally:
             absl.setLevel(level)
         self.specs, self._names = {}, {}
@@ -77,7 +79,7 @@ class OrbaxSource(ParamSource):
                 self.specs[path[len(prefix):]] = (tuple(meta.shape), np.dtype(meta.dtype))
                 self._names[path[len(prefix):]] = ".".join(path)
         if not self.specs:
-            raise ValueError(f"{self.directory}: no params under {'.'.join(prefix) or 'the root'}")
+            raise UserError(f"{self.directory}: no params under {'.'.join(prefix) or 'the root'}")
 
     @functools.lru_cache(maxsize=None)
     def _array(self, path: Path_):
@@ -91,7 +93,7 @@ class OrbaxSource(ParamSource):
         try:
             return np.asarray(self._array(path)[index].read().result())
         except Exception as e:  # TensorStore: truncated, missing or corrupt data files
-            raise ValueError(f"{self.directory}: cannot read {self._names[path]} ({error_summary(e)})") from None
+            raise UserError(f"{self.directory}: cannot read {self._names[path]} ({error_summary(e)})") from None
 
 
 class ModelSource(ParamSource):
@@ -158,7 +160,7 @@ def fill(params: dict[Path_, jax.Array], source: ParamSource, *, source_name: st
     problems = ([f"not in the model: {extra}"] if extra else []) + \
                ([f"missing: {missing}"] if missing else []) + ([f"shape mismatch: {shapes}"] if shapes else [])
     if problems:
-        raise ValueError(f"{source_name} does not fit the model: " + "; ".join(problems))
+        raise UserError(f"{source_name} does not fit the model: " + "; ".join(problems))
     out = dict(params)
     for path, param in params.items():
         if path not in source.specs:

@@ -17,11 +17,12 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from conversion import layout
-from conversion.safetensors_io import SafetensorsWriter
-from conversion.sources import Index, ParamSource, Path_
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig, parse_dtype, to_config_json
-from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, FULL_FILE, write_config_json
+from tttjax.rundir import ADAPTERS_FILE, CONFIG_FILE, EXPORT_FILES, FULL_FILE, write_config_json
+from tttjax.weights import layout
+from tttjax.weights.safetensors_io import SafetensorsWriter, partial_path
+from tttjax.weights.sources import Index, ParamSource, Path_
 
 
 @dataclasses.dataclass
@@ -85,7 +86,7 @@ def plan_export(cfg: ModelConfig, source: ParamSource, *, layout_name: str = "mo
     """The export of the model `cfg` whose params `source` holds; reads nothing yet."""
     if adapters_only:
         if cfg.lora_rank == 0 and not cfg.ttt_layers:
-            raise ValueError("--adapters_only: the model has neither LoRA nor TTT parameters")
+            raise UserError("--adapters_only: the model has neither LoRA nor TTT parameters")
         rows = [r for r in layout.rows(cfg, layout_name) if r.group in ("lora", "ttt")]
         config, filename, scaling = to_config_json(cfg), ADAPTERS_FILE, None
     else:
@@ -94,7 +95,7 @@ def plan_export(cfg: ModelConfig, source: ParamSource, *, layout_name: str = "mo
         scaling = cfg.lora_scaling if cfg.lora_rank else None
     missing = sorted({".".join(r.path) for r in rows if r.path not in source.specs})
     if missing:
-        raise ValueError(f"the checkpoint does not hold {missing}")
+        raise UserError(f"the checkpoint does not hold {missing}")
     return Export(filename, config, sorted(rows, key=lambda r: r.name), source, np.dtype(parse_dtype(dtype)),
                   np.dtype(cfg.jnp_param_dtype), scaling)
 
@@ -102,14 +103,40 @@ def plan_export(cfg: ModelConfig, source: ParamSource, *, layout_name: str = "mo
 def write_export(out_dir: str | Path, filename: str, config: dict, specs: dict,
                  tensors: Iterable[tuple[str, np.ndarray]]) -> Path:
     """The one export writer: `filename` streamed tensor by tensor in name order (`specs`: {name:
-    (shape, dtype)}), then config.json; refuses a directory that already holds an export."""
+    (shape, dtype)}), then config.json, into a new or empty directory (`check_export_dir`). On any
+    failure or interruption (KeyboardInterrupt included) it removes what it wrote, .partial file
+    included, and re-raises."""
     out_dir = Path(out_dir)
-    target = out_dir / filename
-    if target.exists() or (out_dir / CONFIG_FILE).exists():
-        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out")
+    check_export_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with SafetensorsWriter(target, specs, metadata={"format": "pt"}) as w:
-        for name, value in tensors:
-            w.write(name, value)
-    write_config_json(out_dir, config)
+    target = out_dir / filename
+    written = (partial_path(target), target, out_dir / CONFIG_FILE)
+    try:
+        with SafetensorsWriter(target, specs, metadata={"format": "pt"}) as w:
+            for name, value in tensors:
+                w.write(name, value)
+        write_config_json(out_dir, config)
+    except BaseException:
+        for path in written:  # none of them existed: check_export_dir refuses a directory holding one
+            path.unlink(missing_ok=True)
+        raise
     return target
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """Refuses an output directory that holds anything but the leftovers of an interrupted export
+    (removed here): never an export over an export, never an export among other files. Nothing is
+    overwritten, so there is no overwrite flag: an export is cheap to redo into a new directory,
+    and `rm -r` of an old one is the user's explicit choice."""
+    if not out_dir.is_dir():
+        return
+    leftovers = {partial_path(out_dir / name).name for name in EXPORT_FILES}
+    present = sorted(p.name for p in out_dir.iterdir())
+    if any(name in present for name in (*EXPORT_FILES, CONFIG_FILE)):
+        raise FileExistsError(f"{out_dir} already holds an export; choose a new --out")
+    others = [name for name in present if name not in leftovers]
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise FileExistsError(f"{out_dir} is not empty ({shown}): choose a new or empty --out")
+    for name in present:
+        (out_dir / name).unlink()

@@ -17,14 +17,21 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
-from conversion.pytorch import open_pytorch
-from conversion.sources import LayeredSource, ModelSource, OrbaxSource, ParamSource, materialize
 from tttjax import rundir
-from tttjax.model.attention import IMPLS
+from tttjax.config import reader
+from tttjax.errors import UserError
 from tttjax.model.config import ModelConfig, from_config_json, from_run_config, validate
 from tttjax.model.moshi import MoshiLM
 from tttjax.model.params import flat_abstract, init_model
 from tttjax.parallel.mesh import make_mesh
+from tttjax.weights.pytorch import open_pytorch
+from tttjax.weights.sources import (
+    LayeredSource,
+    ModelSource,
+    OrbaxSource,
+    ParamSource,
+    materialize,
+)
 
 
 @dataclasses.dataclass
@@ -46,7 +53,7 @@ def open_weights(path, config_path: str | Path | None = None, **overrides) -> We
     kind = rundir.weights_kind(path)
     if kind == rundir.PYTORCH:
         if not config_path:
-            raise ValueError(f"{path}: a PyTorch weights file needs its config.json (moshi_paths.config_path)")
+            raise UserError(f"{path}: a PyTorch weights file needs its config.json (moshi_paths.config_path)")
         source = open_pytorch(path, config_path, **overrides)
         return Weights(path, kind, source.cfg, source)
     if kind == rundir.MODEL:
@@ -55,7 +62,7 @@ def open_weights(path, config_path: str | Path | None = None, **overrides) -> We
         cfg = from_config_json(rundir.read_json(path / rundir.CONFIG_FILE), source=str(path / rundir.CONFIG_FILE),
                                **overrides)
         return Weights(path, kind, cfg, source)
-    run = rundir.read_run_config(path)
+    run = reader.read_step_config(path)
     cfg = validate(dataclasses.replace(from_run_config(run), **overrides))
     trained = OrbaxSource(path / rundir.STATE, prefix=("params",))
     if run.full_finetuning:
@@ -69,14 +76,6 @@ def open_weights(path, config_path: str | Path | None = None, **overrides) -> We
 
     specs = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in flat_abstract(cfg).items()}
     return Weights(path, kind, cfg, LayeredSource(trained, specs, open_base), run)
-
-
-def add_attention_impl_flag(parser) -> None:
-    """`--attention_impl` of the CLIs that run whole sequences: overrides the checkpoint's setting, so
-    the logits of two implementations can be compared on one checkpoint."""
-    parser.add_argument("--attention_impl", default="auto", choices=IMPLS,
-                        help="temporal attention over whole sequences (default auto: splash on TPU, cudnn on "
-                             "GPU, blockwise on CPU for long sequences, else xla)")
 
 
 def load_model(path, config_path: str | Path | None = None, **overrides) -> MoshiLM:
