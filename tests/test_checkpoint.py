@@ -62,7 +62,7 @@ def test_interval_keep_n_and_names(tmp_path):
     assert m.all_steps() == [6, 8]
     assert committed(tmp_path) == ["checkpoint_000006", "checkpoint_000008"]
     assert step_dir(tmp_path, 8) == tmp_path / "checkpoints" / "checkpoint_000008"
-    assert sorted(p.name for p in step_dir(tmp_path, 8).iterdir() if p.is_dir()) == ["data", "state"]
+    assert sorted(p.name for p in step_dir(tmp_path, 8).iterdir() if p.is_dir()) == ["data", "digests", "state"]
     m.close()
 
 

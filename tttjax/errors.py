@@ -1,5 +1,6 @@
 """The project's error base class (a problem the user can fix, printed as one line by every CLI),
-what counts as XLA's out-of-memory, and the exit code of an interrupted command.
+what counts as XLA's out-of-memory, and the exit codes of an interrupted command and of a process
+whose job lost another process.
 
 Every error that names a key, a path, a size or a checkpoint the user gave derives from
 `UserError`; `tttjax.cli.run` prints it as `error: <message>` and exits with its `exit_code`.
@@ -8,6 +9,7 @@ catch ValueError (and tests that expect one) keep working.
 """
 
 INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C (a shell's code for SIGINT)
+LOST_PROCESS = 75  # another process of the job stopped answering (EX_TEMPFAIL: relaunch the job)
 
 
 class UserError(ValueError):

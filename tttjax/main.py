@@ -21,6 +21,7 @@ from tttjax.config import reader  # noqa: E402
 from tttjax.config.schema import key_paths  # noqa: E402
 from tttjax.errors import ConfigError  # noqa: E402
 from tttjax.train.loop import Trainer  # noqa: E402
+from tttjax.train.watchdog import Watchdog  # noqa: E402
 
 USAGE = "usage: python -m tttjax.main --config=configs/x.py|x.yaml [--config.a.b=v ...]"
 
@@ -46,7 +47,8 @@ def _main(argv: list[str]) -> int:
         raise ConfigError(f"--config is required; {USAGE}")
     config = reader.load(spec, overrides)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file operation at INFO
-    return Trainer(config).run()
+    with Watchdog(config.checkpoint.stop_timeout_s, config.distributed.heartbeat_timeout_s) as watchdog:
+        return Trainer(config, watchdog).run()
 
 
 def main(argv=None) -> int:

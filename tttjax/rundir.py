@@ -9,12 +9,14 @@ PyTorch export lives here, and so does the one answer to "what is this path?" (`
     runs/exp/eval/long_context/step_000100/...           an evaluation's files (evals.*)
     runs/exp/checkpoints.broken/checkpoint_000200        a step that did not restore, moved aside
     runs/exp/checkpoints.superseded/after_000100/...     later steps of a resume from step 100
+    LOCAL_DIR/exp-1a2b3c4d/process_0-of-2/checkpoints/... one process's local copies (checkpoint.local_dir)
     MODEL_DIR/config.json + MODEL_DIR/params/            a tttjax model dir (conversion.from_pytorch)
     EXPORT_DIR/consolidated.safetensors | lora.safetensors + config.json
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -33,7 +35,7 @@ BROKEN = "checkpoints.broken"  # steps that did not restore (never deleted, neve
 SUPERSEDED = "checkpoints.superseded"  # later steps set aside by a resume from an earlier step
 STEP_PREFIX = "checkpoint"
 STEP_DIGITS = 6
-STATE, DATA, CONSOLIDATED = "state", "data", "consolidated"  # the items of a step dir
+STATE, DATA, CONSOLIDATED, DIGESTS = "state", "data", "consolidated", "digests"  # the items of a step dir
 DATA_FILE = "position.json"  # the data item's file
 PARAMS_DIR = "params"  # a model dir's Orbax params
 CONFIG_FILE = "config.json"  # moshi LM config + lora keys + "ttt" block (model dirs and exports)
@@ -72,6 +74,15 @@ def broken_dir(run_dir) -> Path:
 def superseded_dir(run_dir, resumed_step: int) -> Path:
     """Where a resume from `resumed_step` moves the run's later steps."""
     return Path(run_dir).absolute() / SUPERSEDED / f"after_{resumed_step:0{STEP_DIGITS}d}"
+
+
+def local_root(local_dir, run_dir, process: int, count: int) -> Path:
+    """Where process `process` of `count` keeps its local copies of `run_dir`'s steps (a run dir of its
+    own: checkpoints/, checkpoints.broken/, ...). The name carries a hash of run_dir's path, so runs
+    sharing one local_dir never mix, and the process count, so a job of another size finds none."""
+    run_dir = Path(run_dir).absolute()
+    tag = hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]
+    return Path(local_dir).absolute() / f"{run_dir.name}-{tag}" / f"process_{process}-of-{count}"
 
 
 def unused_name(path: Path) -> Path:

@@ -11,8 +11,15 @@ import numpy as np
 
 
 def all_finite(tree) -> jax.Array:
-    """Whether every value of `tree` is finite, as one boolean (cheap: one reduction per leaf)."""
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+    """Whether every value of `tree` is finite, as one boolean (cheap: one reduction per leaf), in
+    one program: with several CPU processes, eager per-leaf collectives dispatched back to back may
+    run concurrently and in another order on each process, and gloo then deadlocks."""
+    return _all_finite(jax.tree.leaves(tree))
+
+
+@jax.jit
+def _all_finite(leaves) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def fingerprint(frozen) -> dict:

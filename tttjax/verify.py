@@ -12,7 +12,10 @@ DIR is a training step dir (`runs/x/checkpoints/checkpoint_000100`) or an import
 4. the PyTorch export next to it (the step's `consolidated/lora.safetensors` or
    `consolidated.safetensors`, or `--safetensors FILE`) holds every TTT tensor, bit-for-bit equal
    to the loaded value cast to the file's dtype (its stored precision), and its config.json
-   `ttt` block agrees.
+   `ttt` block agrees;
+5. a step dir's every array of `state/` (params and optimizer state) read back from disk matches,
+   shard by shard, the digests its save recorded (`digests/`; a step saved before digests existed
+   is noted, not failed).
 
 Exit status 0 when everything holds; otherwise 1, with the list of what is missing or different.
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from tttjax import cli, rundir
+from tttjax.checkpoint import digests
 from tttjax.errors import UserError
 from tttjax.model.params import flat_abstract, flat_params, is_ttt
 from tttjax.weights import layout
@@ -52,6 +56,7 @@ class Report:
     errors: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     checked_tensors: int = 0
+    checked_digests: int = 0  # shards of state/ that match their recorded digest
 
     @property
     def ok(self) -> bool:
@@ -78,6 +83,8 @@ class Report:
                          f"{sum(self.params_per_layer.values()):>12,d}")
         if self.export:
             lines.append(f"compared with {self.export}: {self.checked_tensors} TTT tensors")
+        if self.checked_digests:
+            lines.append(f"digests: {self.checked_digests} shards of state/ read back and checked")
         lines += [f"note: {n}" for n in self.notes]
         problems = self.problems()
         if problems:
@@ -178,7 +185,41 @@ def verify(directory: str | Path, *, model=None, safetensors: str | Path | None 
             report.different.append(f"{r.name}: {int(np.sum(~np.isfinite(value)))} non-finite values")
 
     _check_export(report, directory, safetensors, cfg, rows, values)
+    if report.kind == "step":
+        _check_digests(report, directory)
     return report
+
+
+def _check_digests(report: Report, step: Path) -> None:
+    """5. Every recorded shard of the step's state/, read from disk, against its digest."""
+    if not (step / rundir.DIGESTS).is_dir():
+        report.notes.append(f"{step.name} has no {rundir.DIGESTS}/ (saved before digests existed): not checked")
+        return
+    try:
+        recorded = digests.DigestsHandler().restore(step / rundir.DIGESTS)
+        source = OrbaxSource(step / rundir.STATE)
+    except (ValueError, OSError, KeyError) as e:
+        report.errors.append(f"cannot read the digests or the state of {step} ({e})")
+        return
+    stored = {"/".join(path): path for path in source.specs}
+    for name, entry in sorted(recorded.items()):
+        if name not in stored:
+            report.missing.append(f"state array {name} (recorded in {rundir.DIGESTS}/, not in {rundir.STATE}/)")
+            continue
+        for index, digest in sorted({json.dumps(s["index"]): s["digest"] for s in entry["shards"]}.items()):
+            bounds = json.loads(index)
+            try:
+                block = source.read(stored[name], tuple(slice(a, b) for a, b in bounds))
+            except UserError as e:
+                report.errors.append(str(e))
+                continue
+            got = digests.host_digest(block, [a for a, _ in bounds], entry["shape"])
+            if digests.hex_digest(got) != digest:
+                where = ", ".join(f"{a}:{b}" for a, b in bounds)
+                report.different.append(f"state array {name} shard [{where}]: its stored values do not match the "
+                                        f"digest recorded when it was saved")
+            else:
+                report.checked_digests += 1
 
 
 def _check_export(report: Report, directory: Path, safetensors, cfg, rows, values: dict) -> None:

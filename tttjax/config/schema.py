@@ -110,6 +110,23 @@ SCHEMA = Section("a tttjax training run", dict(
         init_state_dir=Key("", "weights only (fresh optimizer, step 0): a step dir or an imported dir"),
         async_save=Key(True, "write checkpoints in the background"),
         allow_data_change=Key(False, "resume although batch_size/duration_sec/data/seed changed (logged)"),
+        local_dir=Key("", "a directory on each host's own disk (same path on every host) for frequent local "
+                      "copies of the state; \"\" = none"),
+        local_ckpt_freq=Key(0, "a local copy every this many steps (checkpoint.local_dir); 0 = none", non_negative),
+        local_keep=Key(2, "local copies kept per process (the newest)", at_least(1)),
+        read_attempts=Key(4, "tries of a checkpoint read that fails with an I/O error before the run stops",
+                          at_least(1)),
+        retry_wait_s=Key(2.0, "seconds before the first retry of a failed read (then doubling)", non_negative),
+        if_all_broken=Key("refuse", "when every checkpoint is damaged: refuse (naming them) | start_over (set them "
+                          "aside, train from the starting weights)", one_of("refuse", "start_over")),
+        stop_timeout_s=Key(60.0, "after Ctrl-C or a preemption notice, the longest the run may take to reach a "
+                           "step boundary and save; then it exits without a new save", positive),
+    )),
+    distributed=Section("the multi-process runtime (jax.distributed)", dict(
+        initialization_timeout_s=Key(300, "how long start-up waits for every process to connect", at_least(1)),
+        heartbeat_timeout_s=Key(60, "a process silent this long is lost: every other one exits (code 75)",
+                                at_least(1)),
+        shutdown_timeout_s=Key(300, "how long a finished process waits for the others at exit", at_least(1)),
     )),
     model=Section("moshi LM config (lm_kwargs) and how the temporal attention runs", dict(
         attention_impl=Key(DEFAULT_ATTENTION_IMPL, "temporal attention: auto | xla (full scores) | blockwise | "
@@ -272,6 +289,10 @@ def check_keys(config, *, source: str = "") -> None:
 
 def check_rules(config, *, source: str = "") -> None:
     """The rules that span keys."""
+    if bool(config.checkpoint.local_dir) != bool(config.checkpoint.local_ckpt_freq):
+        raise ConfigError(f"{source}checkpoint.local_dir={config.checkpoint.local_dir!r} and "
+                          f"checkpoint.local_ckpt_freq={config.checkpoint.local_ckpt_freq} go together: set both "
+                          f"(local copies) or neither")
     if config.batch_size % config.num_microbatches:
         raise ConfigError(f"{source}batch_size={config.batch_size} is not divisible by "
                           f"num_microbatches={config.num_microbatches}")

@@ -29,6 +29,8 @@ class StepInfo:
 
 
 class Hook:
+    phase = "training"  # what the run is doing while the hook runs (the watchdog's phase)
+
     def on_step(self, info: StepInfo) -> None:
         """After each step."""
 
@@ -75,6 +77,8 @@ class LogMetrics(Hook):
 class Evaluate(Hook):
     """Each configured evaluation every its `freq` steps, on the current weights (`model()`)."""
 
+    phase = "evaluation"
+
     def __init__(self, logger: RunLogger, evaluations: list, model: Callable):
         self.logger, self.evaluations, self.model = logger, evaluations, model
 
@@ -84,6 +88,7 @@ class Evaluate(Hook):
             return
         model = self.model()
         for evaluation in due:
+            self.logger.info(f"eval {evaluation.name} step {info.step}: started")
             tic = time.perf_counter()
             results = evaluation(model, step=info.step)
             self.logger.scalars(info.step, evaluation.split, evaluation.scalars(results))
@@ -94,6 +99,8 @@ class Evaluate(Hook):
 class Checkpoint(Hook):
     """Saves at the configured cadence, at the last step, and when the run must stop (`stop_reason`:
     a preemption notice agreed by every process, or Ctrl-C); then it sets `info.stop`."""
+
+    phase = "saving"
 
     def __init__(self, save: Callable[[int, int, bool], bool], stop_reason: Callable[[int], str | None],
                  wait: Callable[[], None]):

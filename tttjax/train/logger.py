@@ -29,6 +29,21 @@ def check_wandb(wandb_config) -> None:
                          f"(pip install -e .[wandb]), or set wandb.project=''") from None
 
 
+def say_early(run_dir: Path, message: str) -> None:
+    """`RunLogger.say` before the run's logger exists (a run stopped during start-up): the line on
+    the terminal and appended to train.log (process 0)."""
+    if jax.process_index() != 0:
+        return
+    print(message, flush=True)
+    logs = Path(run_dir) / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / "train.log", "a") as f:
+            f.write(f"{logging.Formatter().formatTime(logging.makeLogRecord({}))} WARNING {message}\n")
+    except OSError:  # the terminal has it; the run dir may be what failed
+        pass
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, wandb_config=None, run_config: dict | None = None):
         self.enabled = jax.process_index() == 0
@@ -70,6 +85,14 @@ class RunLogger:
         if self.enabled:
             (self.log.warning if warning else self.log.info)(message)
             tqdm.write(message, file=sys.stdout)  # above a progress bar, if one is drawn
+
+    def flush(self) -> None:
+        """Everything written so far onto disk (a process about to end without `close`)."""
+        if self.enabled:
+            for handler in self.log.handlers:
+                handler.flush()
+            self._jsonl.flush()
+            self._tb.flush()
 
     def scalars(self, step: int, split: str, values: dict[str, float]) -> None:
         if not self.enabled:

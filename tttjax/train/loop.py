@@ -5,8 +5,11 @@ replays exactly the batches an uninterrupted run would have seen from step N. Th
 run_dir's lock throughout and saves only steps whose loss, gradient norm and parameters are finite.
 Who decides what: the program (train/program.py) shards and compiles the step; the starting
 weights are train/start.py's; which step to resume from, checkpoint/resume.py's; logging,
-evaluation and checkpointing are hooks (train/hooks.py). Ctrl-C ends the run like a preemption:
-the current step is saved and the exit code is 130.
+evaluation and checkpointing are hooks (train/hooks.py). Signals and lost processes are the
+watchdog's (train/watchdog.py), which the trainer tells what it is doing: Ctrl-C ends the run like
+a preemption (the current step is saved, exit 130), during start-up, compilation and the first
+step at once. With `checkpoint.local_dir`, steps are also copied every `local_ckpt_freq` steps to
+each host's own disk (the local tier; resume takes the newest intact step of either tier).
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -33,9 +35,10 @@ from tttjax.parallel.distributed import initialize_distributed
 from tttjax.parallel.sharding import global_batch, process_batch_slice
 from tttjax.train import hooks
 from tttjax.train import optimizer as optim_lib
-from tttjax.train.logger import RunLogger, check_wandb
+from tttjax.train.logger import RunLogger, check_wandb, say_early
 from tttjax.train.program import build_program
 from tttjax.train.start import StartingWeights, run_metadata
+from tttjax.train.watchdog import EARLY, Watchdog
 from tttjax.trees import abstract, fingerprint
 from tttjax.weights.export import plan_export
 from tttjax.weights.sources import ModelSource
@@ -46,13 +49,20 @@ class TrainingError(UserError):
 
 
 class Trainer:
-    def __init__(self, config):
+    """`watchdog` (the CLI's): ends the process promptly on a signal or a lost process; without one
+    (a Trainer made in code) signals keep Python's defaults."""
+
+    def __init__(self, config, watchdog: Watchdog | None = None):
         check_wandb(config.wandb)
-        initialize_distributed()
+        initialize_distributed(config.distributed)
         self.config = config
+        self.watchdog = watchdog
         self.run_dir = Path(config.run_dir).absolute()
+        self.logger = self.manager = self.local = None
         fresh_dir = not self.run_dir.exists()
         lock.acquire(self.run_dir)  # first: a second writer is refused before anything is built
+        if watchdog is not None:
+            watchdog.attach(self._end_now)
         try:
             self._build()
         except BaseException:  # refused at start-up: a new run_dir is not left behind
@@ -74,17 +84,25 @@ class Trainer:
         self.num_frames = data_lib.num_frames(config.duration_sec)
         self._rates = perf.step_rates(self.cfg, batch_size=config.batch_size, frames=self.num_frames,  # MFU in the log
                                       full_finetuning=program.full_finetuning, devices=self.mesh.devices.reshape(-1))
-        self.logger = None
-        self.interrupted = False
         self._saving = collections.deque()  # (step, start time) of saves not yet committed, oldest first
-        self.manager = None
         if config.do_ckpt:
-            self.manager = CheckpointManager(
-                self.run_dir, max_to_keep=config.num_ckpt_keep, save_interval_steps=config.ckpt_freq,
-                enable_async=config.checkpoint.async_save,
-                metadata={**self.metadata, "frozen_fingerprint": self.identity.fingerprint,
-                          "data_stream": self.identity.data_stream},
-                on_commit=self._log_commit)
+            self._open_managers()
+
+    def _open_managers(self) -> None:
+        """The persistent checkpoints and, with checkpoint.local_dir, this process's local tier."""
+        config, ckpt = self.config, self.config.checkpoint
+        metadata = {**self.metadata, "frozen_fingerprint": self.identity.fingerprint,
+                    "data_stream": self.identity.data_stream}
+        reads = dict(enable_async=ckpt.async_save, read_attempts=ckpt.read_attempts, retry_wait_s=ckpt.retry_wait_s)
+        self.manager = CheckpointManager(self.run_dir, max_to_keep=config.num_ckpt_keep,
+                                         save_interval_steps=config.ckpt_freq, metadata=metadata,
+                                         on_commit=self._log_commit, **reads)
+        if ckpt.local_dir:
+            self.identity.layout = {"processes": jax.process_count(), "mesh": dict(self.mesh.shape),
+                                    "devices": [int(d.id) for d in self.mesh.devices.flat]}
+            root = rundir.local_root(ckpt.local_dir, self.run_dir, jax.process_index(), jax.process_count())
+            self.local = CheckpointManager(root, max_to_keep=ckpt.local_keep, save_interval_steps=ckpt.local_ckpt_freq,
+                                           metadata={**metadata, "layout": self.identity.layout}, local=True, **reads)
 
     def _check_memory(self) -> None:
         """Start-up check of the step's per-device memory (analysis/fit.py): on an accelerator the
@@ -127,11 +145,22 @@ class Trainer:
         return tensors, export.config, export.filename
 
     def _save(self, step: int, next_example: int, force: bool) -> bool:
-        if self.manager is None or (not force and not self.manager.should_save(step)):
+        """The persistent save of `step` if it is due (or `force`), else its local copy if that is due."""
+        if self.manager is None:
+            return False
+        position = {"next_step": step, "next_example": next_example}
+        if not force and not self.manager.should_save(step):
+            if self.local is not None and step % self.config.checkpoint.local_ckpt_freq == 0:
+                self.local.save(step, self.state, position, force=True)
+                self.logger.info(f"local copy of step {step}: {rundir.step_dir(self.local.run_dir, step)}")
             return False
         self._saving.append((step, time.perf_counter()))
-        position = {"next_step": step, "next_example": next_example}
-        if not self.manager.save(step, self.state, position, self._consolidated(), force=True):
+        self._phase("export")
+        self.logger.info(f"checkpoint {step}: exporting")
+        consolidated = self._consolidated()
+        self._phase("saving")
+        self.logger.info(f"checkpoint {step}: saving")
+        if not self.manager.save(step, self.state, position, consolidated, force=True):
             self._saving.pop()
             return False
         if not self.config.checkpoint.async_save:
@@ -145,32 +174,50 @@ class Trainer:
             self.logger.info(f"checkpoint {step} committed: {rundir.step_dir(self.run_dir, step)} "
                              f"({time.perf_counter() - started:.1f} s)")
 
+    @property
+    def interrupted(self) -> bool:
+        return self.watchdog is not None and self.watchdog.interrupted
+
     def _stop_reason(self, step: int) -> str | None:
-        """Why the run must end after `step`: a preemption notice (SIGTERM) or Ctrl-C, which is turned
-        into one when the processes can agree on a step (jax.distributed), else taken as it comes."""
+        """Why the run must end after `step`: a preemption notice (SIGTERM) or Ctrl-C, which the
+        watchdog turns into one, at the step the processes agree on (jax.distributed), else as it
+        comes (no jax.distributed, or no checkpoints to agree on)."""
         if self.manager is not None and self.manager.reached_preemption(step):
             return "interrupted" if self.interrupted else "preempted"
-        if self.interrupted and (self.manager is None or not jax.distributed.is_initialized()):
-            return "interrupted"  # nothing to agree on: no process saves
+        stopping = self.watchdog is not None and self.watchdog.stop_requested
+        if stopping and (self.manager is None or not jax.distributed.is_initialized()):
+            return "interrupted" if self.interrupted else "preempted"
         return None
 
-    def _on_sigint(self, signum, frame) -> None:
-        """Ctrl-C: the run saves the current step and ends (a second Ctrl-C ends it at once)."""
-        self.interrupted = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if jax.distributed.is_initialized():
-            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notice: every process stops at one step
+    def _phase(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.phase = phase
+
+    def _end_now(self, message: str, code: int, wait_for_save: bool) -> None:
+        """The watchdog's way out (from its thread): the save being written commits first if asked,
+        the reason goes to the terminal and train.log, the lock is released, the process exits."""
+        if wait_for_save:
+            try:
+                self._wait_for_save()
+            except Exception:  # noqa: BLE001 - a failed save: the committed steps stay intact
+                pass
+        if self.logger is not None:
+            self.logger.say(message, warning=True)
+            self.logger.flush()
+        else:
+            say_early(self.run_dir, message)
+        lock.release(self.run_dir)
+        os._exit(code)
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self) -> int:
         """Train to max_steps (or until preempted / interrupted); returns the process exit code."""
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             return self._run()
         finally:
-            signal.signal(signal.SIGINT, previous)
-            if self.manager is not None:
-                self.manager.close()
+            for manager in (self.manager, self.local):
+                if manager is not None:
+                    manager.close()
             if self.logger is not None:
                 self.logger.close()
             lock.release(self.run_dir)
@@ -178,11 +225,16 @@ class Trainer:
     def restore(self) -> int:
         """Restores the step the resume policy picks, if the run has checkpoints; returns the next step."""
         resumed = None if self.manager is None else resume(self.manager, self.config.checkpoint, self.identity,
-                                                           abstract(self.state))
+                                                           abstract(self.state), self.local)
         if resumed is None:
             return 0
-        self.state, self.start_example = resumed.state, resumed.start_example
         self.notes += resumed.notes
+        if resumed.state is None:  # every step damaged, started over (checkpoint.if_all_broken)
+            return 0
+        if resumed.tier == "local":
+            self.notes.append(f"resuming from the local copy of step {resumed.next_step} "
+                              f"({rundir.step_dir(self.local.run_dir, resumed.next_step)})")
+        self.state, self.start_example = resumed.state, resumed.start_example
         return resumed.next_step
 
     def _run(self) -> int:
@@ -206,17 +258,23 @@ class Trainer:
                      hooks.Evaluate(logger, self.evaluations, self.model),
                      hooks.Checkpoint(self._save, self._stop_reason, self._wait_for_save)]
         began, info = time.perf_counter(), None
+        if self.manager is not None:
+            self.manager.reached_preemption(start)  # this process's position for JAX's sync point, from now
         try:
             batches = self._batches(start)
+            self._phase(EARLY[1])
             for step in range(start, config.max_steps):
                 info = self._step(step, next(batches), start)
                 for hook in run_hooks:
+                    self._phase(hook.phase)
                     hook.on_step(info)
+                self._phase("training")
                 if info.stop:
                     break
         finally:
             for hook in run_hooks:
                 hook.close()
+        self._phase("finishing")
         return self._finish(start, info, time.perf_counter() - began)
 
     def _batches(self, start: int):
@@ -237,9 +295,12 @@ class Trainer:
         try:
             self.state, metrics = self.program.step(self.state, self.frozen, codes)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        except jax.errors.JaxRuntimeError as e:  # out of memory (compile or run) is the user's sizes
-            fit.raise_if_oom(e, TrainingError(f"out of memory at step {step + 1} with {self._sizes()}: "
-                                              f"{fit.train_advice(self.cfg.remat, dict(self.mesh.shape))}"))
+        except Exception as e:  # out of memory (compile or run) is the user's sizes; a failed collective may be a lost peer
+            if isinstance(e, jax.errors.JaxRuntimeError):
+                fit.raise_if_oom(e, TrainingError(f"out of memory at step {step + 1} with {self._sizes()}: "
+                                                  f"{fit.train_advice(self.cfg.remat, dict(self.mesh.shape))}"))
+            if jax.process_count() > 1 and self.watchdog is not None:
+                self.watchdog.wait_for_lost_process()  # a lost process ends this one, naming it
             raise
         done = step + 1
         if not metrics.pop("all_finite"):
@@ -251,8 +312,9 @@ class Trainer:
                               last=done == config.max_steps)
 
     def _wait_for_save(self) -> None:
-        if self.manager is not None:
-            self.manager.wait_until_finished()
+        for manager in (self.manager, self.local):
+            if manager is not None:
+                manager.wait_until_finished()
 
     def _diverged(self, step: int, metrics: dict) -> TrainingError:
         """The error of a step whose loss, gradient norm or parameters are not finite (never saved)."""
@@ -271,11 +333,14 @@ class Trainer:
         loss = info.metrics["loss"] if info is not None else math.nan
         where = (f"checkpoints {self.manager.all_steps()} in {self.manager.directory}" if self.manager
                  else "checkpoints off (do_ckpt=false)")
-        if info is not None and info.stop:
+        stop = info.stop if info is not None else None
+        if stop is None and self.interrupted:  # Ctrl-C during the last step's evaluation, save or export
+            stop = "interrupted"
+        if stop:
             saved = f"saved step {done}" if self.manager is not None else "nothing saved (do_ckpt=false)"
-            self.logger.say(f"{info.stop} at step {done} of {self.config.max_steps}: {saved}; re-run the same "
+            self.logger.say(f"{stop} at step {done} of {self.config.max_steps}: {saved}; re-run the same "
                             f"command to resume; {where}")
-            return INTERRUPTED if info.stop == "interrupted" else 0
+            return INTERRUPTED if stop == "interrupted" else 0
         self.logger.say(f"finished: steps {start}->{done} of {self.config.max_steps} in {seconds:.1f} s, last loss "
                         f"{loss:.4f}; {where}")
         return 0
