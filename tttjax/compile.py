@@ -36,7 +36,7 @@ from tttjax.train.program import build_program
 
 USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-64 [--num_slices=N] "
          "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--save_executable DIR] [--no_eval] "
-         "[--find_max_duration [--per_device_batch N]] [--search [--search_budget N] [--search_layers N]]")
+         "[--find_max_duration [--per_device_batch N]] [--search [--search_budget N]] [--search_layers N]")
 
 
 class CompileError(UserError):
@@ -181,6 +181,10 @@ def format_report(report: dict) -> str:
              f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}, frozen weights "
              f"{report['frozen_weights']}; "
              f"compile {report['compile_s']:.0f} s"]
+    if report.get("extrapolated_from_plain_layers"):
+        small, large = report["extrapolated_from_plain_layers"]
+        lines.append(f"extrapolated every figure below linearly from compiles with {small} and {large} plain temporal "
+                     f"layers (the TTT layers kept)")
     hbm = report["hbm_bytes"]
     m = report["per_device"]
     if m:
@@ -287,10 +291,14 @@ def parse_args(argv: list[str]):
                         help="compile candidate layouts (mesh, remat, microbatches, frozen_weights) and rank them")
     parser.add_argument("--search_budget", type=int, default=6, help="with --search: layouts to compile (default 6)")
     parser.add_argument("--search_layers", type=int, default=0,
-                        help="with --search: compile N and N-1 plain temporal layers and extrapolate (0: the full model)")
+                        help="compile N and N-1 plain temporal layers and extrapolate to the full model (each "
+                        "--search candidate, or the config's own layout; 0: compile the full model)")
     args = parser.parse_args(rest)
     if args.search_budget < 1 or args.search_layers < 0 or args.search_layers == 1:
         parser.error("--search_budget must be >= 1 and --search_layers 0 or >= 2")
+    if args.search_layers and (args.find_max_duration or args.dump_hlo or args.save_executable):
+        parser.error("--search_layers predicts from cut programs: not with --find_max_duration, --dump_hlo "
+                     "or --save_executable")
     if spec is None:
         parser.error("--config is required")
     return spec, overrides, args
@@ -322,6 +330,10 @@ def _main(argv: list[str]) -> int:
             print(f"{topo.name}: longest train step that fits at batch {report['batch_size']} "
                   f"({args.per_device_batch} per batch shard): {report['max_duration_sec']:g} s = "
                   f"{report['max_frames']} frames")
+        elif args.search_layers:
+            report = layout_search.compile_cut(
+                config, topo, lambda c, t: compile_run(c, t, with_eval=False, log=_progress), args.search_layers)
+            print(format_report(report))
         else:
             report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo,
                                  save_executable=save_executable)

@@ -168,6 +168,18 @@ def extrapolate(small: dict, large: dict, small_plain: int, large_plain: int, fu
     return _derived(carry(small, large))
 
 
+def compile_cut(config, topo, compile_fn: Callable, layers: int) -> dict:
+    """`config`'s report for the full stack, extrapolated from compiles with `layers` - 1 and `layers`
+    plain temporal layers."""
+    small_n, large_n = max(1, layers - 1), max(2, layers)
+    small = compile_fn(reduced(config, small_n), topo)
+    large = compile_fn(reduced(config, large_n), topo)
+    report = extrapolate(small, large, small_n, large_n, plain_layers(config))
+    report["extrapolated_from_plain_layers"] = [small_n, large_n]
+    report["compile_s"] = small["compile_s"] + large["compile_s"]
+    return report
+
+
 def _derived(report: dict) -> dict:
     """Recompute what is not linear in the layers (ratios, the fit, the bound) from the carried figures."""
     m, perf, w = report.get("per_device"), report.get("performance"), report.get("weight_gathers")
@@ -204,15 +216,7 @@ def search(config, topo, compile_fn: Callable, *, budget: int = 6, layers: int |
         log(f"  {layout.describe()} (estimate {memory.format_bytes(estimate)}, "
             f"prior {prior_seconds(config, layout, topo.chip, num_devices):.3f} s)")
         try:
-            if layers:
-                full = plain_layers(c)
-                small_n, large_n = max(1, layers - 1), max(2, layers)
-                small = compile_fn(reduced(c, small_n), topo)
-                large = compile_fn(reduced(c, large_n), topo)
-                report = extrapolate(small, large, small_n, large_n, full)
-                report["extrapolated_from_plain_layers"] = [small_n, large_n]
-            else:
-                report = compile_fn(c, topo)
+            report = compile_cut(c, topo, compile_fn, layers) if layers else compile_fn(c, topo)
         except ValueError as e:  # the program refuses this layout (e.g. a mesh the model cannot split)
             rows.append({"layout": layout, "error": str(e).splitlines()[0]})
             continue
