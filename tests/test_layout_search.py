@@ -42,11 +42,18 @@ def test_candidates_split_the_batch_and_fit_the_estimate():
     assert len(small) < len(found)
 
 
-def _report(step_s, total_bytes, hbm=100, layers=0):
+def _report(step_s, total_bytes, hbm=100, layers=0, times=None):
+    compute, memory, collectives = times or (step_s, step_s / 2, step_s / 3)
     return {"fits": total_bytes <= hbm, "hbm_bytes": hbm, "num_devices": 2, "batch_size": 2, "num_frames": 10,
             "model_flops_per_step": 1e3 * (4 + layers), "per_device": {"total_bytes": total_bytes},
-            "performance": {"peak_flops": 1e3, "step_s": {"overlap": step_s, "serial": 2 * step_s},
-                            "time_s": {"compute": step_s, "memory": step_s / 2, "collectives": step_s / 3}},
+            "performance": {"peak_flops": 1e3,
+                            "step_s": {"overlap": max(compute, memory, collectives),
+                                       "roofline": max(compute + memory, collectives),
+                                       "serial": compute + memory + collectives},
+                            "time_s": {"compute": compute, "memory": memory, "collectives": collectives},
+                            "parts": {"layers": {"time_s": compute, "share": 0.5, "mxu_efficiency": 0.9},
+                                      "rest": {"time_s": memory, "share": 0.5, "mxu_efficiency": None}},
+                            "mxu": {"efficiency": 0.9}},
             "weight_gathers": {"compiled_bytes": 12 + layers, "minimum_bytes": 10 + layers}}
 
 
@@ -86,6 +93,13 @@ def test_extrapolation_is_linear_in_plain_layers_and_recomputes_ratios():
     # MFU from the carried FLOPs and step time, not carried itself
     perf = full["performance"]
     assert perf["mfu"]["overlap"] == pytest.approx(full["model_flops_per_step"] / 2 / (perf["step_s"]["overlap"] * 1e3))
+    # the bounds are the max / sum of the carried times: compute-bound cuts, a collective-bound stack
+    small, large = (_report(0, 10, layers=n, times=t) for n, t in ((1, (1.0, 0.5, 0.2)), (2, (1.1, 0.6, 0.5))))
+    perf = ls.extrapolate(small, large, 1, 2, 30)["performance"]
+    assert perf["bound"] == "collectives" and perf["step_s"]["overlap"] == pytest.approx(0.5 + 0.3 * 28)
+    assert perf["step_s"]["serial"] == pytest.approx(3.9 + 3.4 + 8.9)
+    assert perf["step_s"]["roofline"] == pytest.approx(8.9)  # the op-by-op sum, 7.3, is under the collectives
+    assert perf["parts"]["layers"]["share"] == pytest.approx(3.9 / 7.3) and perf["parts"]["layers"]["mxu_efficiency"] is None
     # the reduced configs keep the TTT layers, moved to the front
     cut = ls.reduced(_config("--config.model.num_layers=4", "--config.ttt.layers=1,3"), 2)
     assert cut.model.num_layers == 4 and cut.ttt.layers == "1,2"
@@ -109,15 +123,15 @@ def test_search_compiles_for_a_tpu_topology(tmp_path, capsys):
 
 @needs_libtpu
 def test_search_layers_alone_extrapolates_the_configs_own_layout(tmp_path, capsys):
-    """`--search_layers 2` without --search: the config's layout compiled with 1 and 2 plain layers and
-    carried to the full stack, against the full stack's own compile."""
-    deep = SMALL + ["--config.model.num_layers=5", "--topology=v5e:2x2", "--no_eval"]
+    """`--search_layers 3` without --search: the config's layout compiled with 2 and 3 plain layers and
+    carried to the full stack of 5, against the full stack's own compile."""
+    deep = SMALL + ["--config.model.num_layers=6", "--topology=v5e:2x2", "--no_eval"]
     cut, whole = tmp_path / "cut.json", tmp_path / "whole.json"
-    assert compile_cli.main(deep + ["--search_layers=2", f"--output_json={cut}"]) == 0
-    assert "extrapolated every figure below linearly from compiles with 1 and 2" in capsys.readouterr().out
+    assert compile_cli.main(deep + ["--search_layers=3", f"--output_json={cut}"]) == 0
+    assert "extrapolated every figure below linearly from compiles with 2 and 3" in capsys.readouterr().out
     assert compile_cli.main(deep + [f"--output_json={whole}"]) == 0
     cut, whole = json.loads(cut.read_text()), json.loads(whole.read_text())
-    assert cut["extrapolated_from_plain_layers"] == [1, 2] and cut["mesh"] == whole["mesh"]
+    assert cut["extrapolated_from_plain_layers"] == [2, 3] and cut["mesh"] == whole["mesh"]
     # model FLOPs are linear in the layers: the carried figure is the full stack's
     assert cut["model_flops_per_step"] == pytest.approx(whole["model_flops_per_step"], rel=1e-9)
     # the rest is not exactly linear (the compiler's buffer assignment, the TTT layer's position); on this

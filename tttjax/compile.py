@@ -294,8 +294,8 @@ def parse_args(argv: list[str]):
                         help="compile N and N-1 plain temporal layers and extrapolate to the full model (each "
                         "--search candidate, or the config's own layout; 0: compile the full model)")
     args = parser.parse_args(rest)
-    if args.search_budget < 1 or args.search_layers < 0 or args.search_layers == 1:
-        parser.error("--search_budget must be >= 1 and --search_layers 0 or >= 2")
+    if args.search_budget < 1 or args.search_layers < 0 or args.search_layers in (1, 2):
+        parser.error("--search_budget must be >= 1 and --search_layers 0 or >= 3")
     if args.search_layers and (args.find_max_duration or args.dump_hlo or args.save_executable):
         parser.error("--search_layers predicts from cut programs: not with --find_max_duration, --dump_hlo "
                      "or --save_executable")

@@ -170,8 +170,11 @@ def extrapolate(small: dict, large: dict, small_plain: int, large_plain: int, fu
 
 def compile_cut(config, topo, compile_fn: Callable, layers: int) -> dict:
     """`config`'s report for the full stack, extrapolated from compiles with `layers` - 1 and `layers`
-    plain temporal layers."""
-    small_n, large_n = max(1, layers - 1), max(2, layers)
+    plain temporal layers (`layers` >= 3: a stack of one plain layer compiles to another program, its
+    loop of one trip removed, and its memory and HBM traffic do not extrapolate; BENCHMARKS.md)."""
+    if layers < 3:
+        raise ValueError(f"layers={layers}: the layer cut needs at least 2 and 3 plain layers")
+    small_n, large_n = layers - 1, layers
     small = compile_fn(reduced(config, small_n), topo)
     large = compile_fn(reduced(config, large_n), topo)
     report = extrapolate(small, large, small_n, large_n, plain_layers(config))
@@ -186,13 +189,21 @@ def _derived(report: dict) -> dict:
     if m:
         report["fits"] = m["total_bytes"] <= report["hbm_bytes"]
         report["headroom_bytes"] = report["hbm_bytes"] - m["total_bytes"]
-    if perf:
+    if perf:  # the step's bounds are max / sum of the carried times, not linear themselves
+        t, parts = perf["time_s"], perf["parts"]
+        ops = sum(p["time_s"] for p in parts.values())
+        perf["step_s"] = {"overlap": max(t["compute"], t["memory"], t["collectives"]),
+                          "roofline": max(ops, t["collectives"]),
+                          "serial": t["compute"] + t["memory"] + t["collectives"]}
+        for p in parts.values():
+            p["share"] = p["time_s"] / ops if ops else None
+            p["mxu_efficiency"] = None  # a ratio of times the report does not carry
+        perf["mxu"]["efficiency"] = None
         per_device = report["model_flops_per_step"] / report["num_devices"]
         perf["mfu"] = {k: per_device / (v * perf["peak_flops"]) if v else None for k, v in perf["step_s"].items()}
         frames = report["batch_size"] * report["num_frames"]
         perf["frames_per_s_per_chip"] = {k: frames / v / report["num_devices"] if v else None
                                          for k, v in perf["step_s"].items()}
-        t = perf["time_s"]
         perf["bound"] = max((t["compute"], "compute"), (t["memory"], "memory"), (t["collectives"], "collectives"))[1]
     if w:
         w["ratio"] = w["compiled_bytes"] / w["minimum_bytes"] if w["minimum_bytes"] else None

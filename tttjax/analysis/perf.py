@@ -269,9 +269,10 @@ def format_performance(p: dict) -> list[str]:
              f"             compute {_s(t['compute'])}, HBM {_s(t['memory'])} ({p['hbm_bytes_per_device'] / 2 ** 30:.2f} GiB), "
              f"collectives {_s(t['collectives'])} (ICI {_s(t['ici'])}, DCN {_s(t['dcn'])})",
              f"flops/device dots {f['dot']:.3e}, kernels {f['kernels']:.3e}, other {f['other']:.3e}; useful (model) "
-             f"{f['model']:.3e}: compiled / useful {f['compiled_per_model'] or 0:.2f}; MXU efficiency {p['mxu']['efficiency']:.0%}"]
+             f"{f['model']:.3e}: compiled / useful {f['compiled_per_model'] or 0:.2f}"
+             + (f"; MXU efficiency {p['mxu']['efficiency']:.0%}" if p["mxu"]["efficiency"] is not None else "")]
     parts = sorted(p["parts"].items(), key=lambda kv: -kv[1]["time_s"])
     lines.append("by part      " + ", ".join(
         f"{name} {v['share']:.0%}" + (f" (MXU {v['mxu_efficiency']:.0%})" if v["mxu_efficiency"] is not None else "")
-        for name, v in parts if v["share"] >= 0.005))
+        for name, v in parts if (v["share"] or 0) >= 0.005))
     return lines
