@@ -1,28 +1,45 @@
-"""The capacity table of docs/distributed.md and BENCHMARKS.md from `tttjax.compile` reports.
+"""The capacity and speed tables of docs/distributed.md and BENCHMARKS.md from `tttjax.compile` reports.
 
-    python -m tttjax.compile --config=configs/moshi_7b_ttt.py --topology=v5p-8 --output_json r1.json
+    python -m tttjax.compile --config=configs/moshi_7b_ttt.py --topology=v5p-8 --output_json r1.json [--dump_hlo d1]
     ...
-    python bench/capacity.py r1.json r2.json ...
+    python bench/capacity.py r1.json r2.json ...            # the capacity table
+    python bench/capacity.py --speed r1.json r2.json ...    # the speed table (predicted)
+    python bench/capacity.py --speed --hlo HLO_DIRS... r1.json ...  # re-predict from the dumped HLO
 
-Prints one markdown row per report: what trains, topology and mesh, batch x duration, the temporal
-attention (reports written before attention_impl existed compiled full scores: xla), fits, the
-compiler's per-device total against HBM (headroom), the estimate and its ratio, the collectives
+Capacity: one markdown row per report: what trains, topology and mesh, batch x duration, the
+temporal attention (reports written before attention_impl existed compiled full scores: xla), fits,
+the compiler's per-device total against HBM (headroom), the estimate and its ratio, the collectives
 of one step (count and GiB by kind, DCN share) and compile seconds.
+
+Speed: the report's `performance` (tttjax/analysis/perf.py: predicted from the compiled program,
+never measured): step time with everything overlapped / op by op / nothing overlapped, MFU and
+frames/s per chip for those, what bounds it, the TTT inner scan's share, the layout (the run's
+mesh: `--search` will pick a best one), the date and command of the compile. With `--hlo`, each
+report whose `--dump_hlo` directory is given (matched by position) is predicted again by the
+current perf.py from its train_step.hlo.txt (needs libtpu for the topology's devices).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import re
+from pathlib import Path
 
 GiB = 1024 ** 3
 KINDS = {"all-gather": "AG", "reduce-scatter": "RS", "all-reduce": "AR", "all-to-all": "A2A",
          "collective-permute": "CP"}
 
 
+def _trains(report: dict) -> str:
+    return "full fine-tuning" if report["full_finetuning"] else "LoRA 128 + TTT 1,5,10"
+
+
+def _mesh(report: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1) or "1 device"
+
+
 def row(report: dict) -> str:
-    trains = "full fine-tuning" if report["full_finetuning"] else "LoRA 128 + TTT 1,5,10"
-    mesh = " ".join(f"{k}={v}" for k, v in report["mesh"].items() if v > 1) or "1 device"
     hbm = report["hbm_bytes"] / GiB
     if report["per_device"]:
         total = report["per_device"]["total_bytes"] / GiB
@@ -34,19 +51,76 @@ def row(report: dict) -> str:
     collectives = ", ".join(
         f"{KINDS[k]} {c['count']}x {c['bytes'] / GiB:.2f}" + (f" (DCN {c['dcn_count']}x)" if c["dcn_count"] else "")
         for k, c in (report["collectives"] or {}).items() if c["count"]) or "-"
-    return (f"| {trains} | {report['topology']} | {mesh} | {report['batch_size']} x {report['duration_sec']:g} s | "
+    return (f"| {_trains(report)} | {report['topology']} | {_mesh(report)} | {report['batch_size']} x {report['duration_sec']:g} s | "
             f"{report.get('attention_impl', 'xla')} | {'yes' if report['fits'] else 'NO'} | {memory} | {report['estimate_bytes'] / GiB:.2f} GiB ({ratio}) | "
             f"{collectives} | {report['compile_s']:.0f} |")
 
 
-def main(paths: list[str]) -> None:
+SPEED_HEADER = ("| recipe | topology | layout (mesh; --search: later) | batch | fits | HBM per device | "
+                "step s: overlap / op by op / serial | MFU: overlap / op by op / serial | frames/s per chip: overlap / op by op | "
+                "bound | TTT inner scan | date | command |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _command(command: str) -> str:
+    """The compile command without where it wrote its files (--output_json, --dump_hlo)."""
+    return re.sub(r" --(output_json|dump_hlo)[= ]\S+", "", command)
+
+
+def speed_row(report: dict) -> str:
+    recipe = f"{_trains(report)}, {report['duration_sec']:g} s"
+    command = f"`{_command(report['command'])}`" if report.get("command") else "-"
+    head = (f"| {recipe} | {report['topology']} | {_mesh(report)} | {report['batch_size']} x {report['duration_sec']:g} s | "
+            f"{'yes' if report['fits'] else 'NO'} | ")
+    p = report.get("performance")
+    if not report["per_device"] or p is None:
+        need = report["compiler_refused"]["needed_bytes"] / GiB if report.get("compiler_refused") else 0
+        return head + (f"refused: {need:.1f} GiB of temporaries | - | - | - | - | - | {report.get('date', '-')} | "
+                       f"{command} |")
+    s, mfu, fps = p["step_s"], p["mfu"], p["frames_per_s_per_chip"]
+    ttt = p["parts"].get("ttt_inner_scan", {}).get("share", 0.0)
+    hbm = f"{report['per_device']['total_bytes'] / GiB:.2f} of {report['hbm_bytes'] / GiB:.0f} GiB"
+    return head + (f"{hbm} | {s['overlap']:.3f} / {s['roofline']:.3f} / {s['serial']:.3f} | "
+                   f"{mfu['overlap']:.1%} / {mfu['roofline']:.1%} / {mfu['serial']:.1%} | "
+                   f"{fps['overlap']:.0f} / {fps['roofline']:.0f} | {p['bound']} | {ttt:.0%} | "
+                   f"{report.get('date', '-')}, predicted | {command} |")
+
+
+def repredict(report: dict, hlo_dir: Path) -> dict:
+    """The report's `performance` predicted again by the current perf.py from the dumped HLO."""
+    from tttjax.analysis import perf, topology
+    from tttjax.parallel.mesh import make_mesh
+
+    topo = topology.topology(report["shape"], report["num_slices"])
+    mesh = make_mesh(report["mesh_config"], topo.devices())
+    text = (hlo_dir / "train_step.hlo.txt").read_text()
+    report["performance"] = perf.predict(text, mesh, topo.chip, model_flops=report["model_flops_per_step"],
+                                         frames_per_step=report["batch_size"] * report["num_frames"],
+                                         slice_shape=topo.dims, num_slices=topo.num_slices,
+                                         attention_window=report["attention_window"])
+    return report
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--speed", action="store_true", help="the speed table (predicted) instead of capacity")
+    parser.add_argument("--hlo", nargs="*", default=[], help="--dump_hlo directories, one per report, to re-predict")
+    parser.add_argument("reports", nargs="+")
+    args = parser.parse_args(argv)
+    reports = [json.loads(Path(p).read_text()) for p in args.reports]
+    for i, hlo_dir in enumerate(args.hlo):
+        if reports[i]["per_device"]:
+            repredict(reports[i], Path(hlo_dir))
+    if args.speed:
+        print(SPEED_HEADER)
+        for report in reports:
+            print(speed_row(report))
+        return
     print("| trains | topology | mesh | batch | attention | fits | compiler, per device | estimate (/ compiler) | "
           "collectives per step (count x GiB) | compile s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for path in paths:
-        with open(path) as f:
-            print(row(json.load(f)))
+    for report in reports:
+        print(row(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU benchmark suite, one prepared run of under 8 minutes on a machine with one H100/H200.
+# The GPU benchmark suite, one prepared run of under 10 minutes on a machine with one H100/H200.
 #
 #   bash bench/device_suite.sh --prepare   # here (network): wheels of what the GPU machine lacks -> bench/wheels/
 #   bash bench/device_suite.sh             # there: the benchmarks; results -> bench/results/ and $OUT/results/
@@ -7,7 +7,7 @@
 # The GPU machine has no network and its own Python 3.12 with JAX (CUDA), flax, optax, orbax and
 # torch; the pure-Python (and abi3/cp312) packages tttjax also imports travel as wheels and are
 # installed into a private directory only where the import is missing there. With the device tool:
-#   run(command="bash bench/device_suite.sh", carry=["bench/wheels"], timeout_s=540)
+#   run(command="bash bench/device_suite.sh", carry=["bench/wheels"], timeout_s=600)
 # Then copy the returned results/*.json into bench/results/device/ and record them in BENCHMARKS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +55,9 @@ step() {  # name, seconds, command...: one benchmark under its own time limit; t
 step layer_stack 240 "$PY" bench/layer_stack.py --layers 4 --ttt-layer 1 --frames 2048 --dtype bfloat16
 # The small-config train step (JAX only: PyTorch's side of that bench runs on CPU threads).
 step train_step 120 "$PY" bench/train_step.py --configs small --steps 8 --repeats 1 --jax_only
+# The performance model against the device: predicted (from the compiled step's HLO, with this GPU's
+# measured rates and its chips.py datasheet entry) vs measured Trainer step.
+step perf_model 100 "$PY" bench/perf_model.py --configs bench_tiny,bench_small --steps 4 --rounds 2
 # One TTT-MLP layer: dual vs primal form (and the PyTorch port), T up to 2048.
 step ttt_layer 90 "$PY" bench/ttt_layer.py
 # Long-sequence attention (window 3000, 32 heads as a 7B layer): blockwise vs cuDNN's local-window kernel.
@@ -62,6 +65,6 @@ step attention 120 "$PY" bench/attention.py --frames 4096,16384,65536 --heads 32
 
 if [[ -n "${OUT:-}" ]]; then
   mkdir -p "$OUT/results"
-  cp bench/results/layer_stack.json bench/results/train_step.json bench/results/ttt_layer.json bench/results/attention.json "$OUT/results/" 2>/dev/null || true
+  cp bench/results/layer_stack.json bench/results/train_step.json bench/results/ttt_layer.json bench/results/attention.json bench/results/perf_model.json "$OUT/results/" 2>/dev/null || true
 fi
 exit $status

@@ -15,6 +15,8 @@ from tttjax import compile as compile_cli
 from tttjax.analysis import topology
 from tttjax.analysis.flops import train_step_flops
 from tttjax.config import reader
+from tttjax.train import executable
+from tttjax.train.loop import Trainer
 from tttjax.train.program import build_program
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -61,7 +63,16 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
                                                  m.generated_code_size_in_bytes)
     assert figures["total_bytes"] == (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                                       - m.alias_size_in_bytes)
-    assert report["model_flops_per_step"] == train_step_flops(program.cfg, 8, 16)
+    assert report["model_flops_per_step"] == train_step_flops(program.cfg, 8, 16, full_finetuning=False)
+    # the performance model: every part of the model found by its source, little left unattributed
+    performance = report["performance"]
+    assert {"temporal_attention", "temporal_mlp", "ttt_inner_scan", "ttt_branch", "depformer", "loss",
+            "optimizer"} <= set(performance["parts"])
+    assert performance["parts"].get("other", {"share": 0})["share"] < 0.1
+    step = performance["step_s"]
+    assert 0 < step["overlap"] <= step["roofline"] <= step["serial"]
+    assert performance["flops_per_device"]["dot"] > 0 and performance["flops_per_device"]["kernels"] > 0  # splash
+    assert "predicted" in captured.out
     assert "headroom" in captured.out and captured.out.rstrip().endswith("fits")
     assert "[compile]" in captured.err  # progress goes to stderr
 
@@ -69,7 +80,7 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
 @needs_libtpu
 def test_two_slices_put_the_data_axis_over_dcn(tmp_path, capsys):
     code, report, captured = _run(SMALL + ["--topology=v5e-4", "--num_slices=2", "--config.mesh.dcn_data=2",
-                                           "--no_eval"], tmp_path, capsys)
+                                           "--no_eval", f"--save_executable={tmp_path / 'exe'}"], tmp_path, capsys)
     assert code == 0, captured.err
     assert report["topology"] == "2 x v5e-4" and report["num_devices"] == 8
     assert report["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
@@ -77,6 +88,14 @@ def test_two_slices_put_the_data_axis_over_dcn(tmp_path, capsys):
     assert gradients["by_axes"]["data"]["count"] > 0 and gradients["dcn_count"] >= gradients["by_axes"]["data"]["count"]
     assert report["collectives"]["all-gather"]["dcn_count"] == 0  # FSDP gathers stay inside a slice (ICI)
     assert "DCN" in captured.out
+    # the saved step says what it was compiled for; a job elsewhere (here: this CPU) is refused in one line
+    manifest = json.loads((tmp_path / "exe" / "manifest.json").read_text())
+    assert (manifest["platform"], manifest["device_kind"], manifest["num_devices"]) == ("tpu", "TPU v5 lite", 8)
+    assert (tmp_path / "exe" / "train_step.bin").stat().st_size > 0
+    config = reader.load("configs/tiny.py", reader.split_config_args(SMALL)[1])
+    config.run_dir, config.compiled_step = str(tmp_path / "run"), str(tmp_path / "exe")
+    with pytest.raises(executable.ExecutableMismatch, match="compiled for platform tpu, this run has cpu"):
+        Trainer(config)
 
 
 @needs_libtpu
@@ -136,7 +155,7 @@ def test_topology_names(name, slices, generation, shape, chips):
 def test_impossible_slice_sizes_are_named():
     with pytest.raises(ValueError, match="no v5p slice of that size.*v5p-8"):
         topology.topology("v5p-12")
-    with pytest.raises(ValueError, match="unknown TPU topology 'v5e:2x2x2'"):
+    with pytest.raises(ValueError, match="unknown topology 'v5e:2x2x2'"):
         topology.topology("v5e:2x2x2")
 
 

@@ -19,13 +19,15 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tttjax.analysis import memory
+from tttjax.analysis import fit, memory
 from tttjax.parallel import distributed
 from tttjax.parallel import mesh as mesh_lib
 from tttjax.parallel import sharding as sh
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = [(8, 1, 1), (2, 2, 2), (1, 4, 2)]
+# Frozen-weight placements other than "sharded", each on one mesh (its name: "1x4x2:replicated").
+PLACEMENTS = [((1, 4, 2), "replicated"), ((2, 2, 2), "gather_once")]
 # The subprocess runs compile with LLVM optimisation off: XLA's own passes (SPMD partitioning, fusion)
 # run as usual, the generated CPU code is just less optimised and compiles ~2x faster.
 FAST_COMPILE = "--xla_backend_optimization_level=0"
@@ -154,41 +156,54 @@ def test_memory_estimate_7b():
     fused = _estimate("none", data=8, fsdp=1, tensor=1)  # auto on GPU in bf16: cudnn
     # 2 sequences per device x 32 layers x 32 heads x T^2 x (fp32 scores + bf16 probs) = 19.2 GB
     assert data_parallel.total - fused.total > 2 * 32 * 32 * 1250 ** 2 * 6
-    est = dict(source="analytic estimate")
-    with pytest.raises(ValueError, match="analytic estimate.*does not fit.*mesh.fsdp"):
-        memory.check_memory(data_parallel.total, 80 * 10**9, mode="error", what="8xH100 data-parallel", **est)
-    assert "does not fit" in memory.check_memory(data_parallel.total, 80 * 10**9, mode="warn", what="x", **est)
-    assert memory.check_memory(h100.total, 80 * 10**9, mode="error", what="8xH100 fsdp", **est) is None
-    assert memory.check_memory(data_parallel.total, 80 * 10**9, mode="off", what="x", **est) is None
+    est = dict(source="analytic estimate", advice=fit.train_advice("none", {"data": 8}))
+    with pytest.raises(fit.OutOfMemory, match="analytic estimate.*does not fit.*mesh.fsdp"):
+        fit.check(data_parallel.total, 80 * 10**9, mode="error", what="8xH100 data-parallel", **est)
+    assert "does not fit" in fit.check(data_parallel.total, 80 * 10**9, mode="warn", what="x", **est)
+    assert fit.check(h100.total, 80 * 10**9, mode="error", what="8xH100 fsdp", **est) is None
+    assert "within 10%" in fit.check(int(0.95 * 80 * 10**9), 80 * 10**9, mode="error", what="x", **est)  # tight
+    assert fit.check(data_parallel.total, 80 * 10**9, mode="off", what="x", **est) is None
 
 
 def test_compile_oom_figures():
-    """XLA:TPU's compile-time refusals, in both forms it prints, give (needed, available) bytes."""
-    temps = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-                         "temporaries (48.79G) exceeds available HBM (15.75G).")
-    assert memory.compile_oom(temps) == (int(48.79 * memory.GiB), int(15.75 * memory.GiB))
-    used = RuntimeError("XLA:TPU compile permanent error. Ran out of memory in memory space hbm. Used 20.50G of "
-                        "15.48G hbm. Exceeded hbm capacity by 5.02G.")
-    assert memory.compile_oom(used) == (int(20.5 * memory.GiB), int(15.48 * memory.GiB))
-    assert memory.compile_oom(RuntimeError("INTERNAL: something else")) is None
+    """XLA:TPU's compile-time refusals (a JaxRuntimeError with status RESOURCE_EXHAUSTED), in both
+    forms it prints, give (needed, available) bytes; other errors are not out-of-memory."""
+    temps = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for "
+                                       "HLO temporaries (48.79G) exceeds available HBM (15.75G).")
+    assert fit.refusal(temps) == fit.Refusal(int(48.79 * memory.GiB), int(15.75 * memory.GiB))
+    used = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in "
+                                      "memory space hbm. Used 20.50G of 15.48G hbm. Exceeded hbm capacity by 5.02G.")
+    assert fit.refusal(used) == fit.Refusal(int(20.5 * memory.GiB), int(15.48 * memory.GiB))
+    assert fit.refusal(jax.errors.JaxRuntimeError("INTERNAL: something else")) is None
+    assert fit.refusal(RuntimeError("RESOURCE_EXHAUSTED: not the runtime's")) is None  # the class decides
+
+    def failing(error):
+        def build():
+            raise error
+        return build
+
+    assert fit.compile_program(failing(temps)) == (None, fit.refusal(temps))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        fit.compile_program(failing(jax.errors.JaxRuntimeError("INTERNAL: x")))
 
 
 # ----------------------------------------------------------------------------------------------
 # Sharded training == single device (8 fake CPU devices in a subprocess)
 
 
-def _config(run_dir, mesh):
+def _config(run_dir, mesh, frozen_weights="sharded"):
     from test_train import micro_config
 
     return micro_config(run_dir, batch_size=8, max_steps=MAX_STEPS, do_ckpt=False, export_dtype="float32",
+                        frozen_weights=frozen_weights,
                         **{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
 
 
-def _train(run_dir, mesh):
+def _train(run_dir, mesh, frozen_weights="sharded"):
     """NUM_STEPS steps of the real Trainer (its data path and jitted step); (losses, params, trainer)."""
     from tttjax.train.loop import Trainer
 
-    trainer = Trainer(_config(run_dir, mesh))
+    trainer = Trainer(_config(run_dir, mesh, frozen_weights))
     trainer.born_specs = _specs(trainer.state)
     batches = trainer._batches(0)
     state, losses = trainer.state, []
@@ -209,14 +224,14 @@ def _child(out: str, meshes: str) -> None:
     """One side of the comparison: train on each mesh, check shardings, save losses and params."""
     import tempfile
 
-    meshes = [tuple(int(n) for n in m.split("x")) for m in meshes.split(",")]
+    runs = [(m, tuple(int(n) for n in m.split(":")[0].split("x")), (m.split(":") + ["sharded"])[1])
+            for m in meshes.split(",")]
     distributed.initialize_distributed()  # before anything starts JAX's backend, as tttjax.main does
-    assert jax.device_count() == int(np.prod(meshes[0])), jax.devices()
+    assert jax.device_count() == int(np.prod(runs[0][1])), jax.devices()
     results, report = {}, {}
-    for mesh in meshes:
+    for name, mesh, frozen_weights in runs:
         with tempfile.TemporaryDirectory() as tmp:
-            losses, state, trainer = _train(tmp, mesh)
-        name = "x".join(map(str, mesh))
+            losses, state, trainer = _train(tmp, mesh, frozen_weights)
         specs = _specs(state)
         params = dict(_specs(state.params))
         # Adam moments: "...inner_state[0].mu['depformer'][...]" -> the parameter "['depformer'][...]"
@@ -233,6 +248,7 @@ def _child(out: str, meshes: str) -> None:
                                       and not k.startswith(".params")),
             "batch_spec": trainer.batch_spec,
             "frozen_sharded": sum(any(a is not None for a in v) for v in _specs(trainer.frozen).values()),
+            "frozen_over_fsdp": sum("fsdp" in str(v) for v in _specs(trainer.frozen).values()),
         }
         for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]:
             results[f"{name}/{jax.tree_util.keystr(path)}"] = np.asarray(x)
@@ -241,7 +257,8 @@ def _child(out: str, meshes: str) -> None:
 
 
 def test_sharded_train_step_matches_one_device(tmp_path):
-    """Meshes (8,1,1), (2,2,2), (1,4,2) on 8 devices vs 1 device: same losses and params.
+    """Meshes (8,1,1), (2,2,2), (1,4,2) on 8 devices vs 1 device: same losses and params; so are the
+    frozen base replicated over fsdp on (1,4,2) and gathered once per step on (2,2,2).
 
     Tolerance: fp32 throughout; the meshes only change how reductions are split and ordered
     (all-reduces of partial sums, per-shard GEMMs), so losses agree to ~1e-6 relative and params,
@@ -255,7 +272,8 @@ def test_sharded_train_step_matches_one_device(tmp_path):
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     out, ref_out = tmp_path / "sharded.npz", tmp_path / "ref.npz"
-    children = [start(8, ",".join("x".join(map(str, m)) for m in MESHES), out), start(1, "1x1x1", ref_out)]
+    names = ["x".join(map(str, m)) for m in MESHES] + [f"{'x'.join(map(str, m))}:{p}" for m, p in PLACEMENTS]
+    children = [start(8, ",".join(names), out), start(1, "1x1x1", ref_out)]
     for child in children:
         log = child.communicate(timeout=900)[0].decode()
         assert child.returncode == 0, log[-3000:]
@@ -263,12 +281,13 @@ def test_sharded_train_step_matches_one_device(tmp_path):
     sharded = np.load(out)
     ref_losses = json.loads(ref_out.with_suffix(".json").read_text())["1x1x1"]["losses"]
     ref = {k.split("/", 1)[1]: v for k, v in np.load(ref_out).items()}
-    for mesh in MESHES:
-        name = "x".join(map(str, mesh))
+    for name in names:
+        mesh, placement = tuple(int(n) for n in name.split(":")[0].split("x")), (name.split(":") + ["sharded"])[1]
         r = report[name]
         assert r["mesh"] == dict(zip(mesh_lib.MESH_AXES, mesh))
         assert r["kept"] and r["mu_like_params"] and r["scalars_replicated"], r
         assert r["sharded_params"] > r["num_params"] // 2 and r["frozen_sharded"] > 10, r
+        assert (r["frozen_over_fsdp"] == 0) == (placement == "replicated"), r
         assert r["batch_spec"][0] == ["data", "fsdp"] and not any(r["batch_spec"][1:]), r
         np.testing.assert_allclose(r["losses"], ref_losses, rtol=2e-6, err_msg=name)
         for key, want in ref.items():

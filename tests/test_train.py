@@ -177,6 +177,35 @@ def test_startup_memory_check_uses_the_compiled_step(tmp_path, monkeypatch):
     assert_trees_equal(checked.state.params, plain.state.params)
 
 
+def test_a_saved_executable_is_reused_and_refused_when_it_is_not_this_run(tmp_path):
+    """The step compiled and serialized once (as tttjax.compile --save_executable writes it) is what a
+    run with compiled_step loads and runs, bitwise as a run that compiles; a run whose batch or
+    program differs is refused in one line."""
+    from tttjax.train import executable
+    from tttjax.train.program import build_program
+
+    program = build_program(micro_config(tmp_path / "unused", max_steps=2))  # max_steps: the LR schedule is in the step
+    lowered = program.lower()
+    with executable.fresh_compile():
+        compiled = lowered.compile()
+    executable.save(tmp_path / "exe", program, lowered, compiled)
+    loaded = Trainer(micro_config(tmp_path / "a", max_steps=2, ckpt_freq=0, compiled_step=str(tmp_path / "exe")))
+    assert loaded.program.compiled is not None  # loaded at start-up, never compiled
+    loaded.run()
+    plain = Trainer(micro_config(tmp_path / "b", max_steps=2, ckpt_freq=0))
+    plain.run()
+    assert_trees_equal(loaded.state.params, plain.state.params)
+    log = (tmp_path / "a" / "logs" / "train.log").read_text()
+    assert "frames_per_s_per_chip=" in log and "mfu=" not in log  # a CPU has no entry in chips.py
+
+    with pytest.raises(executable.ExecutableMismatch, match=r"compiled for batch \[4, 17, 16\], this run has \[8, 17, 16\]"):
+        Trainer(micro_config(tmp_path / "c", batch_size=8, compiled_step=str(tmp_path / "exe")))
+    with pytest.raises(executable.ExecutableMismatch, match="another program"):
+        Trainer(micro_config(tmp_path / "d", text_padding_weight=0.25, compiled_step=str(tmp_path / "exe")))
+    with pytest.raises(executable.ExecutableMismatch, match="manifest.json not found"):
+        Trainer(micro_config(tmp_path / "e", compiled_step=str(tmp_path / "missing")))
+
+
 def test_microbatches_average_gradients(tmp_path):
     """num_microbatches=2 == the mean of the two half-batch gradients (moshi-finetune's accumulation)."""
     import jax.numpy as jnp

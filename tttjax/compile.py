@@ -5,20 +5,24 @@ The step is the trainer's own (`build_program`: the same mesh, shardings, donati
 remat and dtypes), lowered for abstract parameters over the topology's abstract devices (libtpu's
 compiler, `jax.experimental.topologies`; nothing is allocated), as MaxText's train_compile does.
 It reports the compiler's per-device memory against the chip's HBM, the analytic estimate beside
-it, FLOPs and the collectives of one step (docs/distributed.md). A run that does not fit exits 1.
+it, FLOPs and the collectives of one step, and the predicted step time, MFU and frames/s per chip
+(analysis/perf.py, from the optimized HLO; docs/distributed.md). A run that does not fit exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from tttjax import cli, rundir
-from tttjax.analysis import memory, topology
+import jax
+
+from tttjax import cli, layout_search, rundir
+from tttjax.analysis import fit, gathers, memory, perf, topology
 from tttjax.analysis.flops import train_step_flops
 from tttjax.analysis.memory import format_bytes
 from tttjax.config import reader
@@ -27,11 +31,12 @@ from tttjax.errors import UserError
 from tttjax.eval.standard import Evaluator
 from tttjax.model.attention import resolve_impl
 from tttjax.parallel.sharding import batch_parallelism
+from tttjax.train import executable
 from tttjax.train.program import build_program
 
 USAGE = ("usage: python -m tttjax.compile --config=configs/x.py --topology=v5p-64 [--num_slices=N] "
-         "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--no_eval] "
-         "[--find_max_duration [--per_device_batch N]]")
+         "[--config.a.b=v ...] [--output_json F] [--dump_hlo DIR] [--save_executable DIR] [--no_eval] "
+         "[--find_max_duration [--per_device_batch N]] [--search [--search_budget N]] [--search_layers N]")
 
 
 class CompileError(UserError):
@@ -43,26 +48,24 @@ def _progress(message: str) -> None:
 
 
 def _compile(lowered, what: str):
-    """(compiled, None), or (None, (needed, available)) where XLA:TPU refuses the program for its HBM."""
+    """(compiled, None), or (None, Refusal) where XLA:TPU refuses the program for its HBM."""
     try:
-        return lowered.compile(), None
-    except Exception as e:  # XlaRuntimeError has no stable import path
-        refused = memory.compile_oom(e)
-        if refused is None:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CompileError(f"compiling the {what} failed: {first}") from None
-        return None, refused
+        return fit.compile_program(lowered.compile)
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CompileError(f"compiling the {what} failed: {first}") from None
 
 
 def _fit(figures: dict | None, refused, hbm: int) -> dict:
     """`fits` and `headroom_bytes` from the compiler's figures (or its refusal)."""
-    need = figures["total_bytes"] if figures else refused[0]
-    return {"fits": figures is not None and need <= hbm, "headroom_bytes": hbm - need}
+    need = figures["total_bytes"] if figures else refused.need
+    return {"fits": figures is not None and fit.verdict(need, hbm) != "does not fit", "headroom_bytes": hbm - need}
 
 
 def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump_hlo: Path | None = None,
-                log=_progress) -> dict:
-    """Compile `config`'s train step (and eval step) for `topo`; the report `--output_json` writes."""
+                save_executable: Path | None = None, log=_progress) -> dict:
+    """Compile `config`'s train step (and eval step) for `topo`; the report `--output_json` writes.
+    `save_executable`: write the compiled train step there for a run's `compiled_step`."""
     devices = topo.devices()
     program = build_program(config, devices)
     cfg, mesh = program.cfg, dict(program.mesh.shape)
@@ -71,30 +74,50 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
     log(f"{topo.name}: {len(devices)} devices ({devices[0].device_kind}), mesh {mesh}, "
         f"batch {config.batch_size} x {frames} frames; lowering the train step")
     tic = time.perf_counter()
-    lowered = program.lower()
+    try:
+        lowered = program.lower()
+    except RuntimeError as e:  # JAX's cuDNN attention reads the cuDNN version while tracing
+        if "cuDNN" not in str(e):
+            raise
+        raise CompileError(f"{e} (cuDNN attention traces only with libcudnn installed, pip install "
+                           f"nvidia-cudnn-cu12; or --config.model.attention_impl=blockwise)") from None
     log(f"lowered in {time.perf_counter() - tic:.0f} s; compiling (a 7B step takes minutes)")
-    compiled, refused = _compile(lowered, "train step")
+    with executable.fresh_compile() if save_executable is not None else contextlib.nullcontext():
+        compiled, refused = _compile(lowered, "train step")
     compile_s = time.perf_counter() - tic
     log(f"compiled in {compile_s:.0f} s" if compiled else f"the compiler refused it for HBM after {compile_s:.0f} s")
     figures = memory.compiled_figures(compiled) if compiled else None
     estimate = _train_estimate(program, config.batch_size, frames, config.num_microbatches)
+    text = compiled.as_text() if compiled else ""
+    model_flops = train_step_flops(cfg, config.batch_size, frames, full_finetuning=program.full_finetuning)
     report = {
         "topology": topo.name, "shape": f"{topo.generation}:{topo.shape}", "num_slices": topo.num_slices,
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
-        "remat": cfg.remat, "full_finetuning": program.full_finetuning,
-        "attention_impl": resolve_impl(cfg.attention_impl, "tpu", frames, cfg.jnp_dtype),
-        "per_device": figures, "hbm_bytes": hbm, "hbm_source": topology.HBM_SOURCE[topo.generation],
+        "remat": cfg.remat, "full_finetuning": program.full_finetuning, "frozen_weights": config.frozen_weights,
+        "num_microbatches": int(config.num_microbatches), "attention_window": cfg.context,
+        "attention_impl": resolve_impl(cfg.attention_impl, topo.platform, frames, cfg.jnp_dtype),
+        "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),
-        "compiler_refused": None if compiled else {"needed_bytes": refused[0], "available_bytes": refused[1]},
+        "compiler_refused": None if compiled else {"needed_bytes": refused.need, "available_bytes": refused.available},
         "estimate_bytes": estimate.total, "estimate": dataclasses.asdict(estimate),
-        "model_flops_per_step": train_step_flops(cfg, config.batch_size, frames),
+        "model_flops_per_step": model_flops,
         "compiler_flops_per_device": topology.compiler_flops(compiled) if compiled else None,
-        "collectives": topology.collectives(compiled.as_text(), program.mesh) if compiled else None,
+        "collectives": topology.collectives(text, program.mesh) if compiled else None,
+        "performance": perf.predict(text, program.mesh, topo.chip, model_flops=model_flops,
+                                    frames_per_step=config.batch_size * frames, slice_shape=topo.dims,
+                                    num_slices=topo.num_slices, attention_window=cfg.context) if compiled else None,
+        "weight_gathers": gathers.weight_gathers(text, cfg, mesh, full_finetuning=program.full_finetuning,
+                                                 num_microbatches=config.num_microbatches,
+                                                 frozen_weights=config.frozen_weights) if compiled else None,
         "compile_s": compile_s, "eval": None,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()), "mesh_config": config.mesh.to_dict(),
     }
     if dump_hlo is not None and compiled:
-        (dump_hlo / "train_step.hlo.txt").write_text(compiled.as_text())
+        (dump_hlo / "train_step.hlo.txt").write_text(text)
+    if save_executable is not None and compiled:
+        executable.save(save_executable, program, lowered, compiled)
+        log(f"wrote the compiled train step to {save_executable} (run it with --config.compiled_step={save_executable})")
     if with_eval and report["fits"]:
         report["eval"] = _compile_eval(config, program, hbm, dump_hlo, log)
         report["fits"] = report["eval"]["fits"]
@@ -105,7 +128,8 @@ def _train_estimate(program, batch_size: int, frames: int, num_microbatches: int
     """The analytic estimate of `program`'s train step on TPU (where attention `auto` is splash)."""
     return memory.estimate_memory(program.cfg, batch_size=batch_size, num_frames=frames,
                                   num_microbatches=num_microbatches, full_finetuning=program.full_finetuning,
-                                  mesh_axes=dict(program.mesh.shape), platform="tpu")
+                                  mesh_axes=dict(program.mesh.shape), platform=program.mesh.devices.flat[0].platform,
+                                  frozen_weights=program.config.frozen_weights)
 
 
 def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict:
@@ -119,20 +143,11 @@ def _compile_eval(config, program, hbm: int, dump_hlo: Path | None, log) -> dict
     if dump_hlo is not None and compiled:
         (dump_hlo / "eval_step.hlo.txt").write_text(compiled.as_text())
     estimate = memory.estimate_memory(program.cfg, batch_size=config.batch_size, num_frames=program.batch.shape[2],
-                                      mesh_axes=dict(program.mesh.shape), training=False, platform="tpu")
+                                      mesh_axes=dict(program.mesh.shape), training=False,
+                                      platform=program.mesh.devices.flat[0].platform,
+                                      frozen_weights=config.frozen_weights)
     return {"per_device": figures, **_fit(figures, refused, hbm), "estimate_bytes": estimate.total,
             "compile_s": time.perf_counter() - tic}
-
-
-def advice(report: dict) -> str:
-    tips = []
-    if report["remat"] != "full":
-        tips.append("remat=full")
-    if report["mesh"]["data"] > 1:
-        tips.append("mesh.fsdp in place of mesh.data")
-    tips.append("a shorter duration_sec or a smaller batch_size")
-    tips.append("a larger topology")
-    return "try " + ", ".join(tips[:-1]) + " or " + tips[-1]
 
 
 def not_fit_message(report: dict) -> str:
@@ -153,7 +168,8 @@ def not_fit_message(report: dict) -> str:
                    f"{format_bytes(hbm)} HBM is usable")
     parts = sorted(((v, k) for k, v in report["estimate"].items() if k != "margin"), reverse=True)[:2]
     biggest = ", ".join(f"{k.replace('_', ' ')} {format_bytes(v)}" for v, k in parts)
-    return f"{report['topology']}: {what} does not fit: {figures}; biggest in the estimate: {biggest}; {advice(report)}"
+    return (f"{report['topology']}: {what} does not fit: {figures}; biggest in the estimate: {biggest}; "
+            f"{fit.train_advice(report['remat'], report['mesh'], topology=True)}")
 
 
 def format_report(report: dict) -> str:
@@ -162,27 +178,36 @@ def format_report(report: dict) -> str:
              f"mesh         {' '.join(f'{k}={v}' for k, v in report['mesh'].items())}",
              f"step         batch {report['batch_size']} x {report['num_frames']} frames "
              f"({report['duration_sec']:g} s), remat={report['remat']}, attention={report['attention_impl']}, "
-             f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}; "
+             f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}, frozen weights "
+             f"{report['frozen_weights']}; "
              f"compile {report['compile_s']:.0f} s"]
+    if report.get("extrapolated_from_plain_layers"):
+        small, large = report["extrapolated_from_plain_layers"]
+        lines.append(f"extrapolated every figure below linearly from compiles with {small} and {large} plain temporal "
+                     f"layers (the TTT layers kept)")
     hbm = report["hbm_bytes"]
     m = report["per_device"]
     if m:
         lines.append(f"per device   arguments {format_bytes(m['argument_bytes'])}, outputs {format_bytes(m['output_bytes'])} "
                      f"(aliased {format_bytes(m['alias_bytes'])}), temporaries {format_bytes(m['temp_bytes'])}, "
                      f"code {format_bytes(m['generated_code_bytes'])}")
-        lines.append(f"             total {format_bytes(m['total_bytes'])} of {format_bytes(hbm)} HBM ({report['hbm_source']}): "
+        lines.append(f"             total {format_bytes(m['total_bytes'])} of {format_bytes(hbm)} HBM ({report['hbm_source'].split(':')[0]}): "
                      f"headroom {format_bytes(report['headroom_bytes'])} ({report['headroom_bytes'] / hbm:.0%})")
         lines.append(f"estimate     {format_bytes(report['estimate_bytes'])} "
                      f"({report['estimate_bytes'] / max(m['total_bytes'], 1):.2f} x the compiler's total)")
     else:
         r = report["compiler_refused"]
         lines.append(f"per device   refused by the compiler: {format_bytes(r['needed_bytes'])} of temporaries, "
-                     f"{format_bytes(r['available_bytes'])} usable ({format_bytes(hbm)} HBM, {report['hbm_source']})")
+                     f"{format_bytes(r['available_bytes'])} usable ({format_bytes(hbm)} HBM, {report['hbm_source'].split(':')[0]})")
         lines.append(f"estimate     {format_bytes(report['estimate_bytes'])}")
     if report["compiler_flops_per_device"] is not None:
         per_device = report["model_flops_per_step"] / report["num_devices"]
         lines.append(f"flops        model {report['model_flops_per_step']:.3e} per step ({per_device:.3e} per device); "
                      f"compiler {report['compiler_flops_per_device']:.3e} per device")
+    if report.get("performance"):
+        lines += perf.format_performance(report["performance"])
+    if report.get("weight_gathers"):
+        lines.append(gathers.format_weight_gathers(report["weight_gathers"]))
     for kind, c in (report["collectives"] or {}).items():
         if c["count"]:
             axes = ", ".join(f"{a} {v['count']}x {format_bytes(v['bytes'])}" for a, v in c["by_axes"].items())
@@ -193,7 +218,9 @@ def format_report(report: dict) -> str:
         total = format_bytes(e["per_device"]["total_bytes"]) if e["per_device"] else "refused by the compiler"
         lines.append(f"eval step    {total} per device, estimate {format_bytes(e['estimate_bytes'])}, "
                      f"compile {e['compile_s']:.0f} s")
-    lines.append("fits" if report["fits"] else "DOES NOT FIT")
+    tight = report["fits"] and report["headroom_bytes"] < (1 - fit.MARGIN) * hbm
+    lines.append(("fits, within {:.0%} of HBM".format(1 - fit.MARGIN) if tight else "fits") if report["fits"]
+                 else "DOES NOT FIT")
     return "\n".join(lines)
 
 
@@ -254,11 +281,24 @@ def parse_args(argv: list[str]):
     cli.add_output_json(parser, help="write the report here (keys in docs/distributed.md)")
     parser.add_argument("--dump_hlo", help="write the optimized HLO of each step into this directory")
     parser.add_argument("--no_eval", action="store_true", help="compile the train step only")
+    parser.add_argument("--save_executable", help="write the compiled train step into this directory, for a run's "
+                        "--config.compiled_step (on the topology it was compiled for)")
     parser.add_argument("--find_max_duration", action="store_true",
                         help="bisect duration_sec for the longest train step that fits")
     parser.add_argument("--per_device_batch", type=int, default=1,
                         help="with --find_max_duration: sequences per batch shard (default 1)")
+    parser.add_argument("--search", action="store_true",
+                        help="compile candidate layouts (mesh, remat, microbatches, frozen_weights) and rank them")
+    parser.add_argument("--search_budget", type=int, default=6, help="with --search: layouts to compile (default 6)")
+    parser.add_argument("--search_layers", type=int, default=0,
+                        help="compile N and N-1 plain temporal layers and extrapolate to the full model (each "
+                        "--search candidate, or the config's own layout; 0: compile the full model)")
     args = parser.parse_args(rest)
+    if args.search_budget < 1 or args.search_layers < 0 or args.search_layers in (1, 2):
+        parser.error("--search_budget must be >= 1 and --search_layers 0 or >= 3")
+    if args.search_layers and (args.find_max_duration or args.dump_hlo or args.save_executable):
+        parser.error("--search_layers predicts from cut programs: not with --find_max_duration, --dump_hlo "
+                     "or --save_executable")
     if spec is None:
         parser.error("--config is required")
     return spec, overrides, args
@@ -274,20 +314,37 @@ def _main(argv: list[str]) -> int:
     dump_hlo = Path(args.dump_hlo).absolute() if args.dump_hlo else None
     if dump_hlo is not None:
         rundir.check_output_dir(dump_hlo, "--dump_hlo")
+    save_executable = Path(args.save_executable).absolute() if args.save_executable else None
+    if save_executable is not None:
+        rundir.check_output_dir(save_executable, "--save_executable")
     try:
-        if args.find_max_duration:
+        if args.search:
+            report = layout_search.search(
+                config, topo, lambda c, t: compile_run(c, t, with_eval=False, log=lambda _: None),
+                budget=args.search_budget, layers=args.search_layers or None, log=_progress)
+            print(layout_search.format_search(report))
+            report = layout_search.as_json(report)
+        elif args.find_max_duration:
             report = find_max_duration(config, topo, per_device_batch=args.per_device_batch)
             report["topology"] = topo.name
             print(f"{topo.name}: longest train step that fits at batch {report['batch_size']} "
                   f"({args.per_device_batch} per batch shard): {report['max_duration_sec']:g} s = "
                   f"{report['max_frames']} frames")
+        elif args.search_layers:
+            report = layout_search.compile_cut(
+                config, topo, lambda c, t: compile_run(c, t, with_eval=False, log=_progress), args.search_layers)
+            print(format_report(report))
         else:
-            report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo)
+            report = compile_run(config, topo, with_eval=not args.no_eval, dump_hlo=dump_hlo,
+                                 save_executable=save_executable)
             print(format_report(report))
     except UserError as e:  # CompileError, and a config the program refuses (mesh, batch)
         raise type(e)(f"{topo.name}: {e}") from None
+    report["command"] = " ".join(["python -m tttjax.compile", *argv])
     if output is not None:
         output.write_text(json.dumps(report, indent=1) + "\n")
+    if args.search:
+        return 0 if report["best"] else 1
     if not args.find_max_duration and not report["fits"]:
         raise CompileError(not_fit_message(report))
     return 0

@@ -1,5 +1,6 @@
-"""Per-device memory: the one estimate of a step (training or forward-only), the device's memory,
-and the checks that refuse what would not fit (docs/distributed.md, bench/memory_estimate.py).
+"""Per-device memory: the one estimate of a step (training or forward-only), the device's memory and
+a compiled program's own figures (docs/distributed.md, bench/memory_estimate.py); fit.py compares
+them with capacity and refuses what would not fit.
 
 The estimate counts parameters and optimizer state from the real parameter shapes and sharding
 rules, and activations from a per-layer count of what the forward pass materialises (bytes per
@@ -10,22 +11,18 @@ compiled program reports its own figures (`memory_analysis()` on TPU / GPU), tho
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import os
-import re
 from typing import Mapping
 
 import jax
 from jax.sharding import PartitionSpec
 
-from tttjax.errors import UserError
 from tttjax.model.attention import attention_band, resolve_impl
 from tttjax.model.config import ModelConfig
 from tttjax.model.params import flat_abstract, trainable
-from tttjax.parallel.sharding import batch_parallelism, param_spec
+from tttjax.parallel.sharding import batch_parallelism, frozen_storage_drop, param_spec, without_axes
 
-log = logging.getLogger(__name__)
 
 GiB = 1024 ** 3
 
@@ -46,7 +43,7 @@ class MemoryEstimate:
 
     frozen_params: int  # frozen weights in param_dtype, sharded (every weight for a forward-only step)
     trainable_state: int  # fp32 masters + Adam mu/nu + fp32 grads + param_dtype copy, sharded
-    gathered_weights: int  # FSDP all-gathered weights of ~2 layers in flight
+    gathered_weights: int  # FSDP all-gathered weights of ~2 layers in flight (+ the frozen base held by gather_once)
     saved_activations: int  # what the backward pass keeps (depends on remat)
     layer_workspace: int  # one layer's full activations while it is (re)computed
     logits: int  # text + audio logits and their gradients (fp32)
@@ -73,33 +70,42 @@ def _shards(spec: PartitionSpec, axis_sizes: Mapping[str, int], skip: tuple[str,
 
 
 def _per_device_param_bytes(cfg: ModelConfig, axis_sizes: Mapping[str, int], full_finetuning: bool,
-                            training: bool) -> tuple[int, int, int]:
-    """(frozen bytes, trainable param count, bytes of the largest layer gathered over fsdp), per device."""
+                            training: bool, frozen_weights: str = "sharded") -> tuple[int, int, int, int]:
+    """(frozen bytes stored, trainable param count, bytes of the largest layer gathered over fsdp at
+    each use, frozen bytes a step holds gathered (gather_once)), per device."""
     pbytes = _DTYPE_BYTES[cfg.param_dtype]
-    frozen, train_count, layer_bytes = 0, 0, {}
+    drop = frozen_storage_drop(frozen_weights)
+    frozen, train_count, held, layer_bytes = 0, 0, 0, {}
     for path, variable in flat_abstract(cfg).items():
         spec = param_spec(variable, path, axis_sizes)
         size = math.prod(variable.shape)
-        if training and trainable(path, full_finetuning):
+        trains = trainable(path, full_finetuning)
+        if training and trains:
             train_count += size // _shards(spec, axis_sizes)
         else:
-            frozen += size // _shards(spec, axis_sizes) * pbytes
+            frozen += size // _shards(spec if trains else without_axes(spec, drop), axis_sizes) * pbytes
+        holds = training and frozen_weights == "gather_once"
+        if not trains and holds:
+            held += size // _shards(spec, axis_sizes, skip=("fsdp",)) * pbytes
+        if not trains and (holds or frozen_weights == "replicated"):
+            continue  # held or replicated: not gathered layer by layer
         if path[0] in ("transformer", "depformer", "ttt"):  # stacked: one layer, all-gathered over fsdp
             stack = "depformer" if path[0] == "depformer" else "transformer"
             one_layer = size // variable.shape[0] // _shards(spec, axis_sizes, skip=("fsdp",))
             layer_bytes[stack] = layer_bytes.get(stack, 0) + one_layer * pbytes
-    return frozen, train_count, max(layer_bytes.values(), default=0)
+    return frozen, train_count, max(layer_bytes.values(), default=0), held
 
 
 def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_microbatches: int = 1,
                     full_finetuning: bool = False, mesh_axes: Mapping[str, int] = SINGLE_DEVICE,
-                    training: bool = True, platform: str = "cpu") -> MemoryEstimate:
+                    training: bool = True, platform: str = "cpu", frozen_weights: str = "sharded") -> MemoryEstimate:
     """Per-device memory of a training step (or, `training=False`, of a forward pass: evaluation)
     of model `cfg` on a mesh of `mesh_axes` sizes, on `platform` (which attention `auto` picks).
     See docs/distributed.md for the formulas."""
     act = _DTYPE_BYTES[cfg.dtype]
     pbytes = _DTYPE_BYTES[cfg.param_dtype]
-    frozen, train_count, layer_gathered = _per_device_param_bytes(cfg, mesh_axes, full_finetuning, training)
+    frozen, train_count, layer_gathered, held = _per_device_param_bytes(cfg, mesh_axes, full_finetuning, training,
+                                                                        frozen_weights)
     # fp32 master + Adam mu + nu + fp32 grads (+ their accumulator with microbatches) + the cast copy
     trainable_state = train_count * (4 + 8 + 4 + (4 if num_microbatches > 1 else 0) + pbytes)
 
@@ -153,7 +159,7 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_m
         workspace += b * ttt_extra
     # fp32 logits and their gradient, text and dep_q audio heads (the log-softmax fuses into the loss)
     logits = b * T * 4 * 2 * (cfg.text_card + S * cfg.card) // tp
-    gathered = 2 * layer_gathered if mesh_axes["fsdp"] > 1 else 0
+    gathered = (2 * layer_gathered + held) if mesh_axes["fsdp"] > 1 else 0
     parts = dict(frozen_params=frozen, trainable_state=trainable_state, gathered_weights=gathered,
                  saved_activations=saved, layer_workspace=workspace, logits=logits)
     return MemoryEstimate(**{k: int(v) for k, v in parts.items()}, margin=int(MARGIN * sum(parts.values())))
@@ -195,53 +201,7 @@ def free_bytes(device=None) -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks
-
-
-ADVICE = ("lower batch_size / duration_sec, use remat=full, raise num_microbatches or mesh.fsdp (shards params "
-          "and optimizer state)")
-
-
-def check_memory(need: int, capacity: int | None, *, mode: str, what: str, source: str,
-                 where: str = "device memory", detail: str = "") -> str | None:
-    """Training start-up: compare a step's per-device bytes (`source` says whose figure: the compiled
-    step's or the analytic estimate; `detail` its breakdown, logged) with `capacity` bytes of
-    `where`; raise (mode "error", one line) or warn when it does not fit. Returns the warning text,
-    if any. mode: "error" | "warn" | "off"."""
-    if mode == "off" or capacity is None:
-        return None
-    text = (f"per-device memory for {what}: {format_bytes(need)} of {format_bytes(capacity)} of {where} "
-            f"({source})")
-    if need > capacity:
-        if mode == "error":
-            log.info("%s%s", text, detail and "\n" + detail)
-            raise UserError(f"{text} does not fit: {ADVICE} (memory_check=warn runs anyway)")
-        text += f"\ndoes not fit: {ADVICE}"
-    elif need > 0.9 * capacity:
-        text += "\nwithin 10% of device memory"
-    else:
-        log.info("%s%s", text, detail and "\n" + detail)
-        return None
-    log.warning("%s%s", text, detail and "\n" + detail)
-    return text
-
-
-_COMPILE_OOM = (re.compile(r"HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"),
-                re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"))
-_UNIT = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
-
-
-def compile_oom(error: BaseException) -> tuple[int, int] | None:
-    """(bytes needed, bytes available) from XLA:TPU's compile-time out-of-memory error, else None.
-
-    XLA:TPU refuses at compile time a program whose buffers exceed HBM; it reports either its
-    temporaries or all it uses, against the HBM it can use (a little under the chip's)."""
-    for pattern in _COMPILE_OOM:
-        match = pattern.search(str(error))
-        if match:
-            need, unit, have, have_unit = match.groups()
-            return int(float(need) * _UNIT[unit]), int(float(have) * _UNIT[have_unit])
-    return None
+# A compiled program's figures (fit.py compares them with capacity)
 
 
 def compiled_figures(compiled) -> dict | None:
@@ -258,35 +218,3 @@ def compiled_figures(compiled) -> dict | None:
            "generated_code_bytes": int(m.generated_code_size_in_bytes)}
     out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
     return out
-
-
-class BatchTooLarge(UserError):
-    """--batch_size does not fit the device memory; the message says what would."""
-
-
-def check_batch(cfg: ModelConfig, batch_size: int, frames: int, *, compiled=None, margin: float = 0.9) -> None:
-    """Evaluation: raise BatchTooLarge if a [batch_size, 17, frames] forward would not fit the free memory.
-
-    `compiled` (a jax Compiled) adds XLA's own temp-size figure where the backend reports one.
-    """
-    if batch_size < 1:
-        raise BatchTooLarge(f"--batch_size={batch_size} must be >= 1")
-    need = estimate_memory(cfg, batch_size=batch_size, num_frames=frames, training=False,
-                           platform=jax.default_backend()).activations
-    figures = compiled_figures(compiled) if compiled is not None else None
-    if figures is not None:
-        need = max(need, figures["temp_bytes"] + figures["output_bytes"])
-    free = free_bytes()
-    if free is None or need <= margin * free:
-        return
-    per_row = max(1, need // batch_size)
-    fits = int(margin * free // per_row)
-    hint = f"try --batch_size={fits}" if fits >= 1 else "even --batch_size=1 does not fit; use a larger device"
-    raise BatchTooLarge(f"--batch_size={batch_size} with {frames}-frame sequences needs about "
-                        f"{need / GiB:.1f} GiB for activations and logits but only {free / GiB:.1f} GiB is free; "
-                        f"{hint}")
-
-
-def oom_message(batch_size: int, frames: int) -> str:
-    return (f"out of device memory evaluating --batch_size={batch_size} with {frames}-frame sequences; "
-            f"lower --batch_size")

@@ -83,6 +83,11 @@ def mesh_axis(value) -> str | None:
 positive = at_least(0, strict=True)
 non_negative = at_least(0)
 DTYPES = ("float32", "bfloat16", "float16")
+# Where the frozen base weights live: "sharded" like every weight (FSDP: gathered at every use, forward
+# and backward of every microbatch), "gather_once" (stored sharded, gathered once at the start of each
+# step and held through all its passes, as MaxText's model_fsdp_ag_once), "replicated" (a full copy
+# per device, split over tensor only: never gathered). parallel/sharding.py places them.
+FROZEN_PLACEMENTS = ("sharded", "gather_once", "replicated")
 
 
 SCHEMA = Section("a tttjax training run", dict(
@@ -144,6 +149,8 @@ SCHEMA = Section("a tttjax training run", dict(
         scaling=Key(LORA_SCALING, "plain multiplier of B(Ax) (moshi semantics, not alpha/rank)", finite),
     )),
     full_finetuning=Key(False, "train every parameter (else LoRA + TTT + gates)"),
+    frozen_weights=Key("sharded", "frozen base: sharded (FSDP, gathered at each use) | gather_once (per step, held) | "
+                       "replicated", one_of(*FROZEN_PLACEMENTS)),
     ttt=Section("TTT-MLP layers", dict(
         enable=Key(False, "insert TTT-MLP layers"),
         layers=Key("1,5,10", "0-based temporal layers: \"1,5,10\" | \"all\" | \"middle\" | \"none\""),
@@ -208,6 +215,8 @@ SCHEMA = Section("a tttjax training run", dict(
     )),
     memory_check=Key("error", "start-up per-device memory estimate vs device memory: error | warn | off",
                    one_of("error", "warn", "off")),
+    compiled_step=Key("", "a step tttjax.compile --save_executable wrote: loaded, not compiled; refused unless it "
+                      "is this run's"),
     wandb=Section("wandb logging", dict(
         project=Key("", "\"\" = wandb off"),
         offline=Key(True, "no network: write the run locally"),
@@ -288,6 +297,9 @@ def check_rules(config, *, source: str = "") -> None:
     if config.batch_size % config.num_microbatches:
         raise ConfigError(f"{source}batch_size={config.batch_size} is not divisible by "
                           f"num_microbatches={config.num_microbatches}")
+    if config.full_finetuning and config.frozen_weights != "sharded":
+        raise ConfigError(f"{source}frozen_weights={config.frozen_weights!r} needs frozen weights: full_finetuning "
+                          f"trains them all")
     if config.ttt.enable and not config.moshi_paths.config_path:  # else the layer count is config.json's
         try:
             parse_ttt_layers(config.ttt.layers, int(config.model.num_layers))

@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tttjax.analysis import memory
+from tttjax.analysis import fit
 from tttjax.data.streams import NO_TOKEN, TEXT_PAD
-from tttjax.errors import UserError, is_out_of_memory
+from tttjax.errors import UserError
 from tttjax.eval.audio import CodeCache
 from tttjax.eval.manifest import (
     Pair,
@@ -376,13 +376,12 @@ def score_pairs(model, pairs: list[Pair], sources: dict, scoring: Scoring, *, mi
     def run_batch(codes, lengths):
         shape = codes.shape
         if shape not in checked:
-            memory.check_batch(cfg, shape[0], shape[2])
+            fit.check_batch(cfg, shape[0], shape[2])
             checked.add(shape)
         try:
             return jax.device_get(fn(state, jnp.asarray(codes), jnp.asarray(lengths)))
-        except Exception as e:  # XlaRuntimeError has no stable import path
-            if is_out_of_memory(e):
-                raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
+        except jax.errors.JaxRuntimeError as e:  # compile or run
+            fit.raise_if_oom(e, fit.BatchTooLarge(fit.batch_oom_message(shape[0], shape[2])))
             raise
 
     tic = time.perf_counter()

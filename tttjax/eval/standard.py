@@ -19,9 +19,9 @@ import numpy as np
 from flax import nnx
 
 from tttjax import data as data_lib
-from tttjax.analysis import memory
+from tttjax.analysis import fit
 from tttjax.data.streams import NO_TOKEN
-from tttjax.errors import UserError, is_out_of_memory
+from tttjax.errors import UserError
 from tttjax.eval.metrics import accumulate, standard_metrics, with_counts
 from tttjax.objective import model_terms
 from tttjax.parallel.sharding import batch_sharding, replicated
@@ -85,10 +85,13 @@ class Evaluator:
         if key not in self._compiled:
             lowered = self.lower(model, shape)
             if self.check_memory:
-                memory.check_batch(model.cfg, shape[0], shape[2])
-            self._compiled[key] = lowered.compile()
+                fit.check_batch(model.cfg, shape[0], shape[2])
+            compiled, refused = fit.compile_program(lowered.compile)
+            if refused is not None:
+                raise fit.BatchTooLarge(fit.batch_oom_message(shape[0], shape[2]))
+            self._compiled[key] = compiled
             if self.check_memory:
-                memory.check_batch(model.cfg, shape[0], shape[2], compiled=self._compiled[key])
+                fit.check_batch(model.cfg, shape[0], shape[2], compiled=compiled)
         return self._compiled[key]
 
     def __call__(self, model, batches: Iterable, *, max_batches: int = 0, progress=None) -> dict:
@@ -103,9 +106,8 @@ class Evaluator:
                 program = self._program(model, graphdef, shape)
                 try:
                     out = jax.device_get(program(state, jnp.asarray(batch, jnp.int32)))
-                except Exception as e:  # XlaRuntimeError has no stable import path
-                    if is_out_of_memory(e):
-                        raise memory.BatchTooLarge(memory.oom_message(shape[0], shape[2])) from None
+                except jax.errors.JaxRuntimeError as e:
+                    fit.raise_if_oom(e, fit.BatchTooLarge(fit.batch_oom_message(shape[0], shape[2])))
                     raise
                 frames += int(out["sequences"]) * shape[2]
                 if progress is not None:

@@ -53,10 +53,19 @@ def flat_abstract(cfg: ModelConfig) -> dict[Path_, nnx.Variable]:
     return {path_of(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))}
 
 
-def init_model(cfg: ModelConfig, mesh, seed: int) -> MoshiLM:
+def model_shardings(abstract_state, mesh, *, full_finetuning: bool = False, frozen_drop: tuple[str, ...] = ()):
+    """Shardings of a model's params: trainables by the rules, frozen ones without the mesh axes of
+    `frozen_drop` (sharding.frozen_storage_drop)."""
+    rules, dropped = state_shardings(abstract_state, mesh), state_shardings(abstract_state, mesh, frozen_drop)
+    return jax.tree_util.tree_map_with_path(lambda p, a, b: a if trainable(path_of(p), full_finetuning) else b,
+                                            rules, dropped)
+
+
+def init_model(cfg: ModelConfig, mesh, seed: int, *, full_finetuning: bool = False,
+               frozen_drop: tuple[str, ...] = ()) -> MoshiLM:
     """A randomly initialised model whose params are created directly in their shardings."""
     graphdef, abstract = nnx.split(abstract_model(cfg))
-    shardings = state_shardings(abstract, mesh)
+    shardings = model_shardings(abstract, mesh, full_finetuning=full_finetuning, frozen_drop=frozen_drop)
 
     def create():
         with nnx.use_eager_sharding(False):

@@ -78,7 +78,10 @@ def make_mesh(spec: Mapping, devices=None) -> Mesh:
             log.warning("mesh %s: fsdp/tensor span %d TPU slices over DCN; set mesh.dcn_data=-1 to keep "
                         "them inside a slice", dict(zip(MESH_AXES, ici)), num_granules)
         if devices[0].platform == "tpu":  # physical-topology-aware order (ICI rings)
-            grid = mesh_utils.create_device_mesh(ici, devices)
+            try:
+                grid = mesh_utils.create_device_mesh(ici, devices)
+            except NotImplementedError:  # an axis (tensor=2 on a 4x4 slice) that no set of torus axes makes
+                grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
         else:  # process-major order: each process holds a contiguous block of every axis
             grid = np.asarray(devices).reshape(ici)
     return Mesh(grid, MESH_AXES)

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from tttjax.config.schema import FROZEN_PLACEMENTS
 from tttjax.errors import UserError
 from tttjax.parallel.mesh import MESH_AXES
 
@@ -37,6 +38,13 @@ LOGICAL_RULES = (
     ("ttt_head_dim", None),
     ("ttt_hidden", None),
 )
+
+
+def frozen_storage_drop(placement: str) -> tuple[str, ...]:
+    """The mesh axes frozen weights are not stored split over (`frozen_weights`: schema.FROZEN_PLACEMENTS)."""
+    if placement not in FROZEN_PLACEMENTS:
+        raise ValueError(f"frozen_weights={placement!r}: expected one of {', '.join(FROZEN_PLACEMENTS)}")
+    return ("fsdp",) if placement == "replicated" else ()
 
 
 def logical_to_spec(names) -> PartitionSpec:
@@ -79,22 +87,35 @@ def logical_names(variable, path) -> tuple:
     return tuple(names)
 
 
-def param_spec(variable, path, axis_sizes: Mapping[str, int]) -> PartitionSpec:
-    return fit_spec(logical_to_spec(logical_names(variable, path)), variable.shape, axis_sizes)
+def without_axes(spec: PartitionSpec, axes: tuple[str, ...]) -> PartitionSpec:
+    """`spec` with the mesh axes `axes` removed (those dims then replicated over them)."""
+    out = []
+    for entry in spec:
+        names = tuple(a for a in ((entry,) if isinstance(entry, str) else (entry or ())) if a not in axes)
+        out.append(None if not names else names[0] if len(names) == 1 else names)
+    while out and out[-1] is None:
+        out.pop()
+    return PartitionSpec(*out)
 
 
-def param_specs(state, axis_sizes: Mapping[str, int]):
-    """PartitionSpecs for an nnx.State of Variables on a mesh of `axis_sizes` (no devices needed)."""
-    return jax.tree_util.tree_map_with_path(lambda path, v: param_spec(v, path, axis_sizes), state,
+def param_spec(variable, path, axis_sizes: Mapping[str, int], drop: tuple[str, ...] = ()) -> PartitionSpec:
+    return without_axes(fit_spec(logical_to_spec(logical_names(variable, path)), variable.shape, axis_sizes), drop)
+
+
+def param_specs(state, axis_sizes: Mapping[str, int], drop: tuple[str, ...] = ()):
+    """PartitionSpecs for an nnx.State of Variables on a mesh of `axis_sizes` (no devices needed);
+    mesh axes in `drop` are not used (a frozen base replicated over fsdp)."""
+    return jax.tree_util.tree_map_with_path(lambda path, v: param_spec(v, path, axis_sizes, drop), state,
                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def state_shardings(state, mesh: Mesh):
-    """NamedShardings for an nnx.State of Variables, from their `out_sharding` logical names.
+def state_shardings(state, mesh: Mesh, drop: tuple[str, ...] = ()):
+    """NamedShardings for an nnx.State of Variables, from their `out_sharding` logical names
+    (without the mesh axes in `drop`).
 
     A parameter without names, or with a name that has no rule, is an error naming it.
     """
-    specs = param_specs(state, dict(mesh.shape))
+    specs = param_specs(state, dict(mesh.shape), drop)
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

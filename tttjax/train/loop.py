@@ -25,10 +25,10 @@ from flax import nnx
 
 from tttjax import data as data_lib
 from tttjax import rundir
-from tttjax.analysis import memory
+from tttjax.analysis import fit, memory, perf
 from tttjax.checkpoint import CheckpointManager, lock
 from tttjax.checkpoint.resume import RunIdentity, data_stream, resume
-from tttjax.errors import INTERRUPTED, UserError, is_out_of_memory
+from tttjax.errors import INTERRUPTED, UserError
 from tttjax.eval import evaluators
 from tttjax.model.config import MOSHI_7B_LM_KWARGS
 from tttjax.parallel.distributed import initialize_distributed
@@ -82,6 +82,8 @@ class Trainer:
         self.start_example = 0  # the first global example the run reads (set by a resume)
         self.lr_at = optim_lib.one_cycle_lr(config.optim.lr, config.max_steps, config.optim.pct_start)
         self.num_frames = data_lib.num_frames(config.duration_sec)
+        self._rates = perf.step_rates(self.cfg, batch_size=config.batch_size, frames=self.num_frames,  # MFU in the log
+                                      full_finetuning=program.full_finetuning, devices=self.mesh.devices.reshape(-1))
         self._saving = collections.deque()  # (step, start time) of saves not yet committed, oldest first
         if config.do_ckpt:
             self._open_managers()
@@ -103,40 +105,29 @@ class Trainer:
                                            metadata={**metadata, "layout": self.identity.layout}, local=True, **reads)
 
     def _check_memory(self) -> None:
-        """Start-up check of the step's per-device memory: on an accelerator (TPU, GPU) the compiled
-        step's own figures where the backend reports them (exact), against the device's memory; on
-        CPU the analytic estimate against the host's available memory shared by its devices, before
-        anything compiles."""
+        """Start-up check of the step's per-device memory (analysis/fit.py): on an accelerator the
+        compiled step's own figures against the device's memory; on CPU the analytic estimate against
+        the host's available memory, before anything compiles. A `compiled_step` is loaded here."""
         config = self.config
-        if config.memory_check == "off":
-            return
-        what = (f"batch_size={config.batch_size}, duration_sec={config.duration_sec}, remat={self.cfg.remat}, "
-                f"mesh {dict(self.mesh.shape)}")
-        if _default_model(config):
-            what += " (the model is the 7B default: set moshi_paths or model.*)"
-        capacity, where = memory.device_memory_bytes(), "device memory"
-        if capacity is not None:
-            try:
-                figures = memory.compiled_figures(self.program.compile())
-            except Exception as e:  # XlaRuntimeError has no stable import path
-                oom = memory.compile_oom(e)
-                if oom is None:
-                    raise
-                raise UserError(f"per-device memory for {what}: the compiler needs {memory.format_bytes(oom[0])} of "
-                                f"the {memory.format_bytes(oom[1])} it can use: {memory.ADVICE}") from None
-            if figures is not None:
-                memory.check_memory(figures["total_bytes"], capacity, mode=config.memory_check, what=what,
-                                    source="the compiled step's memory_analysis")
-                return
-        elif jax.default_backend() == "cpu":
-            free = memory.free_bytes()
-            capacity, where = (free // jax.local_device_count() if free else None), "available host memory"
-        estimate = memory.estimate_memory(
-            self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
-            num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.program.full_finetuning,
-            mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform)
-        memory.check_memory(estimate.total, capacity, mode=config.memory_check, what=what, where=where,
-                            source="analytic estimate", detail=estimate.table())
+        fit.check_train_step(
+            self.program.compile,
+            lambda: memory.estimate_memory(
+                self.cfg, batch_size=config.batch_size, num_microbatches=config.num_microbatches,
+                num_frames=data_lib.num_frames(config.duration_sec), full_finetuning=self.program.full_finetuning,
+                mesh_axes=dict(self.mesh.shape), platform=self.mesh.devices.flat[0].platform,
+                frozen_weights=config.frozen_weights),
+            mode=config.memory_check, what=self._sizes(hint=True),
+            advice=fit.train_advice(self.cfg.remat, dict(self.mesh.shape)),
+            platform=self.mesh.devices.flat[0].platform, compile_anyway=bool(config.compiled_step))
+
+    def _sizes(self, hint: bool = False) -> str:
+        """The sizes the step's memory depends on; `hint`: say so when the model is the 7B default."""
+        config = self.config
+        sizes = fit.step_sizes(config.batch_size, config.duration_sec, self.cfg.remat, config.num_microbatches,
+                               self.mesh.shape)
+        if hint and _default_model(config):
+            sizes += " (the model is the 7B default: set moshi_paths or model.*)"
+        return sizes
 
     def model(self):
         """The current weights as a model (trainable params cast to param_dtype, with the frozen)."""
@@ -307,21 +298,19 @@ class Trainer:
         try:
             self.state, metrics = self.program.step(self.state, self.frozen, codes)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        except Exception as e:  # XLA's RESOURCE_EXHAUSTED (compile or run) is the user's sizes
-            if jax.process_count() > 1 and self.watchdog is not None and not is_out_of_memory(e):
-                self.watchdog.wait_for_lost_process()  # a collective failed: a lost process ends this one
-            if not is_out_of_memory(e):
-                raise
-            raise TrainingError(
-                f"out of memory at step {step + 1} with batch_size={config.batch_size}, "
-                f"duration_sec={config.duration_sec}, remat={self.cfg.remat}, num_microbatches="
-                f"{config.num_microbatches}, mesh {dict(self.mesh.shape)}: {memory.ADVICE}") from None
+        except Exception as e:  # out of memory (compile or run) is the user's sizes; a failed collective may be a lost peer
+            if isinstance(e, jax.errors.JaxRuntimeError):
+                fit.raise_if_oom(e, TrainingError(f"out of memory at step {step + 1} with {self._sizes()}: "
+                                                  f"{fit.train_advice(self.cfg.remat, dict(self.mesh.shape))}"))
+            if jax.process_count() > 1 and self.watchdog is not None:
+                self.watchdog.wait_for_lost_process()  # a lost process ends this one, naming it
+            raise
         done = step + 1
         if not metrics.pop("all_finite"):
             raise self._diverged(done, metrics)
         elapsed = time.perf_counter() - tic
         metrics.update(lr=float(self.lr_at(step)),
-                       frames_per_s=config.batch_size * self.num_frames / max(elapsed, 1e-9))
+                       frames_per_s=config.batch_size * self.num_frames / max(elapsed, 1e-9), **self._rates(elapsed))
         return hooks.StepInfo(done, metrics, self.start_example + (done - start) * config.batch_size,
                               last=done == config.max_steps)
 

@@ -27,11 +27,13 @@ from tttjax.parallel.mesh import make_mesh
 from tttjax.parallel.sharding import (
     batch_sharding,
     check_batch,
+    frozen_storage_drop,
     opt_state_shardings,
     replicated,
     state_shardings,
     under_mesh,
 )
+from tttjax.train import executable
 from tttjax.train import optimizer as optim_lib
 from tttjax.train.state import TrainState
 from tttjax.train.step import make_loss_fn, make_train_step
@@ -72,9 +74,11 @@ class TrainProgram:
             return self.train_step.lower(self.state, self.frozen, self.batch)
 
     def compile(self):
-        """Compile the step ahead of time (once), for its memory figures; `step` runs this program."""
+        """Compile the step ahead of time (once), for its memory figures, or load the one
+        `compiled_step` names (train/executable.py); `step` runs this program."""
         if self.compiled is None:
-            self.compiled = self.lower().compile()
+            saved = self.config.compiled_step
+            self.compiled = executable.load(saved, self) if saved else self.lower().compile()
         return self.compiled
 
     def eval_model(self):
@@ -94,7 +98,11 @@ def build_program(config, devices=None) -> TrainProgram:
     masters = abstract(nnx.to_pure_dict(trainable), nnx.to_pure_dict(state_shardings(trainable, mesh)), jnp.float32)
     if not jax.tree.leaves(masters):
         raise UserError("no trainable parameters: enable lora, ttt or full_finetuning")
-    frozen = abstract(nnx.to_pure_dict(frozen), nnx.to_pure_dict(state_shardings(frozen, mesh)))
+    held = None  # gather_once: the frozen weights' shardings while a step holds them (gathered over fsdp)
+    if config.frozen_weights == "gather_once":
+        held = nnx.to_pure_dict(state_shardings(frozen, mesh, ("fsdp",)))
+    frozen = abstract(nnx.to_pure_dict(frozen),
+                      nnx.to_pure_dict(state_shardings(frozen, mesh, frozen_storage_drop(config.frozen_weights))))
     labels = jax.tree_util.tree_map_with_path(lambda p, _: optim_lib.param_group(path_of(p)), masters)
     optimizer = optim_lib.make_optimizer(config.optim, config.max_steps, labels)
     opt_state = jax.eval_shape(optimizer.init, masters)
@@ -106,7 +114,7 @@ def build_program(config, devices=None) -> TrainProgram:
     loss_fn = make_loss_fn(graphdef, cfg, text_padding_weight=config.text_padding_weight,
                            first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.num_microbatches),
+    train_step = jax.jit(make_train_step(loss_fn, optimizer, config.num_microbatches, hold_frozen=held),
                          in_shardings=(shardings(state), shardings(frozen), batch.sharding),
                          out_shardings=(shardings(state), rep), donate_argnums=(0,))
     return TrainProgram(config, cfg, mesh, graphdef, state, frozen, batch, optimizer, train_step)

@@ -18,6 +18,7 @@ from tttjax import rundir
 from tttjax.checkpoint.compat import check_base_compatible, check_compatible
 from tttjax.checkpoint.manager import restore_trainables
 from tttjax.model.params import init_model, is_adapter, trainable, trainable_filter
+from tttjax.parallel.sharding import frozen_storage_drop
 from tttjax.train.state import TrainState
 from tttjax.trees import abstract
 from tttjax.weights.loader import open_weights
@@ -58,7 +59,8 @@ class StartingWeights:
         model dir's base weights given as init_state_dir stay the base) and restores its state."""
         program = self.program
         config = program.config
-        model = init_model(program.cfg, program.mesh, config.seed)
+        model = init_model(program.cfg, program.mesh, config.seed, full_finetuning=program.full_finetuning,
+                           frozen_drop=frozen_storage_drop(config.frozen_weights))
         base = config.moshi_paths.moshi_path
         if base:
             copy_into(model, open_weights(base, config.moshi_paths.config_path or None).source,

@@ -28,8 +28,12 @@ def make_loss_fn(graphdef, cfg, *, text_padding_weight: float, first_codebook_we
     return loss_fn
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, num_microbatches: int):
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, num_microbatches: int,
+                    hold_frozen=None):
     """step(state, frozen, codes) -> (state, metrics) on a `TrainState`.
+
+    hold_frozen: shardings (a tree like `frozen`) the step moves the frozen weights to once, before
+    any pass, and holds them in (config `frozen_weights=gather_once`: one all-gather per step).
 
     With num_microbatches n the batch is split in n and gradients are averaged, as
     moshi-finetune does (each microbatch's loss is a mean over its own tokens). metrics["all_finite"]
@@ -40,6 +44,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     def step(state: TrainState, frozen, codes):
         params = state.params
+        if hold_frozen is not None:
+            frozen = jax.lax.with_sharding_constraint(frozen, hold_frozen)
         if num_microbatches == 1:
             (loss, aux), grads = grad_fn(params, frozen, codes)
         else:
