@@ -102,6 +102,19 @@ async def talk(port: int, pcm: np.ndarray, expected_frames: int, timeout: float 
     return np.concatenate(audio), texts
 
 
+def wait_until_listening(proc, host: str, port: int, stderr_path, seconds: float) -> None:
+    """Until the server accepts a connection; fails with its stderr if it exits first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, stderr_path.read_text()
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"the server did not start listening in {seconds:g} s"
+            time.sleep(0.5)
+
+
 def test_server_talks_and_stops_cleanly(files, tmp_path):
     port = free_port()
     cmd = [sys.executable, "-m", "conversion.moshi_server", "--checkpoint_dir", str(files["step"]),
@@ -110,15 +123,7 @@ def test_server_talks_and_stops_cleanly(files, tmp_path):
     with open(tmp_path / "out", "w") as stdout, open(tmp_path / "err", "w") as stderr:  # a full pipe would block it
         proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(), stdout=stdout, stderr=stderr)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "err").read_text()
-            try:
-                socket.create_connection(("localhost", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start listening in 120 s"
-                time.sleep(0.5)
+        wait_until_listening(proc, "localhost", port, tmp_path / "err", 120)
         pcm = toydata.speech_like(np.random.default_rng(0), SECONDS, channels=1)[0]
         # The server skips the first input frame and LMGen emits nothing for its max_delay first steps.
         expected = int(SECONDS * 12.5) - 2 - 2
@@ -258,15 +263,7 @@ def test_the_docs_offline_recipe_serves(tmp_path):
     with open(tmp_path / "out", "w") as stdout, open(tmp_path / "err", "w") as stderr:
         proc = subprocess.Popen(shlex.split(serve), cwd=tmp_path, env=env, stdout=stdout, stderr=stderr)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "err").read_text()
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not start listening in 180 s"
-                time.sleep(0.5)
+        wait_until_listening(proc, "127.0.0.1", port, tmp_path / "err", 180)
         pcm = toydata.speech_like(np.random.default_rng(1), SECONDS, channels=1)[0]
         expected = int(SECONDS * 12.5) - 2 - 2  # as in test_server_talks_and_stops_cleanly
         back, texts = asyncio.run(talk(port, pcm, expected, host="127.0.0.1"))
