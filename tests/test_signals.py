@@ -23,6 +23,10 @@ CLI = micro.cli(max_steps=MAX_STEPS, batch_size=4, duration_sec=1.28, ckpt_freq=
                 data__train_data="synthetic:64", data__eval_data="synthetic:8")
 EARLY_BOUND_S = 8  # measured 0.05-1.2 s on 2 idle cores; nothing to save, so nothing to wait for
 LATE_BOUND_S = 45  # the rest of the evaluation (3 s here) or of the save, then the step's save
+# The evaluation phase's runs evaluate 200 batches (2.5-3 s here), not 2: with the suite's warm
+# compilation cache 2 batches took about 1 s, and under CI's load the signal once landed after the
+# evaluation and the step-2 save check (saved step 3).
+LONG_EVAL = ["--config.data.eval_data=synthetic:800", "--config.eval_batches=200"]
 
 # phase -> (what train.log says when the phase begins, the last line's pattern for SIGINT and SIGTERM)
 PHASES = {
@@ -42,8 +46,8 @@ PHASES = {
 }
 
 
-def start(run_dir: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tttjax.main", *CLI, f"--config.run_dir={run_dir}"], cwd=REPO,
+def start(run_dir: Path, extra: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tttjax.main", *CLI, *extra, f"--config.run_dir={run_dir}"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"})
 
@@ -60,7 +64,8 @@ def reached(run_dir: Path, marker: str | None) -> bool:
 def test_each_signal_at_each_phase_ends_the_run_promptly(tmp_path, phase):
     marker, *patterns = PHASES[phase]
     runs = {sig: (tmp_path / sig.name, pattern) for sig, pattern in zip((signal.SIGINT, signal.SIGTERM), patterns)}
-    procs = {sig: start(run_dir) for sig, (run_dir, _) in runs.items()}  # both signals at once: 2 cores
+    extra = LONG_EVAL if phase == "evaluation" else []
+    procs = {sig: start(run_dir, extra) for sig, (run_dir, _) in runs.items()}  # both signals at once: 2 cores
     sent = {}
     deadline = time.monotonic() + 300
     while len(sent) < len(procs):
