@@ -167,6 +167,17 @@ def _outer(a, b):
     return jax.lax.optimization_barrier(_mT(a)) @ b
 
 
+def _stack_rows(*arrays):
+    """[K, n] arrays -> one [len * K, n]: the products that share a weight run as one matmul of
+    more rows (a K = 16 mini-batch fills 1/8 of a 128-row matrix-unit tile; two fill 1/4). The 7B
+    v5e-16 step's inner scan: 11% less predicted time; this CPU: 8.5% faster (BENCHMARKS.md)."""
+    return jnp.concatenate(arrays, axis=-2)
+
+
+def _split_rows(x, parts: int):
+    return jnp.split(x, parts, axis=-2)
+
+
 def _step_forward(state, mb, norm_w, norm_b):
     """One mini-batch: ((new state, pre-LN output Z2b), activations kept for the backward pass).
 
@@ -175,7 +186,8 @@ def _step_forward(state, mb, norm_w, norm_b):
     """
     w1, b1, w2, b2 = state
     xq, xk, target, m1, e, last = mb
-    z1 = xk @ w1 + b1
+    xk_w1, xq_w1 = _split_rows(_stack_rows(xk, xq) @ w1, 2)
+    z1 = xk_w1 + b1
     x2 = gelu_tanh(z1)
     z2 = x2 @ w2 + b2
     xhat, std = _normalize(z2)
@@ -183,7 +195,7 @@ def _step_forward(state, mb, norm_w, norm_b):
     g2 = (g - _mean(g) - xhat * _mean(g * xhat)) / std  # = ln_l2_grad(z2, target, ...)
     p = _times_wt(g2, w2)
     g1 = p * gelu_tanh_grad(z1)
-    z1b = xq @ w1 + b1 - m1 @ g1  # m1 = E * (XQ XK^T + 1): the "- E G1" bias term folded in
+    z1b = xq_w1 + b1 - m1 @ g1  # m1 = E * (XQ XK^T + 1): the "- E G1" bias term folded in
     x2b = gelu_tanh(z1b)
     a2 = x2b @ _mT(x2) + 1.0
     z2b = x2b @ w2 + b2 - (e * a2) @ g2
@@ -230,7 +242,6 @@ def _step_backward(w1, w2, mb, norm_w, norm_b, acts, cotangents):
     dx2 = dx2 + _mT(da2) @ x2b
     dz1b = dx2b * gelu_tanh_grad(z1b)
     # Z1b = XQ W1 + b1 - M1 G1
-    dxq = _times_wt(dz1b, w1)
     dm1 = -(dz1b @ _mT(g1))
     dg1 = dg1 - _mT(m1) @ dz1b
     # G1 = P * gelu'(Z1), P = G2 W2^T
@@ -250,10 +261,11 @@ def _step_backward(w1, w2, mb, norm_w, norm_b, acts, cotangents):
     # Z2 = X2 W2 + b2, X2 = gelu(Z1), Z1 = XK W1 + b1
     dx2 = dx2 + _times_wt(dz2, w2)
     dz1 = dz1 + dx2 * gp
-    dxk = dxk + _times_wt(dz1, w1)
-    dw1 = dw1_new + _outer(xq, dz1b) + _outer(xk, dz1)
+    dxq, dxk_z1 = _split_rows(_times_wt(_stack_rows(dz1b, dz1), w1), 2)
+    dxk = dxk + dxk_z1
+    dw1 = dw1_new + _outer(_stack_rows(xq, xk), _stack_rows(dz1b, dz1))
     db1 = db1_new + jnp.sum(dz1b + dz1, axis=0, keepdims=True)
-    dw2 = dw2_new + _outer(x2b, dz2b) + _outer(dp, g2) + _outer(x2, dz2)
+    dw2 = dw2_new + _outer(_stack_rows(x2b, dp, x2), _stack_rows(dz2b, g2, dz2))
     db2 = db2_new + jnp.sum(dz2b + dz2, axis=0, keepdims=True)
     return (dw1, db1, dw2, db2), (dxq, dxk, dtarget, dm1, de, dlast), dnorm_w, dnorm_b
 
