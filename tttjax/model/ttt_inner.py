@@ -261,9 +261,10 @@ def _step_backward(w1, w2, mb, norm_w, norm_b, acts, cotangents):
     # Z2 = X2 W2 + b2, X2 = gelu(Z1), Z1 = XK W1 + b1
     dx2 = dx2 + _times_wt(dz2, w2)
     dz1 = dz1 + dx2 * gp
-    dxq, dxk_z1 = _split_rows(_times_wt(_stack_rows(dz1b, dz1), w1), 2)
+    dz_w1 = _stack_rows(dz1b, dz1)  # both cotangents through W1
+    dxq, dxk_z1 = _split_rows(_times_wt(dz_w1, w1), 2)
     dxk = dxk + dxk_z1
-    dw1 = dw1_new + _outer(_stack_rows(xq, xk), _stack_rows(dz1b, dz1))
+    dw1 = dw1_new + _outer(_stack_rows(xq, xk), dz_w1)
     db1 = db1_new + jnp.sum(dz1b + dz1, axis=0, keepdims=True)
     dw2 = dw2_new + _outer(_stack_rows(x2b, dp, x2), _stack_rows(dz2b, g2, dz2))
     db2 = db2_new + jnp.sum(dz2b + dz2, axis=0, keepdims=True)
