@@ -51,6 +51,11 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
     assert c["all-gather"]["count"] > 0 and set(c["all-gather"]["by_axes"]) == {"fsdp"}
     assert c["all-reduce"]["count"] + c["reduce-scatter"]["count"] > 0
     assert sum(kind["dcn_count"] for kind in c.values()) == 0
+    # the weight gathers are traced to both kinds of parameters: the frozen base and the trainables
+    # (the fp32 masters of the TrainState, cast before their gathers)
+    w = report["weight_gathers"]
+    assert w["frozen"]["compiled_bytes"] > 0 and w["trainable"]["minimum_bytes"] > 0
+    assert w["trainable"]["compiled_bytes"] >= w["trainable"]["minimum_bytes"] / 2
 
     # an independent AOT compile of the same step reports the same per-device figures
     config = reader.load("configs/tiny.py", reader.split_config_args(SMALL)[1])

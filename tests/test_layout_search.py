@@ -82,6 +82,31 @@ def test_search_ranks_by_predicted_step_time_and_names_the_best_overrides():
     json.dumps(ls.as_json(result))  # --output_json can write it
 
 
+def test_a_tpu_program_with_windowed_einsums_is_compiled_again_without_them():
+    """A TPU candidate whose program has collective-permutes is followed by the same layout with
+    windowed_einsum off, inside the budget; a program without them, or a GPU target, is not."""
+    config = _config()
+    seen = []
+
+    def fake_compile(c, t):  # fsdp layouts get windowed einsums; off, they are faster
+        seen.append((c.mesh.fsdp, c.remat, c.frozen_weights, c.windowed_einsum))
+        report = _report(1.0 if c.windowed_einsum else 0.5, total_bytes=50)
+        report["collectives"] = {"collective-permute": {"count": 8 if c.mesh.fsdp > 1 and c.windowed_einsum else 0}}
+        return report
+
+    result = ls.search(config, topology.topology("v5e-8"), fake_compile, budget=6, log=lambda _: None)
+    assert len(seen) == 6
+    for i, (fsdp, remat, placement, windowed) in enumerate(seen):
+        if not windowed:  # right after its parent, which had the permutes
+            assert seen[i - 1] == (fsdp, remat, placement, True) and fsdp > 1
+        elif fsdp > 1 and i + 1 < len(seen):
+            assert seen[i + 1] == (fsdp, remat, placement, False)
+    assert any(not w for *_, w in seen) and result["best"]["windowed_einsum"] is False
+    seen.clear()
+    ls.search(config, topology.topology("h100-8"), fake_compile, budget=4, log=lambda _: None)
+    assert len(seen) == 4 and all(w for *_, w in seen)  # XLA:GPU has no such option
+
+
 def test_extrapolation_is_linear_in_plain_layers_and_recomputes_ratios():
     small, large = _report(1.0, 10, layers=1), _report(1.5, 14, layers=2)
     full = ls.extrapolate(small, large, 1, 2, 30)
@@ -119,6 +144,16 @@ def test_search_compiles_for_a_tpu_topology(tmp_path, capsys):
     assert report["best"] == {f"mesh.{k}" if k in ("data", "fsdp", "tensor") else k: v
                               for k, v in compiled[0]["layout"].items()} | {"mesh.dcn_data": 1}
     assert "best: --config.mesh.data=" in captured.out
+    # the first layout's program has XLA's windowed einsums (collective-permutes, micro model on 4 chips):
+    # the search compiled the same layout with them off next, and got plain all-gathers
+    first, second = (r["layout"] for r in report["rows"])
+    assert {**first, "windowed_einsum": True} == {**second, "windowed_einsum": True} and first != second
+    permutes = {r["layout"]["windowed_einsum"]: r["report"]["collectives"]["collective-permute"]["count"]
+                for r in report["rows"]}
+    assert permutes[True] > 0 and permutes[False] == 0
+    best = [f"--config.{k}={v}" for k, v in report["best"].items()]
+    assert reader.load("configs/tiny.py", reader.split_config_args(SMALL + best)[1]).windowed_einsum \
+        is report["best"]["windowed_einsum"]
 
 
 @needs_libtpu

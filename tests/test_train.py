@@ -1,5 +1,6 @@
 """The training loop and its checkpoints: exact resume, resume_step, init_state_dir, refusals, NaN stop."""
 
+import json
 import os
 import signal
 import subprocess
@@ -202,6 +203,13 @@ def test_a_saved_executable_is_reused_and_refused_when_it_is_not_this_run(tmp_pa
         Trainer(micro_config(tmp_path / "c", batch_size=8, compiled_step=str(tmp_path / "exe")))
     with pytest.raises(executable.ExecutableMismatch, match="another program"):
         Trainer(micro_config(tmp_path / "d", text_padding_weight=0.25, compiled_step=str(tmp_path / "exe")))
+    # a step compiled with other XLA options (windowed_einsum=false on TPU) is another program too
+    manifest = json.loads((tmp_path / "exe" / "manifest.json").read_text())
+    assert manifest["compiler_options"] == {}
+    manifest["compiler_options"] = {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
+    (tmp_path / "exe" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(executable.ExecutableMismatch, match="compiled for compiler_options"):
+        Trainer(micro_config(tmp_path / "f", compiled_step=str(tmp_path / "exe")))
     with pytest.raises(executable.ExecutableMismatch, match="manifest.json not found"):
         Trainer(micro_config(tmp_path / "e", compiled_step=str(tmp_path / "missing")))
 

@@ -95,7 +95,7 @@ def compile_run(config, topo: topology.Topology, *, with_eval: bool = True, dump
         "num_devices": len(devices), "device_kind": devices[0].device_kind, "mesh": mesh,
         "batch_size": int(config.batch_size), "duration_sec": float(config.duration_sec), "num_frames": frames,
         "remat": cfg.remat, "full_finetuning": program.full_finetuning, "frozen_weights": config.frozen_weights,
-        "num_microbatches": int(config.num_microbatches), "attention_window": cfg.context,
+        "windowed_einsum": bool(config.windowed_einsum), "num_microbatches": int(config.num_microbatches), "attention_window": cfg.context,
         "attention_impl": resolve_impl(cfg.attention_impl, topo.platform, frames, cfg.jnp_dtype),
         "per_device": figures, "hbm_bytes": hbm, "hbm_source": f"{topo.chip.name} in analysis/chips.py: {topo.chip.source}",
         **_fit(figures, refused, hbm),
@@ -179,7 +179,7 @@ def format_report(report: dict) -> str:
              f"step         batch {report['batch_size']} x {report['num_frames']} frames "
              f"({report['duration_sec']:g} s), remat={report['remat']}, attention={report['attention_impl']}, "
              f"{'full fine-tuning' if report['full_finetuning'] else 'adapters'}, frozen weights "
-             f"{report['frozen_weights']}; "
+             f"{report['frozen_weights']}{'' if report['windowed_einsum'] else ', windowed einsums off'}; "
              f"compile {report['compile_s']:.0f} s"]
     if report.get("extrapolated_from_plain_layers"):
         small, large = report["extrapolated_from_plain_layers"]

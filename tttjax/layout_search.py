@@ -2,8 +2,9 @@
 predicted step time.
 
 A layout is a mesh factorization (data, fsdp, tensor over one slice's devices; slices join over
-DCN as data), a remat policy, a microbatch count and, for adapters on a frozen base, where the base
-lives (`frozen_weights`). Candidates the batch cannot split over, or whose analytic memory estimate
+DCN as data), a remat policy, a microbatch count, for adapters on a frozen base where the base
+lives (`frozen_weights`), and on TPU whether XLA compiles the weight gathers as windowed einsums
+(`windowed_einsum`). Candidates the batch cannot split over, or whose analytic memory estimate
 is over the chip's HBM by more than the estimate's measured spread around the compiler (0.8-1.35x
 the compiler's figure, docs/distributed.md), are dropped before any compile; microbatching is
 tried only where the whole batch does not fit (it adds weight gathers and buys only memory). The
@@ -11,7 +12,10 @@ rest are compiled in the order of a rough analytic step time (`prior_seconds`: t
 with the remat policy's recompute at the chip's peak, against the minimum weight gathers, tensor
 parallelism's activation all-reduces and data parallelism's gradient all-reduce at ICI rates) up
 to a budget, each by `compile_fn` (tttjax.compile's `compile_run`), and ranked by the performance
-model's overlap-bound step time (analysis/perf.py) of its compiled program.
+model's overlap-bound step time (analysis/perf.py) of its compiled program. A TPU program with
+collective-permutes (XLA's windowed einsums) is compiled next with them off: the same layout as
+plain all-gathers, which the model predicts faster where the rings cut the matmuls into per-shard
+pieces (v5e-16, BENCHMARKS.md); the budget counts both compiles.
 
 With `layers` set, each candidate compiles twice with the temporal stack cut to fewer plain layers
 (the TTT layers kept, moved to the front), and every figure is extrapolated linearly in the
@@ -47,16 +51,18 @@ class Layout:
     remat: str
     num_microbatches: int
     frozen_weights: str
+    windowed_einsum: bool = True
 
     def overrides(self, dcn_data: int) -> dict:
         """The config keys that select this layout (mesh sizes per slice)."""
         return {"mesh.data": self.data // dcn_data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor,
                 "mesh.dcn_data": dcn_data, "remat": self.remat, "num_microbatches": self.num_microbatches,
-                "frozen_weights": self.frozen_weights}
+                "frozen_weights": self.frozen_weights, "windowed_einsum": self.windowed_einsum}
 
     def describe(self) -> str:
         return (f"data={self.data} fsdp={self.fsdp} tensor={self.tensor} remat={self.remat} "
-                f"micro={self.num_microbatches} frozen={self.frozen_weights}")
+                f"micro={self.num_microbatches} frozen={self.frozen_weights}"
+                f"{'' if self.windowed_einsum else ' windowed_einsum=off'}")
 
 
 def _divisors(n: int) -> list[int]:
@@ -220,9 +226,10 @@ def search(config, topo, compile_fn: Callable, *, budget: int = 6, layers: int |
     num_devices, hbm = topo.chips, topo.hbm_per_device(topo.chips)
     found = sorted(candidates(config, num_devices, topo.num_slices, hbm),
                    key=lambda x: (prior_seconds(config, x[0], topo.chip, num_devices), x[0].num_microbatches, x[1]))
-    log(f"{len(found)} layouts pass the batch and memory checks; compiling {min(budget, len(found))}")
-    rows = []
-    for layout, estimate in found[:budget]:
+    log(f"{len(found)} layouts pass the batch and memory checks; compiling up to {budget}")
+    queue, rows = list(found), []
+    while queue and len(rows) < budget:
+        layout, estimate = queue.pop(0)
         c = apply(config, layout, topo.num_slices)
         log(f"  {layout.describe()} (estimate {memory.format_bytes(estimate)}, "
             f"prior {prior_seconds(config, layout, topo.chip, num_devices):.3f} s)")
@@ -232,10 +239,17 @@ def search(config, topo, compile_fn: Callable, *, budget: int = 6, layers: int |
             rows.append({"layout": layout, "error": str(e).splitlines()[0]})
             continue
         rows.append({"layout": layout, "report": report})
+        if topo.platform == "tpu" and layout.windowed_einsum and _permutes(report):
+            queue.insert(0, (dataclasses.replace(layout, windowed_einsum=False), estimate))
     ranked = sorted(rows, key=_rank)
     best = next((r for r in ranked if "report" in r and r["report"]["fits"]), None)
     return {"topology": topo.name, "rows": ranked,
             "best": None if best is None else best["layout"].overrides(topo.num_slices)}
+
+
+def _permutes(report: dict) -> int:
+    """The compiled program's collective-permutes (XLA's windowed einsums, on TPU)."""
+    return ((report.get("collectives") or {}).get("collective-permute") or {}).get("count", 0)
 
 
 def _rank(row) -> tuple:
@@ -248,12 +262,12 @@ def _rank(row) -> tuple:
 def format_search(result: dict) -> str:
     lines = [f"layouts for {result['topology']}, ranked by predicted step time (overlap bound; predicted, "
              f"from each compiled program):",
-             f"{'#':>2} {'layout':<62} {'fits':<4} {'HBM/device':>11} {'step s':>8} {'MFU':>6} {'bound':<11} "
+             f"{'#':>2} {'layout':<82} {'fits':<4} {'HBM/device':>11} {'step s':>8} {'MFU':>6} {'bound':<11} "
              f"{'weight AG / min':>15}"]
     for i, row in enumerate(result["rows"], 1):
         layout = row["layout"].describe()
         if "report" not in row:
-            lines.append(f"{i:>2} {layout:<62} error: {row['error']}")
+            lines.append(f"{i:>2} {layout:<82} error: {row['error']}")
             continue
         r = row["report"]
         m = r.get("per_device") or {}
@@ -263,7 +277,7 @@ def format_search(result: dict) -> str:
         step = (perf.get("step_s") or {}).get("overlap")
         mfu = (perf.get("mfu") or {}).get("overlap")
         ratio = w.get("ratio")
-        lines.append(f"{i:>2} {layout:<62} {'yes' if r['fits'] else 'no':<4} {hbm:>11} "
+        lines.append(f"{i:>2} {layout:<82} {'yes' if r['fits'] else 'no':<4} {hbm:>11} "
                      f"{step if step is None else f'{step:.3f}':>8} {'-' if mfu is None else f'{mfu:.1%}':>6} "
                      f"{perf.get('bound', '-'):<11} {'-' if ratio is None else f'{ratio:.2f} x':>15}")
     if result["best"]:

@@ -70,9 +70,10 @@ def minimum_gathers(cfg: ModelConfig, mesh_axes: Mapping[str, int], *, full_fine
 
 
 def _param_path(op_name: str) -> str | None:
-    """`frozen['a']['b']` / `state['params']['a']['b']` (an entry parameter's name) -> "a.b"; None otherwise."""
+    """`frozen['a']['b']` / `state.params['a']['b']` (an entry parameter's name: JAX names the
+    TrainState's field by attribute) -> "a.b"; None otherwise."""
     name = op_name.replace("\\'", "'")
-    for prefix in ("frozen", "state['params']"):
+    for prefix in ("frozen", "state.params"):
         if name.startswith(prefix + "["):
             return ".".join(re.findall(r"\['([^']*)'\]", name[len(prefix):]))
     return None

@@ -151,6 +151,9 @@ SCHEMA = Section("a tttjax training run", dict(
     full_finetuning=Key(False, "train every parameter (else LoRA + TTT + gates)"),
     frozen_weights=Key("sharded", "frozen base: sharded (FSDP, gathered at each use) | gather_once (per step, held) | "
                        "replicated", one_of(*FROZEN_PLACEMENTS)),
+    windowed_einsum=Key(True, "XLA:TPU compiles FSDP weight gathers and reduce-scatters into the matmuls as windowed "
+                        "einsums (collective-permute rings); false: plain all-gathers / reduce-scatters (train step, "
+                        "TPU only; docs/distributed.md)"),
     ttt=Section("TTT-MLP layers", dict(
         enable=Key(False, "insert TTT-MLP layers"),
         layers=Key("1,5,10", "0-based temporal layers: \"1,5,10\" | \"all\" | \"middle\" | \"none\""),

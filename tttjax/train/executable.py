@@ -5,9 +5,9 @@ it instead of compiling again on the pod.
 DIR/train_step.bin holds jax.experimental.serialize_executable's bytes (XLA's serialized executable
 in JAX's own pickle framing, which runs code when loaded: load only directories you wrote);
 DIR/manifest.json says what it was compiled for. A run loads it only where its own program is the
-same: jax and jaxlib versions, platform, device kind and count, and the lowered program (config,
-mesh, shardings, batch shape: its text's SHA-256); anything else is refused in one line naming the
-difference.
+same: jax and jaxlib versions, platform, device kind and count, the XLA options it was compiled
+with, and the lowered program (config, mesh, shardings, batch shape: its text's SHA-256); anything
+else is refused in one line naming the difference.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def manifest(program, lowered) -> dict:
     return {"format": FORMAT, "jax": jax.__version__, "jaxlib": metadata.version("jaxlib"),
             "platform": device.platform, "device_kind": device.device_kind, "num_devices": int(program.mesh.devices.size),
             "mesh": {k: int(v) for k, v in program.mesh.shape.items()}, "batch": list(program.batch.shape),
+            "compiler_options": program.compiler_options or {},
             "program_sha256": hashlib.sha256(lowered.as_text().encode()).hexdigest()}
 
 
@@ -77,7 +78,9 @@ def load(directory: str, program):
         raise ExecutableMismatch(f"{source}: {e.filename} not found (tttjax.compile --save_executable writes it)") from None
     lowered = program.lower()
     ours = manifest(program, lowered)
-    for key in ("format", "jax", "jaxlib", "platform", "device_kind", "num_devices", "mesh", "batch"):
+    saved.setdefault("compiler_options", {})  # written before the key existed: XLA's defaults
+    for key in ("format", "jax", "jaxlib", "platform", "device_kind", "num_devices", "mesh", "batch",
+                "compiler_options"):
         if saved.get(key) != ours[key]:
             raise ExecutableMismatch(f"{source}: compiled for {key} {saved.get(key)}, this run has {ours[key]}")
     if saved["program_sha256"] != ours["program_sha256"]:

@@ -51,6 +51,7 @@ class TrainProgram:
     batch: jax.ShapeDtypeStruct  # the global codes [batch_size, 17, T], batch-sharded
     optimizer: optax.GradientTransformation
     train_step: Any  # jitted (state, frozen, codes) -> (state, metrics); the state is donated
+    compiler_options: dict | None  # the XLA options the train step compiles with (`compiler_options`)
     compiled: Any = None  # the step compiled ahead of time (`compile`), which `step` then runs
 
     @property
@@ -88,6 +89,14 @@ class TrainProgram:
         return nnx.merge(self.graphdef, cast, self.frozen)
 
 
+def compiler_options(config, mesh: Mesh) -> dict | None:
+    """XLA options of the train step: libtpu's windowed einsums off where `windowed_einsum` is false
+    (per compile, so `tttjax.compile --search` compares both in one process; docs/distributed.md)."""
+    if config.windowed_einsum or mesh.devices.flat[0].platform != "tpu":
+        return None
+    return {f"xla_tpu_enable_windowed_einsum_for_{op}": False for op in ("all_gather", "reduce_scatter")}
+
+
 def build_program(config, devices=None) -> TrainProgram:
     """The program of `config` on `devices` (default: all of this job's; or a TPU topology's)."""
     schema.validate(config)  # a config built in code has not been through the reader
@@ -114,7 +123,9 @@ def build_program(config, devices=None) -> TrainProgram:
     loss_fn = make_loss_fn(graphdef, cfg, text_padding_weight=config.text_padding_weight,
                            first_codebook_weight_multiplier=config.first_codebook_weight_multiplier)
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    options = compiler_options(config, mesh)
     train_step = jax.jit(make_train_step(loss_fn, optimizer, config.num_microbatches, hold_frozen=held),
                          in_shardings=(shardings(state), shardings(frozen), batch.sharding),
-                         out_shardings=(shardings(state), rep), donate_argnums=(0,))
-    return TrainProgram(config, cfg, mesh, graphdef, state, frozen, batch, optimizer, train_step)
+                         out_shardings=(shardings(state), rep), donate_argnums=(0,),
+                         compiler_options=options)
+    return TrainProgram(config, cfg, mesh, graphdef, state, frozen, batch, optimizer, train_step, options)
