@@ -4,7 +4,7 @@
     ...
     python bench/capacity.py r1.json r2.json ...            # the capacity table
     python bench/capacity.py --speed r1.json r2.json ...    # the speed table (predicted)
-    python bench/capacity.py --speed --hlo HLO_DIRS... r1.json ...  # re-predict from the dumped HLO
+    python bench/capacity.py --speed r1.json ... --hlo d1 ...  # re-predict from the dumped HLO (reports first)
 
 Capacity: one markdown row per report: what trains, topology and mesh, batch x duration, the
 temporal attention (reports written before attention_impl existed compiled full scores: xla), fits,
@@ -13,10 +13,11 @@ of one step (count and GiB by kind, DCN share) and compile seconds.
 
 Speed: the report's `performance` (tttjax/analysis/perf.py: predicted from the compiled program,
 never measured): step time with everything overlapped / op by op / nothing overlapped, MFU and
-frames/s per chip for those, what bounds it, the TTT inner scan's share, the layout (the run's
-mesh: `--search` will pick a best one), the date and command of the compile. With `--hlo`, each
-report whose `--dump_hlo` directory is given (matched by position) is predicted again by the
-current perf.py from its train_step.hlo.txt (needs libtpu for the topology's devices).
+frames/s per chip for those, what bounds it, the TTT inner scan's share, the weight gathers
+against their analytic minimum, the layout (the run's mesh; `--search` ranks layouts), the date and
+command of the compile. With `--hlo`, each report whose `--dump_hlo` directory is given (matched by
+position) is predicted again by the current perf.py and gathers.py from its train_step.hlo.txt
+(needs libtpu for the topology's devices).
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def row(report: dict) -> str:
             f"{collectives} | {report['compile_s']:.0f} |")
 
 
-SPEED_HEADER = ("| recipe | topology | layout (mesh; --search: later) | batch | fits | HBM per device | "
+SPEED_HEADER = ("| recipe | topology | layout | batch | fits | HBM per device | "
                 "step s: overlap / op by op / serial | MFU: overlap / op by op / serial | frames/s per chip: overlap / op by op | "
-                "bound | TTT inner scan | date | command |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                "bound | TTT inner scan | weight gathers / minimum (GiB) | date | command |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def _command(command: str) -> str:
@@ -69,25 +71,32 @@ def _command(command: str) -> str:
 def speed_row(report: dict) -> str:
     recipe = f"{_trains(report)}, {report['duration_sec']:g} s"
     command = f"`{_command(report['command'])}`" if report.get("command") else "-"
-    head = (f"| {recipe} | {report['topology']} | {_mesh(report)} | {report['batch_size']} x {report['duration_sec']:g} s | "
+    layout = _mesh(report) + ("" if report.get("windowed_einsum", True) else ", windowed einsums off")
+    head = (f"| {recipe} | {report['topology']} | {layout} | {report['batch_size']} x {report['duration_sec']:g} s | "
             f"{'yes' if report['fits'] else 'NO'} | ")
     p = report.get("performance")
     if not report["per_device"] or p is None:
         need = report["compiler_refused"]["needed_bytes"] / GiB if report.get("compiler_refused") else 0
-        return head + (f"refused: {need:.1f} GiB of temporaries | - | - | - | - | - | {report.get('date', '-')} | "
+        return head + (f"refused: {need:.1f} GiB of temporaries | - | - | - | - | - | - | {report.get('date', '-')} | "
                        f"{command} |")
     s, mfu, fps = p["step_s"], p["mfu"], p["frames_per_s_per_chip"]
     ttt = p["parts"].get("ttt_inner_scan", {}).get("share", 0.0)
     hbm = f"{report['per_device']['total_bytes'] / GiB:.2f} of {report['hbm_bytes'] / GiB:.0f} GiB"
+    w = report.get("weight_gathers") or {}
+    gathers = (f"{w['compiled_bytes'] / GiB:.2f} / {w['minimum_bytes'] / GiB:.2f} ({w['ratio']:.2f}x)"
+               if w.get("ratio") else "-")
     return head + (f"{hbm} | {s['overlap']:.3f} / {s['roofline']:.3f} / {s['serial']:.3f} | "
                    f"{mfu['overlap']:.1%} / {mfu['roofline']:.1%} / {mfu['serial']:.1%} | "
-                   f"{fps['overlap']:.0f} / {fps['roofline']:.0f} | {p['bound']} | {ttt:.0%} | "
+                   f"{fps['overlap']:.0f} / {fps['roofline']:.0f} | {p['bound']} | {ttt:.0%} | {gathers} | "
                    f"{report.get('date', '-')}, predicted | {command} |")
 
 
 def repredict(report: dict, hlo_dir: Path) -> dict:
-    """The report's `performance` predicted again by the current perf.py from the dumped HLO."""
-    from tttjax.analysis import perf, topology
+    """The report's `performance` and `weight_gathers` again by the current perf.py and gathers.py
+    from the dumped HLO (the config from the report's command)."""
+    from tttjax.analysis import gathers, perf, topology
+    from tttjax.config import reader
+    from tttjax.model.config import from_run_config
     from tttjax.parallel.mesh import make_mesh
 
     topo = topology.topology(report["shape"], report["num_slices"])
@@ -97,6 +106,10 @@ def repredict(report: dict, hlo_dir: Path) -> dict:
                                          frames_per_step=report["batch_size"] * report["num_frames"],
                                          slice_shape=topo.dims, num_slices=topo.num_slices,
                                          attention_window=report["attention_window"])
+    spec, overrides, _ = reader.split_config_args(report["command"].split()[3:])  # after "python -m tttjax.compile"
+    report["weight_gathers"] = gathers.weight_gathers(
+        text, from_run_config(reader.load(spec, overrides)), report["mesh"], full_finetuning=report["full_finetuning"],
+        num_microbatches=report["num_microbatches"], frozen_weights=report["frozen_weights"])
     return report
 
 
