@@ -52,7 +52,8 @@ def test_compiles_for_v5e_and_reports_the_compilers_own_figures(tmp_path, capsys
     assert c["all-reduce"]["count"] + c["reduce-scatter"]["count"] > 0
     assert sum(kind["dcn_count"] for kind in c.values()) == 0
     # the weight gathers are traced to both kinds of parameters: the frozen base and the trainables
-    # (the fp32 masters of the TrainState, cast before their gathers)
+    # (the fp32 masters of the TrainState, cast before their gathers; they read 0 when the tracer missed
+    # their names; this model's compile moves 1.19x their minimum, half of it leaves XLA room)
     w = report["weight_gathers"]
     assert w["frozen"]["compiled_bytes"] > 0 and w["trainable"]["minimum_bytes"] > 0
     assert w["trainable"]["compiled_bytes"] >= w["trainable"]["minimum_bytes"] / 2
