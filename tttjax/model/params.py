@@ -6,6 +6,9 @@ model's `ttt` stack (TTT weights and their gates), or every parameter for full f
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 from flax import nnx
 
@@ -49,7 +52,14 @@ def flat_params(model: nnx.Module) -> dict[Path_, jax.Array]:
 
 
 def flat_abstract(cfg: ModelConfig) -> dict[Path_, nnx.Variable]:
-    """{path: abstract Variable} of a model of `cfg` (shapes, dtypes, sharding names; nothing allocated)."""
+    """{path: abstract Variable} of a model of `cfg` (shapes, dtypes, sharding names; nothing allocated).
+    Traced once per architecture (remat does not change the params): a layout search asks for it
+    for every candidate, and each trace of the 7B takes seconds."""
+    return dict(_flat_abstract(dataclasses.replace(cfg, remat="none")))
+
+
+@functools.lru_cache(maxsize=8)
+def _flat_abstract(cfg: ModelConfig) -> dict[Path_, nnx.Variable]:
     return {path_of(p): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(cfg), nnx.Param))}
 
 
