@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flops import matmul_rate  # noqa: E402
 
 from tttjax.analysis.flops import layer_flops, ttt_flops  # noqa: E402
+from tttjax.model.config import REMAT_MODES  # noqa: E402
 
 QUICK = dict(dim=256, num_heads=4)  # --quick: the same stack, narrow enough for a 2-core CPU
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--frames", type=int, default=2048)
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on an accelerator, float32 on CPU")
-    parser.add_argument("--remat", default="none", choices=["none", "full", "dots"])
+    parser.add_argument("--remat", default="none", choices=REMAT_MODES)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="CPU-sized: dim 256, 4 heads, 256 frames")
     args = parser.parse_args()

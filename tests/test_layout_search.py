@@ -11,6 +11,7 @@ from tttjax import compile as compile_cli
 from tttjax import layout_search as ls
 from tttjax.config import reader
 from tttjax.analysis import topology
+from tttjax.model.config import REMAT_MODES
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu is not installed (.ci/run installs it)")
@@ -27,7 +28,7 @@ def test_candidates_split_the_batch_and_fit_the_estimate():
     layouts = [layout for layout, _ in found]
     assert layouts and all(l.data * l.fsdp * l.tensor == 8 for l in layouts)
     assert all((8 // l.num_microbatches) % (l.data * l.fsdp) == 0 for l in layouts)
-    assert {l.remat for l in layouts} == set(ls.REMATS)
+    assert {l.remat for l in layouts} == set(REMAT_MODES)
     # with plenty of memory nothing is microbatched, and fsdp=1 has only the one placement
     assert {l.num_microbatches for l in layouts} == {1}
     assert all(l.frozen_weights == "sharded" for l in layouts if l.fsdp == 1)
@@ -66,7 +67,7 @@ def test_search_ranks_by_predicted_step_time_and_names_the_best_overrides():
         seen.append((c.remat, c.mesh.fsdp, c.frozen_weights))
         if c.mesh.tensor == 2:
             raise ValueError("a mesh the model refuses")
-        step = {"none": 1.0, "dots": 2.0, "full": 3.0}[c.remat]
+        step = {"none": 1.0, "dots": 2.0, "save_qkv": 2.5, "full": 3.0}[c.remat]
         return _report(step, total_bytes=200 if c.remat == "none" else 50)
 
     result = ls.search(config, topo, fake_compile, budget=50, log=lambda _: None)

@@ -33,11 +33,10 @@ from typing import Callable
 from tttjax.analysis import gathers, memory
 from tttjax.analysis.flops import train_step_flops
 from tttjax.data.streams import num_frames
-from tttjax.model.config import from_run_config
+from tttjax.model.config import REMAT_MODES, from_run_config
 from tttjax.model.params import flat_abstract, trainable
 
-REMATS = ("none", "dots", "full")
-RECOMPUTE = {"none": 1.0, "dots": 1.05, "full": 1.4}  # compiled / useful FLOPs measured for the 7B step (BENCHMARKS.md)
+RECOMPUTE = {"none": 1.0, "dots": 1.1, "full": 1.4, "save_qkv": 1.3}  # compiled / useful FLOPs, 7B step
 MICROBATCHES = (1, 2, 4)
 ESTIMATE_EXCESS = 1.25  # the estimate runs 0.80-1.35x the compiler: a candidate estimated 25% over HBM may fit
 TENSOR_SIZES = (1, 2, 4, 8)
@@ -94,7 +93,7 @@ def prior_seconds(config, layout: Layout, chip, num_devices: int) -> float:
                                        frozen_weights=layout.frozen_weights).values()) * (1 - 1 / max(layout.fsdp, 1))
     if layout.tensor > 1:  # two all-reduces of the residual stream per layer, forward and backward (+ recompute)
         tokens = config.batch_size * frames / (layout.data * layout.fsdp)
-        passes = 2 + (layout.remat == "full")
+        passes = 2 + (layout.remat in ("full", "save_qkv"))
         wire += (2 * passes * (cfg.num_layers + cfg.depformer_num_layers) * tokens * cfg.dim * 2
                  * 2 * (1 - 1 / layout.tensor))
     if layout.data > 1:  # the trainable gradients' all-reduce (fp32)
@@ -112,7 +111,7 @@ def candidates(config, num_devices: int, num_slices: int, hbm_bytes: int) -> lis
     for tensor in (t for t in TENSOR_SIZES if per_slice % t == 0 and cfg.num_heads % t == 0):
         for fsdp in _divisors(per_slice // tensor):
             data = per_slice // tensor // fsdp * num_slices
-            for remat, placement in itertools.product(REMATS, placements):
+            for remat, placement in itertools.product(REMAT_MODES, placements):
                 if fsdp == 1 and placement != "sharded":
                     continue  # nothing is split over fsdp: every placement is the same program
                 fits_whole = None

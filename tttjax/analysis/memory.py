@@ -153,6 +153,8 @@ def estimate_memory(cfg: ModelConfig, *, batch_size: int, num_frames: int, num_m
         workspace = 0
     elif cfg.remat == "dots":
         saved = b * T * (L * (layer_dots(D, hid) + act * D) + Ld * S * (layer_dots(dd, hid_d) + act * dd))
+    elif cfg.remat == "save_qkv":  # each layer's input and q/k/v projections (a TTT layer's three more)
+        saved = b * T * act * (L * (D + 3 * D // tp) + Ld * S * (dd + 3 * dd // tp) + n_ttt * 3 * D // tp)
     else:  # full: only each layer's input survives (TTT layers are rematerialised like the scan's)
         saved = b * T * act * (L * D + Ld * S * dd)
     if workspace:  # the layer being (re)computed; a TTT layer adds its branch

@@ -22,6 +22,7 @@ from tttjax.model.config import (
     DEFAULT_ATTENTION_IMPL,
     LORA_SCALING,
     MOSHI_7B_LM_KWARGS,
+    REMAT_MODES,
     TTT_DEFAULTS,
     parse_ttt_layers,
 )
@@ -137,7 +138,7 @@ SCHEMA = Section("a tttjax training run", dict(
     param_dtype=Key("bfloat16", "stored parameter dtype (trainable params keep fp32 masters)", one_of(*DTYPES)),
     dtype=Key("bfloat16", "compute dtype; norms, RoPE, softmax and the TTT inner loop stay fp32", one_of(*DTYPES)),
     remat=Key("full", "remat of temporal, TTT and depformer layers: none | full (keep inputs) | dots (matmul "
-            "outputs)", one_of("none", "full", "dots")),
+            "outputs) | save_qkv (inputs and q/k/v projections)", one_of(*REMAT_MODES)),
     unroll_layers=Key(False, "unroll the layer stacks (no per-layer stacking of residuals/grads; longer compiles)"),
     moshi_paths=Section("base weights", dict(
         moshi_path=Key("", "base weights: PyTorch .safetensors or a tttjax checkpoint dir; \"\" = random"),

@@ -61,6 +61,10 @@ LORA_SCALING = 2.0
 # The implementations of the temporal attention over whole sequences (model/attention.py).
 ATTENTION_IMPLS = ("auto", "xla", "blockwise", "splash", "cudnn")
 DEFAULT_ATTENTION_IMPL = "auto"
+# Per-layer rematerialisation (model/transformer.py): none keeps every activation, full only each
+# layer's input, dots every weight matmul's output, save_qkv the input and the q/k/v projections
+# (attention and TTT), so the backward uses their weights once, for dx.
+REMAT_MODES = ("none", "full", "dots", "save_qkv")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -138,7 +142,7 @@ class ModelConfig:
     ttt_scan_remat_group: int = TTT_DEFAULTS["scan_remat_group"]
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: str = "none"  # per-layer rematerialisation: none | full | dots
+    remat: str = "none"  # per-layer rematerialisation: REMAT_MODES
     unroll_layers: bool = False  # unroll the layer stacks instead of a lax.scan loop (faster steps, longer compiles)
     attention_impl: str = DEFAULT_ATTENTION_IMPL  # ATTENTION_IMPLS (no effect on params)
     lm_kwargs: tuple = ()  # the original moshi config, as sorted (key, json) items
@@ -263,8 +267,8 @@ def validate(cfg: ModelConfig) -> ModelConfig:
         if bad:
             raise ConfigError(f"ttt.layers {bad} out of range for num_layers={cfg.num_layers}")
     check_attention_impl(cfg.attention_impl)
-    if cfg.remat not in ("none", "full", "dots"):
-        raise ConfigError(f"model remat={cfg.remat!r}: expected none, full or dots")
+    if cfg.remat not in REMAT_MODES:
+        raise ConfigError(f"model remat={cfg.remat!r}: expected one of {', '.join(REMAT_MODES)}")
     parse_dtype(cfg.dtype)
     parse_dtype(cfg.param_dtype)
     if cfg.dep_q > cfg.n_q:

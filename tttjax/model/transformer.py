@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tttjax.model.attention import KVCache, cached_attention, sequence_attention
 from tttjax.model.lora import Linear
@@ -80,7 +81,7 @@ class Attention(nnx.Module):
         attention runs over the S steps. With a cache, x is [B, T, D] and the cache comes back updated.
         """
         steps_major = self.in_proj.steps is not None
-        qkv = self.in_proj(x)
+        qkv = checkpoint_name(self.in_proj(x), QKV_PROJ)
         if steps_major:
             qkv = jnp.moveaxis(qkv, 0, -2)
         *lead, T, D3 = qkv.shape
@@ -172,9 +173,12 @@ def create_stacked(num: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.R
     return create(rngs)
 
 
-_REMAT_POLICIES = {
+QKV_PROJ = "qkv_proj"  # the checkpoint name of attention's and TTT's q/k/v projection outputs
+
+_REMAT_POLICIES = {  # config.REMAT_MODES but none
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_qkv": jax.checkpoint_policies.save_only_these_names(QKV_PROJ),
 }
 
 

@@ -13,8 +13,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from tttjax.errors import UserError
+from tttjax.model.transformer import QKV_PROJ
 from tttjax.model.ttt_inner import (
     PrimalState,
     TTTToken,
@@ -104,7 +106,7 @@ class TTTMLP(nnx.Module):
         """
         B, T, D = h.shape
         H, d, K = self.num_heads, self.head_dim, self.mini_batch_size
-        xq, xk, xv = (proj(h).reshape(B, T, H, d) for proj in (self.wq, self.wk, self.wv))
+        xq, xk, xv = (checkpoint_name(proj(h), QKV_PROJ).reshape(B, T, H, d) for proj in (self.wq, self.wk, self.wv))
         lr = self.inner_lr(h)  # [B, T, H]
         norm_w, norm_b = self.ttt_norm_weight[...], self.ttt_norm_bias[...]
         if state is not None:
