@@ -14,7 +14,8 @@ of one step (count and GiB by kind, DCN share) and compile seconds.
 Speed: the report's `performance` (tttjax/analysis/perf.py: predicted from the compiled program,
 never measured): step time with everything overlapped / op by op / nothing overlapped, MFU and
 frames/s per chip for those, what bounds it, the TTT inner scan's share, the weight gathers
-against their analytic minimum, the layout (the run's mesh; `--search` ranks layouts), the date and
+against their analytic minimum (recomputed by the current gathers.py from the report's command),
+the layout (the run's mesh; `--search` ranks layouts), the date and
 command of the compile. With `--hlo`, each report whose `--dump_hlo` directory is given (matched by
 position) is predicted again by the current perf.py and gathers.py from its train_step.hlo.txt
 (needs libtpu for the topology's devices).
@@ -23,6 +24,7 @@ position) is predicted again by the current perf.py and gathers.py from its trai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -71,7 +73,8 @@ def _command(command: str) -> str:
 def speed_row(report: dict) -> str:
     recipe = f"{_trains(report)}, {report['duration_sec']:g} s"
     command = f"`{_command(report['command'])}`" if report.get("command") else "-"
-    layout = _mesh(report) + ("" if report.get("windowed_einsum", True) else ", windowed einsums off")
+    layout = (_mesh(report) + f", remat={report['remat']}"
+              + ("" if report.get("windowed_einsum", True) else ", windowed einsums off"))
     head = (f"| {recipe} | {report['topology']} | {layout} | {report['batch_size']} x {report['duration_sec']:g} s | "
             f"{'yes' if report['fits'] else 'NO'} | ")
     p = report.get("performance")
@@ -91,11 +94,38 @@ def speed_row(report: dict) -> str:
                    f"{report.get('date', '-')}, predicted | {command} |")
 
 
+def _run_config(report: dict):
+    from tttjax.config import reader
+
+    spec, overrides, _ = reader.split_config_args(report["command"].split()[3:])  # after "python -m tttjax.compile"
+    return reader.load(spec, overrides)
+
+
+def reminimum(report: dict) -> dict:
+    """The report's weight-gather minimum again by the current gathers.py (the config from the
+    report's command; the compiled bytes stay the report's)."""
+    from tttjax.analysis import gathers
+    from tttjax.model.config import from_run_config
+    from tttjax.model.params import flat_abstract, trainable
+
+    cfg = dataclasses.replace(from_run_config(_run_config(report)), remat=report["remat"])  # what it compiled
+    full = report["full_finetuning"]
+    minimum = gathers.minimum_gathers(cfg, report["mesh"], full_finetuning=full,
+                                      num_microbatches=report["num_microbatches"],
+                                      frozen_weights=report["frozen_weights"])
+    trains = {".".join(p) for p in flat_abstract(cfg) if trainable(p, full)}
+    w = report["weight_gathers"]
+    w["minimum_bytes"] = sum(minimum.values())
+    w["trainable"]["minimum_bytes"] = sum(v for k, v in minimum.items() if k in trains)
+    w["frozen"]["minimum_bytes"] = w["minimum_bytes"] - w["trainable"]["minimum_bytes"]
+    w["ratio"] = w["compiled_bytes"] / w["minimum_bytes"] if w["minimum_bytes"] else None
+    return report
+
+
 def repredict(report: dict, hlo_dir: Path) -> dict:
     """The report's `performance` and `weight_gathers` again by the current perf.py and gathers.py
     from the dumped HLO (the config from the report's command)."""
     from tttjax.analysis import gathers, perf, topology
-    from tttjax.config import reader
     from tttjax.model.config import from_run_config
     from tttjax.parallel.mesh import make_mesh
 
@@ -106,9 +136,8 @@ def repredict(report: dict, hlo_dir: Path) -> dict:
                                          frames_per_step=report["batch_size"] * report["num_frames"],
                                          slice_shape=topo.dims, num_slices=topo.num_slices,
                                          attention_window=report["attention_window"])
-    spec, overrides, _ = reader.split_config_args(report["command"].split()[3:])  # after "python -m tttjax.compile"
     report["weight_gathers"] = gathers.weight_gathers(
-        text, from_run_config(reader.load(spec, overrides)), report["mesh"], full_finetuning=report["full_finetuning"],
+        text, from_run_config(_run_config(report)), report["mesh"], full_finetuning=report["full_finetuning"],
         num_microbatches=report["num_microbatches"], frozen_weights=report["frozen_weights"])
     return report
 
@@ -126,7 +155,7 @@ def main(argv=None) -> None:
     if args.speed:
         print(SPEED_HEADER)
         for report in reports:
-            print(speed_row(report))
+            print(speed_row(reminimum(report) if report.get("weight_gathers") else report))
         return
     print("| trains | topology | mesh | batch | attention | fits | compiler, per device | estimate (/ compiler) | "
           "collectives per step (count x GiB) | compile s |")

@@ -111,8 +111,8 @@ def _tiny(**changes):
 @pytest.mark.parametrize("placement", ["sharded", "gather_once", "replicated"])
 def test_minimum_gathers_by_placement_and_microbatches(placement):
     """Against a count written out by hand for the tiny model: every weight split over fsdp, two passes
-    per microbatch under remat (one for an embedding table, one without remat), frozen weights per
-    their placement."""
+    per microbatch under remat (one for an embedding table, for a head outside the layer stacks, and
+    without remat), frozen weights per their placement."""
     cfg = _tiny()
     mesh = {"data": 1, "fsdp": 4, "tensor": 1}
     got = gathers.minimum_gathers(cfg, mesh, num_microbatches=2, frozen_weights=placement)
@@ -125,6 +125,8 @@ def test_minimum_gathers_by_placement_and_microbatches(placement):
     assert got.get("text_emb") == expect_emb
     lora_a = L * D * cfg.lora_rank * 2  # trainable, split over fsdp: always 2 passes per microbatch
     assert got["transformer.self_attn.in_proj.lora_a"] == 2 * 2 * lora_a
+    # the text head runs outside the rematerialised stacks: its forward's gather serves the backward
+    assert got["text_linear.lora_a"] == 2 * D * cfg.lora_rank * 2
     assert gathers.minimum_gathers(cfg, {"data": 4, "fsdp": 1, "tensor": 1}) == {}  # nothing split over fsdp
     no_remat = gathers.minimum_gathers(_tiny(remat="none"), mesh, num_microbatches=2, frozen_weights=placement)
     if placement == "sharded":  # without remat the backward reads the forward's gathered weight

@@ -1,11 +1,12 @@
 """Weight gathers of a train step: the analytic minimum for a layout, beside what the compiled program moves.
 
 A weight split over `fsdp` must be gathered before a matmul uses it. Per microbatch, the least a
-step can do under remat (dots or full: neither policy saves a weight) is one gather for the
+step can do under remat (no policy saves a weight) is one gather for the
 forward and one for the backward (dx = dy W^T; the recomputed forward runs in the same backward
 iteration and can share that gather); without remat the forward's gathered weight is a residual
-the backward reads, so one gather. An embedding table is gathered once (its lookup has no backward
-through the table). Frozen
+the backward reads, so one gather, as for the weights outside the rematerialised layer stacks
+(`REMATTED`: the output heads, depformer_in). An embedding table is gathered once (its lookup has no
+backward through the table). Frozen
 weights (config `frozen_weights`) change this: `gather_once` gathers them once per step, whatever
 the microbatches; `replicated` never. Trainables (LoRA, TTT, gates; everything for full
 fine-tuning) are always gathered per pass: their gradients leave by reduce-scatter, not gather.
@@ -34,6 +35,7 @@ from tttjax.model.params import flat_abstract, trainable
 from tttjax.parallel.sharding import frozen_storage_drop, param_spec, without_axes
 
 EMBEDDINGS = ("emb", "text_emb", "depformer_emb", "depformer_text_emb")
+REMATTED = ("transformer", "depformer", "ttt")  # the model's parts that config `remat` checkpoints
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # Data movement a weight passes through on its way into a collective (its storage to the gather).
 _MOVES = {"bitcast", "copy", "reshape", "transpose", "convert", "dynamic-slice", "slice", "broadcast", "opt-barrier"}
@@ -61,7 +63,7 @@ def minimum_gathers(cfg: ModelConfig, mesh_axes: Mapping[str, int], *, full_fine
         if "fsdp" not in axes:
             continue
         gathered = math.prod(variable.shape) * pbytes // math.prod(mesh_axes[a] for a in axes if a != "fsdp")
-        passes = 1 if path[0] in EMBEDDINGS or cfg.remat == "none" else 2
+        passes = 2 if path[0] in REMATTED and cfg.remat != "none" else 1
         if trains or frozen_weights == "sharded":
             out[".".join(path)] = gathered * passes * num_microbatches
         else:  # gather_once
